@@ -1,0 +1,90 @@
+//! Command-line types only (clap). Global flags work before or after the command, and each
+//! falls back to its environment variable; `config::Settings` applies the file below both.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Delivery, LogFormat, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "evictd",
+    version,
+    about = "Keeps a Redis tag cache honest when PostgreSQL changes behind the application's back",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// TOML configuration file (default: the built-in rules)
+    #[arg(long, env = "EVICTD_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL URL [default: postgres://localhost/postgres]
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Redis URL [default: redis://127.0.0.1:6379]
+    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// NOTIFY channel [default: cache_invalidation]
+    #[arg(long, env = "EVICTD_CHANNEL", global = true)]
+    pub channel: Option<String>,
+    /// Prefix of every Redis key evictd touches [default: cache:]
+    #[arg(long, env = "EVICTD_KEY_PREFIX", global = true)]
+    pub key_prefix: Option<String>,
+    /// Delivery mode installed by `migrate`: outbox or notify [default: outbox]
+    #[arg(long, env = "EVICTD_DELIVERY", global = true)]
+    pub delivery: Option<Delivery>,
+    /// Address for /metrics, /healthz and /readyz [default: 127.0.0.1:9750]
+    #[arg(long, env = "EVICTD_HTTP_ADDR", global = true, value_name = "ADDR")]
+    pub http_addr: Option<String>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "EVICTD_LOG_FORMAT", global = true)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `evictd=debug` [default: info]
+    #[arg(long, env = "EVICTD_LOG", global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+impl GlobalArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            database_url: self.database_url.clone(),
+            redis_url: self.redis_url.clone(),
+            channel: self.channel.clone(),
+            key_prefix: self.key_prefix.clone(),
+            delivery: self.delivery,
+            http_addr: self.http_addr.clone(),
+            log_format: self.log_format,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: LISTEN, drain the outbox, invalidate; serve /metrics, /healthz, /readyz
+    Run(RunArgs),
+    /// Install or upgrade schema `evictd` and the triggers (idempotent, one transaction)
+    Migrate,
+    /// Remove schema `evictd`, its triggers and its outbox
+    Uninstall,
+    /// Print the DDL `migrate` would apply, for your own migration tool
+    Sql,
+    /// Try evictd locally: throwaway PostgreSQL and Redis (unless URLs are given), the example
+    /// schema, `migrate`, then `run`
+    Dev(RunArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// Seconds to finish the batch in hand after SIGTERM/SIGINT before exiting anyway
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub shutdown_timeout: u64,
+}

@@ -1,0 +1,6 @@
+//! One module per subcommand. Each takes the validated settings and returns `anyhow::Result`;
+//! `main` maps errors to exit codes.
+
+pub mod dev;
+pub mod migrate;
+pub mod run;

@@ -1,0 +1,62 @@
+//! `evictd run`: the HTTP endpoints plus the daemon, until a signal.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cli::RunArgs;
+use crate::config::Settings;
+use crate::daemon::{self, Observed};
+use crate::metrics::Metrics;
+use crate::redact::redact_url;
+use crate::{http, shutdown};
+
+pub async fn run(settings: Settings, args: &RunArgs) -> anyhow::Result<()> {
+    let token = shutdown::on_signals()?;
+    serve_and_run(settings, args, token).await
+}
+
+/// Serves the endpoints and runs the daemon until `token` is cancelled, then waits for the
+/// daemon at most `--shutdown-timeout`.
+pub async fn serve_and_run(
+    settings: Settings,
+    args: &RunArgs,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let (metrics, registry) = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let addr = http::serve(
+        settings.http_addr,
+        ready.clone(),
+        Arc::new(registry),
+        token.clone(),
+    )
+    .await?;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        database = %redact_url(&settings.database_url),
+        redis = %redact_url(&settings.redis_url),
+        http = %addr,
+        "evictd starting"
+    );
+    let mut daemon = tokio::spawn(daemon::run(
+        settings,
+        Observed { ready, metrics },
+        token.clone(),
+    ));
+    tokio::select! {
+        _ = token.cancelled() => {}
+        _ = &mut daemon => return Ok(()),
+    }
+    match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), daemon).await {
+        Ok(_) => info!("stopped"),
+        Err(_) => warn!(
+            timeout_s = args.shutdown_timeout,
+            "the batch in hand did not finish in time; exiting anyway"
+        ),
+    }
+    Ok(())
+}

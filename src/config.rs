@@ -1,0 +1,477 @@
+//! Configuration: the TOML file, environment and flags, merged once into a validated [`Settings`].
+//!
+//! Precedence is flag > environment > file > built-in default (clap already folds flag and
+//! environment into one `Option`). Every problem with the file is reported as
+//! `FILE: line N: PROBLEM` and maps to exit code 2.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::rules::{Rules, TableName, TableRule};
+
+/// How events travel from the triggers to the daemon. Chosen at `migrate` time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Events are written to `evictd.outbox` in the writer's transaction; NOTIFY only wakes the
+    /// daemon. Nothing is lost while the daemon or Redis is down.
+    Outbox,
+    /// Events travel in NOTIFY payloads only; after any gap the daemon resyncs table-wide.
+    Notify,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Outbox => "outbox",
+            Delivery::Notify => "notify",
+        }
+    }
+}
+
+impl FromStr for Delivery {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "outbox" => Ok(Delivery::Outbox),
+            "notify" => Ok(Delivery::Notify),
+            other => Err(format!("unknown delivery mode `{other}` (use outbox or notify)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format `{other}` (use text or json)")),
+        }
+    }
+}
+
+/// Values given on the command line or in the environment; `None` means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub channel: Option<String>,
+    pub key_prefix: Option<String>,
+    pub delivery: Option<Delivery>,
+    pub http_addr: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// The validated configuration every command runs with. Built once, passed explicitly.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    pub redis_url: String,
+    /// Whether the URLs were given (flag, environment or file) rather than defaulted; `dev`
+    /// starts throwaway servers for the ones that were not.
+    pub database_url_given: bool,
+    pub redis_url_given: bool,
+    /// NOTIFY channel the triggers signal on.
+    pub channel: String,
+    /// Prefix of every Redis key evictd reads or writes (`cache:`).
+    pub key_prefix: String,
+    /// Delivery mode `migrate` installs; `run` follows what the database records.
+    pub delivery: Delivery,
+    pub http_addr: SocketAddr,
+    pub log_format: LogFormat,
+    /// How long `{prefix}tagts:{tag}` markers live.
+    pub tagts_ttl: Duration,
+    /// Most events folded into one batch before it is flushed.
+    pub batch_max_events: usize,
+    /// Members removed per Redis command when draining a large tag set; bounds how long any one
+    /// command of ours can block Redis.
+    pub drain_chunk: usize,
+    /// Statements touching more rows than this become one table-wide event (outbox mode; notify
+    /// mode is also bound by the 8000-byte payload limit).
+    pub wide_row_threshold: u64,
+    /// Events held in memory while Redis is unreachable (notify mode); past it the daemon
+    /// forgets them and invalidates every table table-wide once Redis is back.
+    pub notify_buffer: usize,
+    /// Optional Redis channel on which every invalidated tag is published as JSON.
+    pub publish_channel: Option<String>,
+    pub rules: Rules,
+    /// Where the rules came from, and the line of each template, for error messages.
+    pub origin: RulesOrigin,
+}
+
+/// Where each table rule was written, so a later check (a column the database lacks) can point
+/// at the file and line.
+#[derive(Debug, Clone, Default)]
+pub struct RulesOrigin {
+    pub file: Option<PathBuf>,
+    /// (table, template, line)
+    pub templates: Vec<(TableName, String, usize)>,
+}
+
+impl RulesOrigin {
+    /// `FILE: line N` of the template `template` of `table`, or "built-in rules".
+    pub fn locate(&self, table: &TableName, template: &str) -> String {
+        match &self.file {
+            None => "built-in rules".to_string(),
+            Some(file) => {
+                let line = self
+                    .templates
+                    .iter()
+                    .find(|(t, s, _)| t == table && s == template)
+                    .map(|(_, _, line)| *line);
+                match line {
+                    Some(line) => format!("{}: line {line}", file.display()),
+                    None => file.display().to_string(),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration file: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: line {line}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("invalid {what}: {message}")]
+    Value { what: &'static str, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    database_url: Option<String>,
+    redis_url: Option<String>,
+    channel: Option<Spanned<String>>,
+    key_prefix: Option<Spanned<String>>,
+    delivery: Option<Delivery>,
+    http_addr: Option<Spanned<String>>,
+    log_format: Option<LogFormat>,
+    tagts_ttl_secs: Option<Spanned<u64>>,
+    batch_max_events: Option<Spanned<usize>>,
+    drain_chunk: Option<Spanned<usize>>,
+    wide_row_threshold: Option<Spanned<u64>>,
+    notify_buffer: Option<Spanned<usize>>,
+    publish_channel: Option<String>,
+    tables: Option<Vec<FileTable>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTable {
+    table: Spanned<String>,
+    tags: Vec<Spanned<String>>,
+    #[serde(default)]
+    keys: Vec<Spanned<String>>,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/postgres";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_CHANNEL: &str = "cache_invalidation";
+pub const DEFAULT_KEY_PREFIX: &str = "cache:";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9750";
+
+impl Settings {
+    /// Built-in defaults, no file, no overrides.
+    pub fn defaults() -> Self {
+        // Constants: cannot fail.
+        Self::load(&Overrides::default()).expect("built-in defaults are valid")
+    }
+
+    /// Reads the file named by `overrides.config` (if any) and applies the overrides.
+    pub fn load(overrides: &Overrides) -> Result<Self, ConfigError> {
+        let (file, text) = match &overrides.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                (Some(path.clone()), text)
+            }
+            None => (None, String::new()),
+        };
+        Self::from_toml(file.as_deref(), &text, overrides)
+    }
+
+    /// Validates `text` as the file at `file` (used for messages) with `overrides` on top.
+    pub fn from_toml(
+        file: Option<&Path>,
+        text: &str,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let path = file.map_or_else(|| "<built-in>".to_string(), |p| p.display().to_string());
+        let invalid = |span: Option<std::ops::Range<usize>>, message: String| ConfigError::Invalid {
+            path: path.clone(),
+            line: span.map_or(1, |s| line_of(text, s.start)),
+            message,
+        };
+        let raw: FileConfig = toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_string()))?;
+
+        let channel = pick_spanned(overrides.channel.clone(), raw.channel, DEFAULT_CHANNEL);
+        if !is_channel_name(&channel.0) {
+            return Err(value_error(
+                "channel",
+                format!("`{}` must be a lowercase identifier of at most 63 characters", channel.0),
+                channel.1.clone(),
+                &invalid,
+            ));
+        }
+        let key_prefix = pick_spanned(overrides.key_prefix.clone(), raw.key_prefix, DEFAULT_KEY_PREFIX);
+        if key_prefix.0.contains(['*', '?', '[', ']', '\\']) {
+            return Err(value_error(
+                "key_prefix",
+                format!("`{}` must not contain glob characters", key_prefix.0),
+                key_prefix.1.clone(),
+                &invalid,
+            ));
+        }
+        let http_addr_text = pick_spanned(overrides.http_addr.clone(), raw.http_addr, DEFAULT_HTTP_ADDR);
+        let http_addr = http_addr_text.0.parse::<SocketAddr>().map_err(|_| {
+            value_error(
+                "http_addr",
+                format!("`{}` is not an address like 127.0.0.1:9750", http_addr_text.0),
+                http_addr_text.1.clone(),
+                &invalid,
+            )
+        })?;
+
+        let positive = |name: &'static str, v: Option<Spanned<usize>>, default: usize| {
+            match v {
+                None => Ok(default),
+                Some(s) if *s.get_ref() > 0 => Ok(*s.get_ref()),
+                Some(s) => Err(invalid(Some(s.span()), format!("{name} must be at least 1"))),
+            }
+        };
+        let batch_max_events = positive("batch_max_events", raw.batch_max_events, 10_000)?;
+        let drain_chunk = positive("drain_chunk", raw.drain_chunk, 500)?;
+        let notify_buffer = positive("notify_buffer", raw.notify_buffer, 100_000)?;
+        let tagts_ttl_secs = positive(
+            "tagts_ttl_secs",
+            raw.tagts_ttl_secs.map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
+            86_400,
+        )?;
+        let wide_row_threshold = positive(
+            "wide_row_threshold",
+            raw.wide_row_threshold
+                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
+            250_000,
+        )? as u64;
+
+        let mut origin = RulesOrigin {
+            file: file.map(Path::to_path_buf),
+            templates: Vec::new(),
+        };
+        let rules = match raw.tables {
+            None => Rules::defaults(),
+            Some(tables) if tables.is_empty() => {
+                return Err(invalid(None, "`tables` lists no table".to_string()));
+            }
+            Some(tables) => {
+                let mut compiled: Vec<TableRule> = Vec::with_capacity(tables.len());
+                for t in tables {
+                    let name = TableName::parse(t.table.get_ref())
+                        .map_err(|e| invalid(Some(t.table.span()), e.to_string()))?;
+                    if compiled.iter().any(|r| r.table == name) {
+                        return Err(invalid(
+                            Some(t.table.span()),
+                            format!("table `{name}` is listed twice"),
+                        ));
+                    }
+                    if t.tags.is_empty() && t.keys.is_empty() {
+                        return Err(invalid(
+                            Some(t.table.span()),
+                            format!("table `{name}` has neither tags nor keys"),
+                        ));
+                    }
+                    for template in t.tags.iter().chain(&t.keys) {
+                        crate::rules::Template::placeholders(template.get_ref())
+                            .map_err(|e| invalid(Some(template.span()), e.to_string()))?;
+                        origin.templates.push((
+                            name.clone(),
+                            template.get_ref().clone(),
+                            line_of(text, template.span().start),
+                        ));
+                    }
+                    let tags: Vec<String> = t.tags.into_iter().map(Spanned::into_inner).collect();
+                    let keys: Vec<String> = t.keys.into_iter().map(Spanned::into_inner).collect();
+                    let rule = TableRule::new(name, &tags, &keys)
+                        .map_err(|e| invalid(Some(t.table.span()), e.to_string()))?;
+                    compiled.push(rule);
+                }
+                Rules::new(compiled)
+            }
+        };
+
+        Ok(Self {
+            database_url_given: overrides.database_url.is_some() || raw.database_url.is_some(),
+            redis_url_given: overrides.redis_url.is_some() || raw.redis_url.is_some(),
+            database_url: overrides
+                .database_url
+                .clone()
+                .or(raw.database_url)
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string()),
+            redis_url: overrides
+                .redis_url
+                .clone()
+                .or(raw.redis_url)
+                .unwrap_or_else(|| DEFAULT_REDIS_URL.to_string()),
+            channel: channel.0,
+            key_prefix: key_prefix.0,
+            delivery: overrides.delivery.or(raw.delivery).unwrap_or(Delivery::Outbox),
+            http_addr,
+            log_format: overrides.log_format.or(raw.log_format).unwrap_or(LogFormat::Text),
+            tagts_ttl: Duration::from_secs(tagts_ttl_secs as u64),
+            batch_max_events,
+            drain_chunk,
+            wide_row_threshold,
+            notify_buffer,
+            publish_channel: raw.publish_channel.filter(|c| !c.is_empty()),
+            rules,
+            origin,
+        })
+    }
+}
+
+/// An override, else the file's value (with its span), else the default.
+fn pick_spanned(
+    flag: Option<String>,
+    file: Option<Spanned<String>>,
+    default: &str,
+) -> (String, Option<std::ops::Range<usize>>) {
+    match (flag, file) {
+        (Some(v), _) => (v, None),
+        (None, Some(s)) => (s.get_ref().clone(), Some(s.span())),
+        (None, None) => (default.to_string(), None),
+    }
+}
+
+/// A bad value reported against the file line it came from, or as a flag/env problem.
+fn value_error(
+    what: &'static str,
+    message: String,
+    span: Option<std::ops::Range<usize>>,
+    invalid: &dyn Fn(Option<std::ops::Range<usize>>, String) -> ConfigError,
+) -> ConfigError {
+    match span {
+        Some(span) => invalid(Some(span), format!("{what}: {message}")),
+        None => ConfigError::Value { what, message },
+    }
+}
+
+fn is_channel_name(name: &str) -> bool {
+    crate::rules::is_identifier(name) && !name.contains('$')
+}
+
+/// 1-based line number of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml(Some(Path::new("evictd.toml")), text, &Overrides::default())
+    }
+
+    fn error(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let s = Settings::defaults();
+        assert_eq!(s.channel, "cache_invalidation");
+        assert_eq!(s.key_prefix, "cache:");
+        assert_eq!(s.delivery, Delivery::Outbox);
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:9750");
+        assert_eq!(s.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(s.database_url, "postgres://localhost/postgres");
+        assert_eq!(s.rules.tables().len(), 4);
+    }
+
+    #[test]
+    fn file_tables_replace_defaults() {
+        let s = load("key_prefix = \"app:\"\n[[tables]]\ntable = \"shop.orders\"\ntags = [\"orders:{id}\"]\nkeys = [\"app:v1:order:{id}:*\"]\n").unwrap();
+        assert_eq!(s.key_prefix, "app:");
+        assert_eq!(s.rules.tables().len(), 1);
+        assert_eq!(s.rules.tables()[0].table.to_string(), "shop.orders");
+        assert_eq!(
+            s.origin.locate(&TableName::parse("shop.orders").unwrap(), "orders:{id}"),
+            "evictd.toml: line 4"
+        );
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let overrides = Overrides {
+            key_prefix: Some("flag:".into()),
+            delivery: Some(Delivery::Notify),
+            ..Overrides::default()
+        };
+        let s = Settings::from_toml(None, "key_prefix = \"file:\"\ndelivery = \"outbox\"\n", &overrides).unwrap();
+        assert_eq!(s.key_prefix, "flag:");
+        assert_eq!(s.delivery, Delivery::Notify);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_problem() {
+        let cases = [
+            ("channel = \"x\"\nbogus = 1\n", "evictd.toml: line 2:", "unknown field"),
+            ("channel = \n", "evictd.toml: line 1:", ""),
+            (
+                "[[tables]]\ntable = \"t\"\ntags = [\"a:{}\"]\n",
+                "evictd.toml: line 3:",
+                "names no column",
+            ),
+            (
+                "[[tables]]\ntable = \"t\"\ntags = [\n  \"ok:{id}\",\n  \"a:{id\",\n]\n",
+                "evictd.toml: line 5:",
+                "unclosed placeholder",
+            ),
+            ("[[tables]]\ntable = \"a.b.c\"\ntags = [\"x\"]\n", "line 2:", "not a table name"),
+            ("channel = \"Bad-Name\"\n", "line 1:", "lowercase identifier"),
+            ("http_addr = \"nowhere\"\n", "line 1:", "not an address"),
+            ("drain_chunk = 0\n", "line 1:", "at least 1"),
+            ("delivery = \"carrier-pigeon\"\n", "line 1:", "unknown variant"),
+            (
+                "[[tables]]\ntable = \"t\"\ntags = [\"x\"]\n[[tables]]\ntable = \"t\"\ntags = [\"y\"]\n",
+                "line 5:",
+                "listed twice",
+            ),
+        ];
+        for (text, location, problem) in cases {
+            let message = error(text);
+            assert!(message.contains(location), "{text:?} gave {message}");
+            assert!(message.contains(problem), "{text:?} gave {message}");
+        }
+    }
+}

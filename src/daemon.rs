@@ -1,0 +1,410 @@
+//! `evictd run`: the supervisor and the event loop.
+//!
+//! ```text
+//! supervisor: connect Redis + PostgreSQL (backoff) -> start-up work -> ready -> event loop
+//!             any connection error -> not ready -> backoff -> again (never exits for it)
+//! event loop: notification -> parse -> Batch (rules) -> flush to the sink -> ack (outbox)
+//! ```
+//!
+//! Start-up work, before readiness, so that entries written after `ready` are never swept by
+//! it: finish interrupted drains; then in `notify` mode invalidate every table table-wide (what
+//! happened while nobody listened is unknown), in `outbox` mode drain the backlog.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+use tokio_postgres::Notification;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::batch::Batch;
+use crate::config::{Delivery, Settings};
+use crate::event::{ChangeEvent, truncate};
+use crate::metrics::{EventLabels, Metrics};
+use crate::sink::{RedisSink, Report, SinkError, SinkOptions};
+use crate::source::{Session, SourceError, outbox};
+
+/// How often both servers are pinged while idle; a ping that takes longer than this fails.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Safety poll of the outbox even without a wake-up NOTIFY.
+const OUTBOX_POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+enum SessionError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("postgresql did not answer a ping within {0:?}")]
+    PgTimeout(Duration),
+    #[error("shutting down")]
+    Shutdown,
+}
+
+/// Shared state the HTTP endpoints and tests observe.
+#[derive(Clone)]
+pub struct Observed {
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Metrics,
+}
+
+/// Runs until `shutdown` is cancelled. Connection problems are retried forever.
+pub async fn run(settings: Settings, observed: Observed, shutdown: CancellationToken) {
+    let mut daemon = Daemon {
+        settings,
+        observed,
+        shutdown,
+        summary: Summary::default(),
+        redis_run_id: None,
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        let outcome = daemon.session(&mut backoff).await;
+        daemon.set_ready(false);
+        match outcome {
+            Ok(()) | Err(SessionError::Shutdown) => return,
+            Err(e) => {
+                let server = match &e {
+                    SessionError::Sink(_) => "redis",
+                    _ => "postgres",
+                };
+                daemon.observed.metrics.error(server);
+                daemon.observed.metrics.reconnect(server);
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "connection lost; reconnecting");
+                tokio::select! {
+                    _ = daemon.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+struct Daemon {
+    settings: Settings,
+    observed: Observed,
+    shutdown: CancellationToken,
+    summary: Summary,
+    /// Redis `run_id` last seen: a change means Redis restarted and may have brought back
+    /// entries already invalidated.
+    redis_run_id: Option<String>,
+}
+
+impl Daemon {
+    fn set_ready(&self, ready: bool) {
+        let was = self.observed.ready.swap(ready, Ordering::Relaxed);
+        self.observed.metrics.ready.set(i64::from(ready));
+        if ready && !was {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+    }
+
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), SessionError> {
+        let sink = RedisSink::connect(
+            &self.settings.redis_url,
+            SinkOptions {
+                key_prefix: self.settings.key_prefix.clone(),
+                drain_chunk: self.settings.drain_chunk,
+                tagts_ttl: self.settings.tagts_ttl,
+                publish_channel: self.settings.publish_channel.clone(),
+            },
+        )
+        .await?;
+        sink.ping().await?;
+        let mut source = Session::open(&self.settings.database_url, self.settings.notify_buffer).await?;
+        self.check_redis_restart(&sink).await?;
+
+        let resumed = sink.resume_drains().await?;
+        if resumed.tags > 0 {
+            info!(drains = resumed.tags, keys = resumed.keys, "finished drains a previous run left");
+        }
+        match source.delivery {
+            Delivery::Notify => self.resync(&sink, "start-up: notify mode cannot know what it missed").await?,
+            Delivery::Outbox => self.drain_outbox(&mut source, &sink).await?,
+        }
+        self.set_ready(true);
+        backoff.reset();
+        info!(
+            channel = %source.channel,
+            delivery = source.delivery.as_str(),
+            "evictd is ready"
+        );
+
+        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        health.reset();
+        let mut poll = tokio::time::interval(OUTBOX_POLL);
+        poll.reset();
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = health.tick() => self.health_check(&source, &sink).await?,
+                _ = poll.tick(), if source.delivery == Delivery::Outbox => {
+                    self.drain_outbox(&mut source, &sink).await?;
+                }
+                notification = source.next_notification() => {
+                    let first = notification?;
+                    self.on_notifications(first, &mut source, &sink).await?;
+                }
+            }
+        }
+    }
+
+    /// Handles one notification and whatever else is already waiting, as one batch.
+    async fn on_notifications(
+        &mut self,
+        first: Notification,
+        source: &mut Session,
+        sink: &RedisSink,
+    ) -> Result<(), SessionError> {
+        let mut batch = Batch::default();
+        let mut wake = false;
+        let mut next = Some(first);
+        while let Some(n) = next {
+            if n.payload().is_empty() {
+                wake = true;
+            } else {
+                self.add_payload(&mut batch, n.payload());
+            }
+            next = if batch.event_count() < self.settings.batch_max_events as u64 {
+                source.try_next_notification()
+            } else {
+                None
+            };
+        }
+        if source.take_overflow() {
+            warn!(
+                buffer = self.settings.notify_buffer,
+                "notifications arrived faster than Redis took them and some were dropped; invalidating every table"
+            );
+            batch.targets.merge(self.settings.rules.all_table_wide());
+        }
+        self.flush(sink, batch).await?;
+        if wake && source.delivery == Delivery::Outbox {
+            self.drain_outbox(source, sink).await?;
+        }
+        Ok(())
+    }
+
+    /// Parses one payload into `batch`; a bad one is logged with its reason, counted and skipped.
+    /// Returns the reason when it was rejected.
+    fn add_payload(&self, batch: &mut Batch, payload: &str) -> Option<String> {
+        let result = ChangeEvent::parse(payload)
+            .map_err(|e| ("malformed", e.to_string()))
+            .and_then(|event| {
+                batch
+                    .add(&self.settings.rules, &event)
+                    .map_err(|e| ("unknown_table", e.to_string()))
+            });
+        match result {
+            Ok(()) => None,
+            Err((kind, reason)) => {
+                self.observed.metrics.rejected(kind);
+                warn!(reason = %reason, payload = %truncate(payload, 200), "event skipped");
+                Some(reason)
+            }
+        }
+    }
+
+    /// Invalidates `batch` in Redis, retrying with backoff while Redis is unreachable (not
+    /// ready meanwhile), until it succeeds or the daemon shuts down.
+    async fn flush(&mut self, sink: &RedisSink, batch: Batch) -> Result<(), SessionError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut failed = false;
+        let report = loop {
+            match sink.invalidate(&batch.targets).await {
+                Ok(report) => break report,
+                Err(e) => {
+                    failed = true;
+                    self.set_ready(false);
+                    self.observed.metrics.error("redis");
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "redis invalidation failed; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Err(SessionError::Shutdown),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        if failed {
+            info!("redis answers again");
+            self.set_ready(true);
+        }
+        self.record(&batch, report, started.elapsed());
+        Ok(())
+    }
+
+    fn record(&mut self, batch: &Batch, report: Report, took: Duration) {
+        let m = &self.observed.metrics;
+        m.batches.inc();
+        m.tags_invalidated.inc_by(report.tags);
+        m.keys_invalidated.inc_by(report.keys);
+        m.table_wide.inc_by(batch.targets.wide_tables.len() as u64);
+        for ((table, op), count) in &batch.events {
+            m.events
+                .get_or_create(&EventLabels {
+                    table: table.clone(),
+                    op: op.as_str().to_string(),
+                })
+                .inc_by(*count);
+        }
+        if let Some(ts) = batch.oldest_ts_ms {
+            let lag = (now_ms() - ts).max(0) as f64 / 1000.0;
+            m.lag_seconds.observe(lag);
+        }
+        debug!(
+            events = batch.event_count(),
+            tags = report.tags,
+            keys = report.keys,
+            table_wide = batch.targets.wide_tables.len(),
+            ms = took.as_secs_f64() * 1000.0,
+            "batch invalidated"
+        );
+        self.summary.add(batch.event_count(), report);
+        self.summary.maybe_log();
+    }
+
+    /// Invalidates every configured table table-wide.
+    async fn resync(&mut self, sink: &RedisSink, why: &str) -> Result<(), SessionError> {
+        info!(reason = why, "invalidating every configured table table-wide");
+        let batch = Batch {
+            targets: self.settings.rules.all_table_wide(),
+            ..Batch::default()
+        };
+        self.flush(sink, batch).await
+    }
+
+    /// Claims, invalidates and acknowledges outbox rows until none are left.
+    async fn drain_outbox(&mut self, source: &mut Session, sink: &RedisSink) -> Result<(), SessionError> {
+        let limit = self.settings.batch_max_events as i64;
+        loop {
+            // Wake-ups that arrived meanwhile are answered by this very drain.
+            while let Some(n) = source.try_next_notification() {
+                if !n.payload().is_empty() {
+                    let mut batch = Batch::default();
+                    self.add_payload(&mut batch, n.payload());
+                    self.flush(sink, batch).await?;
+                }
+            }
+            let claim = outbox::claim(&mut source.connection.client, limit).await.map_err(SourceError::from)?;
+            let claimed = claim.rows.len();
+            if claimed == 0 {
+                self.observed.metrics.outbox_backlog.set(0);
+                return Ok(());
+            }
+            let mut batch = Batch::default();
+            let mut poison = Vec::new();
+            for row in &claim.rows {
+                if let Some(reason) = self.add_payload(&mut batch, &row.payload) {
+                    poison.push((row.id, reason));
+                }
+            }
+            // On a Redis error the claim is dropped: the rows go back, untouched, for the retry.
+            match sink.invalidate(&batch.targets).await {
+                Ok(report) => {
+                    claim.ack(&poison).await.map_err(SourceError::from)?;
+                    self.record(&batch, report, Duration::ZERO);
+                }
+                Err(e) => {
+                    drop(claim);
+                    return Err(e.into());
+                }
+            }
+            if claimed < limit as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn health_check(&mut self, source: &Session, sink: &RedisSink) -> Result<(), SessionError> {
+        match tokio::time::timeout(HEALTH_INTERVAL, source.connection.client.simple_query("")).await {
+            Ok(result) => {
+                result.map_err(SourceError::from)?;
+            }
+            Err(_) => return Err(SessionError::PgTimeout(HEALTH_INTERVAL)),
+        }
+        match tokio::time::timeout(HEALTH_INTERVAL, sink.ping()).await {
+            Ok(Ok(())) => {
+                if self.check_redis_restart(sink).await? {
+                    self.resync(sink, "redis restarted or failed over").await?;
+                }
+                self.set_ready(true);
+                if sd_notify::watchdog_enabled().is_some() {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                if self.summary.batches > 0 {
+                    self.summary.maybe_log();
+                }
+            }
+            _ => {
+                self.set_ready(false);
+                warn!("redis does not answer a ping");
+            }
+        }
+        Ok(())
+    }
+
+    /// Records Redis' `run_id`; true when it changed since the last look.
+    async fn check_redis_restart(&mut self, sink: &RedisSink) -> Result<bool, SessionError> {
+        let mut conn = sink.connection();
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.map_err(SinkError::from)?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|s| s.trim().to_string());
+        let changed = matches!((&self.redis_run_id, &run_id), (Some(old), Some(new)) if old != new);
+        self.redis_run_id = run_id;
+        Ok(changed)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The info-level summary: at most one line a second, however many batches.
+#[derive(Default)]
+struct Summary {
+    batches: u64,
+    events: u64,
+    tags: u64,
+    keys: u64,
+    last: Option<Instant>,
+}
+
+impl Summary {
+    fn add(&mut self, events: u64, report: Report) {
+        self.batches += 1;
+        self.events += events;
+        self.tags += report.tags;
+        self.keys += report.keys;
+    }
+
+    fn maybe_log(&mut self) {
+        if self.last.is_some_and(|l| l.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        info!(
+            batches = self.batches,
+            events = self.events,
+            tags = self.tags,
+            keys = self.keys,
+            "invalidated"
+        );
+        *self = Summary {
+            last: Some(Instant::now()),
+            ..Summary::default()
+        };
+    }
+}

@@ -1,0 +1,128 @@
+//! PostgreSQL connections: parse the URL, connect with liveness settings, and drive the
+//! connection so that notifications reach the caller.
+//!
+//! tokio-postgres delivers notifications only to whoever polls `Connection::poll_message`, so
+//! every connection here is driven by a task of ours that forwards them to a bounded channel.
+//! That task never blocks: when the channel is full it drops the notification and raises the
+//! `overflowed` flag, and the daemon answers with a table-wide resync.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
+
+use crate::redact::redact_url;
+
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("invalid database url {url}: {source}")]
+    Url {
+        url: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot connect to postgresql at {url}: {source}")]
+    Connect {
+        url: String,
+        source: tokio_postgres::Error,
+    },
+}
+
+/// Notifications forwarded from a connection, and whether any were dropped for lack of room.
+pub struct NotificationFeed {
+    pub receiver: mpsc::Receiver<Notification>,
+    pub overflowed: Arc<AtomicBool>,
+}
+
+/// A connected client and the task driving its connection (it ends when the connection does).
+pub struct Connection {
+    pub client: Client,
+    pub driver: JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+/// Parses `url` and applies the liveness defaults evictd needs: a connect timeout and TCP
+/// keepalives far shorter than the OS default of two hours.
+pub fn parse_config(url: &str) -> Result<Config, DbError> {
+    let mut config = Config::from_str(url).map_err(|source| DbError::Url {
+        url: redact_url(url),
+        source,
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+    if config.get_application_name().is_none() {
+        config.application_name("evictd");
+    }
+    Ok(config)
+}
+
+/// Connects to `url`. Notifications go to `feed` when given (bounded by its capacity), and are
+/// dropped otherwise.
+pub async fn connect(
+    url: &str,
+    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
+) -> Result<Connection, DbError> {
+    let config = parse_config(url)?;
+    let (client, mut connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| DbError::Connect {
+                url: redact_url(url),
+                source,
+            })?;
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message? {
+                AsyncMessage::Notification(n) => {
+                    if let Some((sender, overflowed)) = &feed
+                        && sender.try_send(n).is_err()
+                    {
+                        overflowed.store(true, Ordering::Relaxed);
+                    }
+                }
+                AsyncMessage::Notice(notice) => {
+                    tracing::debug!(message = notice.message(), "postgresql notice");
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    });
+    Ok(Connection { client, driver })
+}
+
+/// A feed with room for `capacity` notifications, and the sender half for [`connect`].
+pub fn notification_feed(
+    capacity: usize,
+) -> (
+    NotificationFeed,
+    (mpsc::Sender<Notification>, Arc<AtomicBool>),
+) {
+    let (sender, receiver) = mpsc::channel(capacity);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    (
+        NotificationFeed {
+            receiver,
+            overflowed: overflowed.clone(),
+        },
+        (sender, overflowed),
+    )
+}
+
+/// Quotes an identifier for SQL text (LISTEN takes no parameters).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

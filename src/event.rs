@@ -1,0 +1,253 @@
+//! `ChangeEvent`: one committed statement (or one explicit `invalidate_tags` call) as the triggers
+//! describe it, and the parser for the JSON they write.
+//!
+//! Pure and total: any byte string either parses or yields an [`EventError`] naming the reason.
+//! The same JSON arrives through NOTIFY payloads (`notify` mode) and outbox rows (`outbox` mode).
+//!
+//! Wire format, version 1 (written by the SQL in `schema::ddl`):
+//!
+//! ```json
+//! {"v":1,"op":"UPDATE","table":"public.products","ts":1732871234567,
+//!  "cols":["client_id","id"],"rows":[["c1","p1"],["c2","p1"]]}
+//! {"v":1,"op":"UPDATE","table":"public.products","ts":1732871234567,"wide":true}
+//! {"v":1,"op":"TAGS","ts":1732871234567,"tags":["products:all"]}
+//! ```
+//!
+//! `rows` holds the distinct combinations of the referenced columns over old and new rows, as
+//! PostgreSQL text (`null` for NULL). `ts` is the statement's clock time in Unix milliseconds.
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// The kind of statement that produced an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+    /// An explicit `evictd.invalidate_tags(...)` call.
+    Tags,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+            Op::Truncate => "TRUNCATE",
+            Op::Tags => "TAGS",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text.to_ascii_uppercase().as_str() {
+            "INSERT" => Op::Insert,
+            "UPDATE" => Op::Update,
+            "DELETE" => Op::Delete,
+            "TRUNCATE" => Op::Truncate,
+            "TAGS" => Op::Tags,
+            _ => return None,
+        })
+    }
+}
+
+/// What changed, as far as invalidation cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Distinct values of `columns` over the statement's old and new rows.
+    Rows {
+        columns: Vec<String>,
+        rows: Vec<Vec<Option<String>>>,
+    },
+    /// Too many rows to list, or TRUNCATE: everything the table's rule can produce.
+    TableWide,
+    /// Explicit tags from `evictd.invalidate_tags`.
+    Tags(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub op: Op,
+    /// `schema.table`; `None` for explicit tags.
+    pub table: Option<String>,
+    /// When the statement ran (Unix ms, database clock), for the lag metric.
+    pub ts_ms: Option<i64>,
+    pub change: Change,
+}
+
+/// Why a payload was rejected. The daemon logs it, counts it and moves on.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EventError {
+    #[error("payload is not evictd JSON: {0}")]
+    Json(String),
+    #[error("unsupported payload version {0} (this evictd reads version 1)")]
+    Version(u32),
+    #[error("unknown operation `{0}`")]
+    Op(String),
+    #[error("{0} event without a table")]
+    MissingTable(&'static str),
+    #[error("row {index} has {got} values for {expected} columns")]
+    RowWidth {
+        index: usize,
+        got: usize,
+        expected: usize,
+    },
+    #[error("TAGS event with no tags")]
+    NoTags,
+    #[error("empty tag name")]
+    EmptyTag,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    v: u32,
+    op: String,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    ts: Option<i64>,
+    #[serde(default)]
+    cols: Vec<String>,
+    #[serde(default)]
+    rows: Vec<Vec<Option<String>>>,
+    #[serde(default)]
+    wide: bool,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+impl ChangeEvent {
+    /// Parses one payload. Never panics, whatever the input.
+    pub fn parse(payload: &str) -> Result<Self, EventError> {
+        let wire: Wire = serde_json::from_str(payload).map_err(|e| EventError::Json(e.to_string()))?;
+        if wire.v != 1 {
+            return Err(EventError::Version(wire.v));
+        }
+        let op = Op::parse(&wire.op).ok_or_else(|| EventError::Op(truncate(&wire.op, 40)))?;
+        let change = match op {
+            Op::Tags => {
+                if wire.tags.is_empty() {
+                    return Err(EventError::NoTags);
+                }
+                if wire.tags.iter().any(|t| t.is_empty()) {
+                    return Err(EventError::EmptyTag);
+                }
+                Change::Tags(wire.tags)
+            }
+            Op::Truncate => Change::TableWide,
+            Op::Insert | Op::Update | Op::Delete if wire.wide => Change::TableWide,
+            Op::Insert | Op::Update | Op::Delete => {
+                for (index, row) in wire.rows.iter().enumerate() {
+                    if row.len() != wire.cols.len() {
+                        return Err(EventError::RowWidth {
+                            index,
+                            got: row.len(),
+                            expected: wire.cols.len(),
+                        });
+                    }
+                }
+                Change::Rows {
+                    columns: wire.cols,
+                    rows: wire.rows,
+                }
+            }
+        };
+        if op != Op::Tags && wire.table.as_deref().is_none_or(str::is_empty) {
+            return Err(EventError::MissingTable(op.as_str()));
+        }
+        Ok(Self {
+            op,
+            table: wire.table,
+            ts_ms: wire.ts,
+            change,
+        })
+    }
+}
+
+/// At most `max` characters of `text`, for echoing hostile input into a log line.
+pub fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rows_event() {
+        let e = ChangeEvent::parse(
+            r#"{"v":1,"op":"UPDATE","table":"public.products","ts":5,"cols":["client_id","id"],"rows":[["c1","p1"],[null,"p1"]]}"#,
+        )
+        .unwrap();
+        assert_eq!(e.op, Op::Update);
+        assert_eq!(e.table.as_deref(), Some("public.products"));
+        assert_eq!(
+            e.change,
+            Change::Rows {
+                columns: vec!["client_id".into(), "id".into()],
+                rows: vec![
+                    vec![Some("c1".into()), Some("p1".into())],
+                    vec![None, Some("p1".into())]
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn parses_wide_and_tags_events() {
+        let e = ChangeEvent::parse(r#"{"v":1,"op":"UPDATE","table":"t","wide":true}"#).unwrap();
+        assert_eq!(e.change, Change::TableWide);
+        let e = ChangeEvent::parse(r#"{"v":1,"op":"TRUNCATE","table":"t"}"#).unwrap();
+        assert_eq!(e.change, Change::TableWide);
+        let e = ChangeEvent::parse(r#"{"v":1,"op":"TAGS","tags":["a","b"]}"#).unwrap();
+        assert_eq!(e.change, Change::Tags(vec!["a".into(), "b".into()]));
+    }
+
+    #[test]
+    fn rejects_bad_payloads_with_reasons() {
+        let cases: &[(&str, fn(&EventError) -> bool)] = &[
+            ("hello", |e| matches!(e, EventError::Json(_))),
+            ("", |e| matches!(e, EventError::Json(_))),
+            (r#"{"v":2,"op":"TAGS","tags":["a"]}"#, |e| {
+                matches!(e, EventError::Version(2))
+            }),
+            (r#"{"v":1,"op":"MERGE","table":"t"}"#, |e| {
+                matches!(e, EventError::Op(_))
+            }),
+            (r#"{"v":1,"op":"INSERT","cols":[],"rows":[]}"#, |e| {
+                matches!(e, EventError::MissingTable(_))
+            }),
+            (r#"{"v":1,"op":"INSERT","table":"t","cols":["a"],"rows":[["1","2"]]}"#, |e| {
+                matches!(e, EventError::RowWidth { .. })
+            }),
+            (r#"{"v":1,"op":"TAGS","tags":[]}"#, |e| {
+                matches!(e, EventError::NoTags)
+            }),
+            (r#"{"v":1,"op":"TAGS","tags":[""]}"#, |e| {
+                matches!(e, EventError::EmptyTag)
+            }),
+            (r#"{"v":1,"op":"TAGS","tags":["a"],"extra":1}"#, |e| {
+                matches!(e, EventError::Json(_))
+            }),
+            (r#"{"v":1,"op":"INSERT","table":"t","cols":["a"],"rows":[[1]]}"#, |e| {
+                matches!(e, EventError::Json(_))
+            }),
+        ];
+        for (payload, expected) in cases {
+            let err = ChangeEvent::parse(payload).unwrap_err();
+            assert!(expected(&err), "{payload}: {err}");
+        }
+    }
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        assert_eq!(truncate("ééé", 2), "éé…");
+        assert_eq!(truncate("ab", 5), "ab");
+    }
+}

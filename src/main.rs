@@ -1,0 +1,76 @@
+//! The `evictd` binary: parse the command line, load the configuration, set up logging,
+//! dispatch, and map the outcome to an exit code. No logic of its own.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use evictd::cli::{Cli, Command};
+use evictd::config::{ConfigError, LogFormat, Settings};
+use evictd::schema::SchemaError;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&cli.global.overrides()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("evictd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(settings.log_format, cli.global.log.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("evictd: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("evictd: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
+    use evictd::cmd;
+    match command {
+        Command::Run(args) => cmd::run::run(settings, &args).await,
+        Command::Migrate => cmd::migrate::migrate(&settings).await,
+        Command::Uninstall => cmd::migrate::uninstall(&settings).await,
+        Command::Sql => {
+            cmd::migrate::sql(&settings);
+            Ok(())
+        }
+        Command::Dev(args) => cmd::dev::dev(settings, &args).await,
+    }
+}
+
+/// 2 for configuration problems (including a configured column the database lacks), else 1.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    let config_problem = error.chain().any(|cause| {
+        cause.downcast_ref::<ConfigError>().is_some()
+            || matches!(cause.downcast_ref::<SchemaError>(), Some(SchemaError::Config { .. }))
+    });
+    if config_problem { 2 } else { 1 }
+}
+
+fn init_logging(format: LogFormat, filter: Option<&str>) {
+    let filter = EnvFilter::try_new(filter.unwrap_or("info"))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

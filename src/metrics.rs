@@ -1,0 +1,141 @@
+//! Every metric evictd exports lives here, named `evictd_*`, with low-cardinality labels only
+//! (table, op, kind, server — never a tag or key). Updated per batch, not per event.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub table: String,
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: String,
+}
+
+/// The daemon's metrics. Cloning shares the underlying values.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Change events processed, by table and operation.
+    pub events: Family<EventLabels, Counter>,
+    /// Events skipped as malformed or unknown, by reason.
+    pub events_rejected: Family<KindLabels, Counter>,
+    /// Batches flushed to Redis.
+    pub batches: Counter,
+    /// Tags invalidated.
+    pub tags_invalidated: Counter,
+    /// Cache entries removed.
+    pub keys_invalidated: Counter,
+    /// Table-wide invalidations (TRUNCATE, large statements, resyncs).
+    pub table_wide: Counter,
+    /// Errors, by kind (`postgres`, `redis`).
+    pub errors: Family<KindLabels, Counter>,
+    /// Reconnections, by server.
+    pub reconnects: Family<ServerLabels, Counter>,
+    /// Events waiting in `evictd.outbox` at the last look.
+    pub outbox_backlog: Gauge,
+    /// Seconds from the statement to its invalidation in Redis (the oldest event of each batch).
+    pub lag_seconds: Histogram,
+    /// 1 when ready (listening, both servers answer), else 0.
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in a new registry.
+    pub fn new() -> (Self, Registry) {
+        let metrics = Self {
+            events: Family::default(),
+            events_rejected: Family::default(),
+            batches: Counter::default(),
+            tags_invalidated: Counter::default(),
+            keys_invalidated: Counter::default(),
+            table_wide: Counter::default(),
+            errors: Family::default(),
+            reconnects: Family::default(),
+            outbox_backlog: Gauge::default(),
+            // 0.5 ms .. ~65 s
+            lag_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            ready: Gauge::default(),
+        };
+        let mut registry = Registry::with_prefix("evictd");
+        registry.register(
+            "events",
+            "Change events processed, by table and operation",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events skipped as malformed or unmappable, by reason",
+            metrics.events_rejected.clone(),
+        );
+        registry.register("batches", "Batches flushed to Redis", metrics.batches.clone());
+        registry.register(
+            "tags_invalidated",
+            "Tags invalidated",
+            metrics.tags_invalidated.clone(),
+        );
+        registry.register(
+            "keys_invalidated",
+            "Cache entries removed",
+            metrics.keys_invalidated.clone(),
+        );
+        registry.register(
+            "table_wide_invalidations",
+            "Table-wide invalidations",
+            metrics.table_wide.clone(),
+        );
+        registry.register("errors", "Errors by kind", metrics.errors.clone());
+        registry.register(
+            "reconnects",
+            "Reconnections by server",
+            metrics.reconnects.clone(),
+        );
+        registry.register(
+            "outbox_backlog",
+            "Events waiting in evictd.outbox",
+            metrics.outbox_backlog.clone(),
+        );
+        registry.register(
+            "lag_seconds",
+            "Seconds from statement to invalidation",
+            metrics.lag_seconds.clone(),
+        );
+        registry.register("ready", "1 when ready", metrics.ready.clone());
+        (metrics, registry)
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn rejected(&self, kind: &str) {
+        self.events_rejected
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn reconnect(&self, server: &str) {
+        self.reconnects
+            .get_or_create(&ServerLabels {
+                server: server.to_string(),
+            })
+            .inc();
+    }
+}

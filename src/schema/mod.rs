@@ -1,0 +1,179 @@
+//! The SQL side: generating the DDL from the configuration (`ddl`), installing it idempotently
+//! (`migrate`), removing it (`uninstall`), and reading back what is installed.
+
+pub mod ddl;
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::config::{Delivery, Settings};
+
+#[derive(Debug, Error)]
+pub enum SchemaError {
+    /// The configuration names a table or column the database does not have: a configuration
+    /// error (exit code 2), reported against the file line that names it.
+    #[error("{location}: {problem}")]
+    Config { location: String, problem: String },
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("the installed schema records an unknown delivery mode `{0}`")]
+    BadDelivery(String),
+    #[error("could not take the locks to migrate within {attempts} attempts (long transactions hold the tables)")]
+    LockTimeout { attempts: u32 },
+}
+
+/// What `evictd.settings` says is installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub version: u32,
+    pub delivery: Delivery,
+    pub channel: String,
+    /// Fingerprint of the DDL last applied; equal means `migrate` has nothing to do.
+    pub ddl_hash: Option<String>,
+}
+
+/// Reads what is installed, or `None` when schema `evictd` is absent.
+pub async fn installed(client: &impl GenericClient) -> Result<Option<Installed>, SchemaError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('evictd.settings') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let rows = client
+        .query("SELECT key, value FROM evictd.settings", &[])
+        .await?;
+    let get = |name: &str| {
+        rows.iter()
+            .find(|r| r.get::<_, &str>(0) == name)
+            .map(|r| r.get::<_, String>(1))
+    };
+    let delivery_text = get("delivery").unwrap_or_default();
+    let delivery = delivery_text
+        .parse::<Delivery>()
+        .map_err(|_| SchemaError::BadDelivery(delivery_text.clone()))?;
+    Ok(Some(Installed {
+        version: get("schema_version")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        delivery,
+        channel: get("channel").unwrap_or_default(),
+        ddl_hash: get("ddl_hash"),
+    }))
+}
+
+/// Checks that every configured table exists and has every column its templates reference.
+pub async fn check_columns(
+    client: &impl GenericClient,
+    settings: &Settings,
+) -> Result<(), SchemaError> {
+    for rule in settings.rules.tables() {
+        let rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_attribute a \
+                 JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&rule.table.schema, &rule.table.name],
+            )
+            .await?;
+        let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let first_template = rule
+            .tags
+            .iter()
+            .chain(&rule.keys)
+            .next()
+            .map(|t| t.source().to_string())
+            .unwrap_or_default();
+        if columns.is_empty() {
+            return Err(SchemaError::Config {
+                location: settings.origin.locate(&rule.table, &first_template),
+                problem: format!("table `{}` does not exist in the database", rule.table),
+            });
+        }
+        for template in rule.tags.iter().chain(&rule.keys) {
+            let placeholders =
+                crate::rules::Template::placeholders(template.source()).unwrap_or_default();
+            if let Some(missing) = placeholders.iter().find(|p| !columns.contains(p)) {
+                return Err(SchemaError::Config {
+                    location: settings.origin.locate(&rule.table, template.source()),
+                    problem: format!(
+                        "placeholder `{{{missing}}}` in `{}` names no column of table `{}`",
+                        template.source(),
+                        rule.table
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrated {
+    /// The database already had exactly this DDL; nothing was touched.
+    UpToDate,
+    Applied,
+}
+
+/// How long one attempt waits for a table lock before giving up and retrying, so a migration
+/// never queues (and makes the application's queries queue) behind a long transaction.
+const LOCK_TIMEOUT: &str = "2s";
+const LOCK_ATTEMPTS: u32 = 8;
+
+/// Installs or upgrades the database side for `settings`, in one transaction.
+pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrated, SchemaError> {
+    check_columns(&*client, settings).await?;
+    let ddl = ddl::render(settings);
+    let hash = format!("{:016x}", ddl::fnv1a64(ddl.as_bytes()));
+    if let Some(installed) = installed(&*client).await?
+        && installed.ddl_hash.as_deref() == Some(hash.as_str())
+    {
+        return Ok(Migrated::UpToDate);
+    }
+    for attempt in 1..=LOCK_ATTEMPTS {
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock(hashtext('evictd.migrate'));"
+        ))
+        .await?;
+        match tx.batch_execute(&ddl).await {
+            Ok(()) => {
+                tx.execute(
+                    "INSERT INTO evictd.settings (key, value) VALUES ('ddl_hash', $1) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&hash],
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok(Migrated::Applied);
+            }
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                drop(tx);
+                tracing::warn!(attempt, "migrate: a table is locked by another transaction; retrying");
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SchemaError::LockTimeout {
+        attempts: LOCK_ATTEMPTS,
+    })
+}
+
+/// Removes schema `evictd` with its triggers, functions and outbox. Returns whether anything
+/// was installed.
+pub async fn uninstall(client: &mut Client) -> Result<bool, SchemaError> {
+    let was_installed = installed(&*client).await?.is_some();
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; DROP SCHEMA IF EXISTS evictd CASCADE;"
+    ))
+    .await?;
+    tx.commit().await?;
+    Ok(was_installed)
+}

@@ -1,0 +1,282 @@
+//! The Redis sink: the only code that talks to Redis. Every deletion evictd makes goes through
+//! here — tag sets (detach, then drain in bounded chunks), key patterns (SCAN + UNLINK), the
+//! `tagts` markers and the optional publish.
+//!
+//! Layout (SPEC.md): tag `T` is the set `{prefix}tag:{T}`; its last invalidation time is
+//! `{prefix}tagts:{T}`; a table-wide invalidation of table `t` is `{prefix}tagts-table:{t}`.
+//! A detached, half-drained tag set waits at `{prefix}drain:{nonce}:{T}` until emptied, also
+//! across a crash.
+
+mod scripts;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use thiserror::Error;
+
+use crate::redact::redact_url;
+use crate::rules::{Targets, glob_escape};
+
+/// Tags handed to one DETACH call at most (it may stop earlier, on its member budget).
+const TAGS_PER_CALL: usize = 200;
+/// Keys asked for per SCAN step and UNLINKed per command when removing by pattern.
+const SCAN_COUNT: usize = 1_000;
+
+#[derive(Debug, Error)]
+pub enum SinkError {
+    #[error("cannot open redis at {url}: {source}")]
+    Open {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// What an invalidation did, for logs, metrics and the `invalidate` command.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Tags invalidated (given, or found by a table-wide glob).
+    pub tags: u64,
+    /// Cache entries removed (member keys and pattern matches that existed).
+    pub keys: u64,
+}
+
+impl Report {
+    pub fn add(&mut self, other: Report) {
+        self.tags += other.tags;
+        self.keys += other.keys;
+    }
+}
+
+/// Knobs of the sink, from `Settings`.
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    pub key_prefix: String,
+    pub drain_chunk: usize,
+    pub tagts_ttl: Duration,
+    pub publish_channel: Option<String>,
+}
+
+/// A Redis connection plus the layout and scripts. Cheap to clone (the connection is shared).
+#[derive(Clone)]
+pub struct RedisSink {
+    conn: ConnectionManager,
+    options: SinkOptions,
+    detach: Script,
+    drain: Script,
+    stamp: Script,
+}
+
+impl RedisSink {
+    /// Connects to `url`. The connection manager reconnects by itself; a command in flight when
+    /// the connection drops fails, and callers retry (every operation here is idempotent).
+    pub async fn connect(url: &str, options: SinkOptions) -> Result<Self, SinkError> {
+        let open_error = |source| SinkError::Open {
+            url: redact_url(url),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(open_error)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(open_error)?;
+        Ok(Self {
+            conn,
+            options,
+            detach: Script::new(scripts::DETACH),
+            drain: Script::new(scripts::DRAIN),
+            stamp: Script::new(scripts::STAMP),
+        })
+    }
+
+    pub fn options(&self) -> &SinkOptions {
+        &self.options
+    }
+
+    /// A raw connection handle, for read-only commands (`stats`, `doctor`, `explain`).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub fn tag_key(&self, tag: &str) -> String {
+        format!("{}tag:{tag}", self.options.key_prefix)
+    }
+
+    fn tagts_key(&self, tag: &str) -> String {
+        format!("{}tagts:{tag}", self.options.key_prefix)
+    }
+
+    fn drain_pattern(&self) -> String {
+        format!("{}drain:*", glob_escape(&self.options.key_prefix))
+    }
+
+    /// Answers when Redis does.
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Invalidates everything in `targets`. Idempotent: safe to retry after an error.
+    pub async fn invalidate(&self, targets: &Targets) -> Result<Report, SinkError> {
+        let mut tags: BTreeSet<String> = targets.tags.clone();
+        for glob in &targets.tag_globs {
+            tags.extend(self.existing_tags(glob).await?);
+        }
+        let mut report = self.invalidate_tags(&tags).await?;
+        for glob in &targets.key_globs {
+            report.keys += self.unlink_matching(glob).await?;
+        }
+        if !targets.wide_tables.is_empty() {
+            let markers: Vec<String> = targets
+                .wide_tables
+                .iter()
+                .map(|t| format!("{}tagts-table:{t}", self.options.key_prefix))
+                .collect();
+            self.stamp_markers(&markers).await?;
+        }
+        if let Some(channel) = &self.options.publish_channel
+            && !tags.is_empty()
+        {
+            let message = serde_json::json!({
+                "tags": tags,
+                "tables": targets.wide_tables,
+            });
+            let mut conn = self.conn.clone();
+            let _: i64 = conn.publish(channel, message.to_string()).await?;
+        }
+        Ok(report)
+    }
+
+    /// Names of the existing tags whose name matches `glob` (a glob over tag names).
+    pub async fn existing_tags(&self, glob: &str) -> Result<Vec<String>, SinkError> {
+        let prefix = format!("{}tag:", self.options.key_prefix);
+        let pattern = format!("{}{glob}", glob_escape(&prefix));
+        let keys = self.scan(&pattern).await?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
+    /// Every key matching `pattern`, by SCAN (never KEYS). SCAN may repeat a key; the result is
+    /// de-duplicated.
+    pub async fn scan(&self, pattern: &str) -> Result<Vec<String>, SinkError> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut found = BTreeSet::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await?;
+            found.extend(keys);
+            if next == 0 {
+                return Ok(found.into_iter().collect());
+            }
+            cursor = next;
+        }
+    }
+
+    async fn unlink_matching(&self, pattern: &str) -> Result<u64, SinkError> {
+        let keys = self.scan(pattern).await?;
+        let mut conn = self.conn.clone();
+        let mut removed = 0;
+        for chunk in keys.chunks(SCAN_COUNT) {
+            let n: u64 = conn.unlink(chunk).await?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+
+    async fn stamp_markers(&self, keys: &[String]) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.stamp.prepare_invoke();
+        for key in keys {
+            call.key(key);
+        }
+        call.arg(self.options.tagts_ttl.as_millis() as u64);
+        let _: String = call.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Detaches and drains `tags`, in calls of bounded work.
+    async fn invalidate_tags(&self, tags: &BTreeSet<String>) -> Result<Report, SinkError> {
+        let mut report = Report {
+            tags: tags.len() as u64,
+            keys: 0,
+        };
+        let tags: Vec<&String> = tags.iter().collect();
+        let nonce: u64 = rand::random();
+        let mut conn = self.conn.clone();
+        let mut at = 0;
+        let mut detached = Vec::new();
+        while at < tags.len() {
+            let run = &tags[at..tags.len().min(at + TAGS_PER_CALL)];
+            let mut call = self.detach.prepare_invoke();
+            for tag in run {
+                call.key(self.tag_key(tag))
+                    .key(self.tagts_key(tag))
+                    .key(format!("{}drain:{nonce:016x}:{tag}", self.options.key_prefix));
+            }
+            call.arg(self.options.drain_chunk)
+                .arg(self.options.tagts_ttl.as_millis() as u64);
+            let out: Vec<u64> = call.invoke_async(&mut conn).await?;
+            let processed = out.first().copied().unwrap_or(0) as usize;
+            report.keys += out.get(1).copied().unwrap_or(0);
+            for (i, flag) in out.iter().skip(2).enumerate().take(processed) {
+                if *flag == 1 {
+                    detached.push(format!(
+                        "{}drain:{nonce:016x}:{}",
+                        self.options.key_prefix, run[i]
+                    ));
+                }
+            }
+            // A script that processed nothing would loop forever; it always processes one.
+            at += processed.max(1);
+        }
+        for key in detached {
+            report.keys += self.drain_detached(&key).await?;
+        }
+        Ok(report)
+    }
+
+    /// Empties one detached tag set, `drain_chunk` members per call.
+    async fn drain_detached(&self, key: &str) -> Result<u64, SinkError> {
+        let mut conn = self.conn.clone();
+        let mut removed = 0;
+        loop {
+            let (n, left): (u64, u64) = self
+                .drain
+                .key(key)
+                .arg(self.options.drain_chunk)
+                .invoke_async(&mut conn)
+                .await?;
+            removed += n;
+            if left == 0 {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Finishes drains a previous run left behind (it crashed or was stopped mid-drain).
+    pub async fn resume_drains(&self) -> Result<Report, SinkError> {
+        let mut report = Report::default();
+        for key in self.scan(&self.drain_pattern()).await? {
+            report.keys += self.drain_detached(&key).await?;
+            report.tags += 1;
+        }
+        Ok(report)
+    }
+}

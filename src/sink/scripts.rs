@@ -1,0 +1,102 @@
+//! The Lua scripts evictd runs in Redis. Each does a bounded amount of work per call, so no
+//! command of ours blocks other Redis clients for long, whatever the size of a tag.
+
+/// Invalidates a run of tags. KEYS come in triples `(tag set, tagts marker, drain key)`;
+/// ARGV = `[member budget, tagts ttl ms]`.
+///
+/// A tag whose set fits the remaining budget is removed right here: members and set UNLINKed
+/// atomically. A larger one is *detached*: RENAMEd to its drain key, so entries tagged from now
+/// on land in a fresh set that this invalidation will not sweep, and drained by [`DRAIN`] in
+/// chunks. Every processed tag gets its `tagts` marker set to the Redis clock (ms).
+///
+/// Stops early once the budget is spent (always processing at least one tag) and returns
+/// `{processed, keys removed, detached flag per processed tag...}`.
+pub const DETACH: &str = r#"
+local clock = redis.call('TIME')
+local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
+local budget = tonumber(ARGV[1])
+local ttl = ARGV[2]
+local processed, removed = 0, 0
+local flags = {}
+for i = 1, #KEYS, 3 do
+  local tag = KEYS[i]
+  local kind = redis.call('TYPE', tag)['ok']
+  local size = 0
+  if kind == 'set' then
+    size = redis.call('SCARD', tag)
+  elseif kind == 'zset' then
+    size = redis.call('ZCARD', tag)
+  end
+  if size > budget and size <= tonumber(ARGV[1]) and processed > 0 then
+    break
+  end
+  local detached = 0
+  if size > budget then
+    redis.call('RENAME', tag, KEYS[i + 2])
+    detached = 1
+  elseif size > 0 then
+    local members
+    if kind == 'set' then
+      members = redis.call('SMEMBERS', tag)
+    else
+      members = redis.call('ZRANGE', tag, 0, -1)
+    end
+    for j = 1, #members, 500 do
+      removed = removed + redis.call('UNLINK', unpack(members, j, math.min(j + 499, #members)))
+    end
+    redis.call('UNLINK', tag)
+    budget = budget - size
+  end
+  redis.call('SET', KEYS[i + 1], now, 'PX', ttl)
+  processed = processed + 1
+  flags[processed] = detached
+  if budget <= 0 then
+    break
+  end
+end
+local out = {processed, removed}
+for i = 1, processed do
+  out[#out + 1] = flags[i]
+end
+return out
+"#;
+
+/// Removes up to ARGV[1] members of the detached set KEYS[1] and UNLINKs them, atomically, so a
+/// crash between two calls loses nothing. Returns `{keys removed, members left}`.
+pub const DRAIN: &str = r#"
+local key = KEYS[1]
+local count = tonumber(ARGV[1])
+local kind = redis.call('TYPE', key)['ok']
+local members = {}
+if kind == 'set' then
+  members = redis.call('SPOP', key, count)
+elseif kind == 'zset' then
+  local popped = redis.call('ZPOPMIN', key, count)
+  for i = 1, #popped, 2 do
+    members[#members + 1] = popped[i]
+  end
+else
+  return {0, 0}
+end
+local removed = 0
+for i = 1, #members, 500 do
+  removed = removed + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+end
+local left
+if kind == 'set' then
+  left = redis.call('SCARD', key)
+else
+  left = redis.call('ZCARD', key)
+end
+return {removed, left}
+"#;
+
+/// Sets every key in KEYS to the Redis clock in ms with TTL ARGV[1] ms (table-wide markers).
+pub const STAMP: &str = r#"
+local clock = redis.call('TIME')
+local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], now, 'PX', ARGV[1])
+end
+return now
+"#;

@@ -1,0 +1,86 @@
+//! Where events come from: a PostgreSQL session that LISTENs on the channel and, in outbox
+//! mode, the outbox table it drains. Connection loss surfaces as an error; the daemon's
+//! supervisor reconnects.
+
+pub mod outbox;
+
+use std::sync::atomic::Ordering;
+
+use thiserror::Error;
+use tokio_postgres::Notification;
+
+use crate::config::Delivery;
+use crate::db::{self, Connection, DbError, NotificationFeed};
+use crate::schema::{self, SchemaError};
+
+#[derive(Debug, Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("postgresql: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("schema `evictd` is not installed in this database: run `evictd migrate` first")]
+    NotInstalled,
+    #[error("the installed schema is version {installed}, this evictd needs {wanted}: run `evictd migrate`")]
+    Version { installed: u32, wanted: u32 },
+    #[error("the postgresql connection ended")]
+    Closed,
+}
+
+/// A listening PostgreSQL session and what is installed in its database.
+pub struct Session {
+    pub connection: Connection,
+    pub feed: NotificationFeed,
+    pub delivery: Delivery,
+    pub channel: String,
+}
+
+impl Session {
+    /// Connects, reads the installed delivery mode and channel, and LISTENs on it.
+    pub async fn open(url: &str, buffer: usize) -> Result<Self, SourceError> {
+        let (feed, sender) = db::notification_feed(buffer);
+        let connection = db::connect(url, Some(sender)).await?;
+        let installed = schema::installed(&connection.client)
+            .await?
+            .ok_or(SourceError::NotInstalled)?;
+        if installed.version != schema::ddl::SCHEMA_VERSION {
+            return Err(SourceError::Version {
+                installed: installed.version,
+                wanted: schema::ddl::SCHEMA_VERSION,
+            });
+        }
+        connection
+            .client
+            .batch_execute(&format!("LISTEN {}", db::quote_ident(&installed.channel)))
+            .await?;
+        Ok(Self {
+            connection,
+            feed,
+            delivery: installed.delivery,
+            channel: installed.channel,
+        })
+    }
+
+    /// Waits for the next notification. `Err(Closed)` when the connection is gone.
+    pub async fn next_notification(&mut self) -> Result<Notification, SourceError> {
+        tokio::select! {
+            n = self.feed.receiver.recv() => n.ok_or(SourceError::Closed),
+            ended = &mut self.connection.driver => match ended {
+                Ok(Err(e)) => Err(SourceError::Postgres(e)),
+                _ => Err(SourceError::Closed),
+            },
+        }
+    }
+
+    /// A notification already received, without waiting.
+    pub fn try_next_notification(&mut self) -> Option<Notification> {
+        self.feed.receiver.try_recv().ok()
+    }
+
+    /// True (once) when notifications were dropped because the buffer was full.
+    pub fn take_overflow(&self) -> bool {
+        self.feed.overflowed.swap(false, Ordering::Relaxed)
+    }
+}

@@ -1,6 +1,7 @@
 //! The `evictd` binary: parse the command line, load the configuration, set up logging,
 //! dispatch, and map the outcome to an exit code. No logic of its own.
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -68,6 +69,7 @@ fn init_logging(format: LogFormat, filter: Option<&str>) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

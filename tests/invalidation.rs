@@ -1,0 +1,570 @@
+//! The automatic path end to end: real PostgreSQL, real Redis, the real `evictd` binary.
+//! Every test edits the database the way an operator would and checks that exactly the stale
+//! cache entries went and everything else stayed.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use evictd::config::Delivery;
+use futures_util::StreamExt as _;
+use redis::AsyncCommands as _;
+use support::{Env, repo_file};
+
+const C1: &str = "00000000-0000-0000-0000-0000000000c1";
+const C2: &str = "00000000-0000-0000-0000-0000000000c2";
+const P1: &str = "00000000-0000-0000-0000-0000000000a1";
+const P2: &str = "00000000-0000-0000-0000-0000000000a2";
+const P3: &str = "00000000-0000-0000-0000-0000000000a3";
+const M1: &str = "00000000-0000-0000-0000-0000000000d1";
+const M2: &str = "00000000-0000-0000-0000-0000000000d2";
+const S1: &str = "00000000-0000-0000-0000-0000000000e1";
+const S2: &str = "00000000-0000-0000-0000-0000000000e2";
+
+/// Two clients, each with one product, each product with one module and one expert session.
+fn seed_sql() -> String {
+    format!(
+        "INSERT INTO clients (id, name) VALUES ('{C1}', 'c1'), ('{C2}', 'c2');
+         INSERT INTO products (id, client_id, name) VALUES ('{P1}', '{C1}', 'p1'), ('{P2}', '{C2}', 'p2');
+         INSERT INTO modules (id, product_id, title) VALUES ('{M1}', '{P1}', 'm1'), ('{M2}', '{P2}', 'm2');
+         INSERT INTO job_readiness_expert_sessions (id, product_id, title) VALUES ('{S1}', '{P1}', 's1'), ('{S2}', '{P2}', 's2');"
+    )
+}
+
+/// Every tag the seeded rows produce, plus tags no table produces.
+fn all_tags() -> Vec<String> {
+    let mut tags: Vec<String> = vec![
+        "products:all".into(),
+        "expert_sessions:all".into(),
+        "client_configs:all".into(),
+        "unrelated:thing".into(),
+        "products:client:".into(),
+    ];
+    for c in [C1, C2] {
+        tags.push(format!("products:client:{c}"));
+        tags.push(format!("client_configs:id:{c}"));
+    }
+    for p in [P1, P2, P3] {
+        tags.push(format!("products:id:{p}"));
+        tags.push(format!("expert_sessions:product:{p}"));
+        tags.push(format!("module_content:product:{p}"));
+    }
+    for m in [M1, M2] {
+        tags.push(format!("module_content:id:{m}"));
+    }
+    for s in [S1, S2] {
+        tags.push(format!("expert_sessions:id:{s}"));
+    }
+    tags
+}
+
+/// One cache entry per tag, written afresh; returns (tag, key) pairs.
+async fn cache_everything(env: &Env) -> Vec<(String, String)> {
+    let mut entries = Vec::new();
+    for tag in all_tags() {
+        let key = env.cache(&format!("entry:{tag}"), &[&tag]).await;
+        entries.push((tag, key));
+    }
+    entries
+}
+
+/// Runs `sql`, then checks that exactly the entries of `expected` tags are gone.
+async fn check(env: &Env, sql: &str, expected: &[String]) {
+    let entries = cache_everything(env).await;
+    env.sql(sql).await;
+    env.barrier().await;
+    let expected: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
+    let mut wrong = Vec::new();
+    for (tag, key) in &entries {
+        let gone = !env.exists(key).await;
+        if gone != expected.contains(tag.as_str()) {
+            wrong.push(format!("{tag}: {}", if gone { "removed" } else { "kept" }));
+        }
+    }
+    assert!(wrong.is_empty(), "after `{sql}`:\n  {}", wrong.join("\n  "));
+}
+
+fn tags(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+async fn table_matrix(delivery: Delivery) {
+    let env = Env::new(delivery).await;
+    env.sql(&seed_sql()).await;
+    let _daemon = env.start_daemon().await;
+
+    let cases: Vec<(String, Vec<String>)> = vec![
+        (
+            format!("INSERT INTO products (id, client_id, name) VALUES ('{P3}', '{C1}', 'p3')"),
+            tags(&["products:all", &format!("products:client:{C1}"), &format!("products:id:{P3}")]),
+        ),
+        (
+            format!("UPDATE products SET name = 'renamed' WHERE id = '{P1}'"),
+            tags(&["products:all", &format!("products:client:{C1}"), &format!("products:id:{P1}")]),
+        ),
+        (
+            format!("DELETE FROM products WHERE id = '{P3}'"),
+            tags(&["products:all", &format!("products:client:{C1}"), &format!("products:id:{P3}")]),
+        ),
+        (
+            format!("INSERT INTO job_readiness_expert_sessions (product_id, title) VALUES ('{P2}', 'new')"),
+            // The new row's own id is random: its id tag has no entry here.
+            tags(&["expert_sessions:all", &format!("expert_sessions:product:{P2}")]),
+        ),
+        (
+            format!("UPDATE job_readiness_expert_sessions SET title = 't' WHERE id = '{S1}'"),
+            tags(&["expert_sessions:all", &format!("expert_sessions:product:{P1}"), &format!("expert_sessions:id:{S1}")]),
+        ),
+        (
+            format!("DELETE FROM job_readiness_expert_sessions WHERE id = '{S1}'"),
+            tags(&["expert_sessions:all", &format!("expert_sessions:product:{P1}"), &format!("expert_sessions:id:{S1}")]),
+        ),
+        (
+            format!("INSERT INTO modules (product_id, title) VALUES ('{P1}', 'new')"),
+            tags(&[&format!("module_content:product:{P1}")]),
+        ),
+        (
+            format!("UPDATE modules SET content = 'c' WHERE id = '{M2}'"),
+            tags(&[&format!("module_content:id:{M2}"), &format!("module_content:product:{P2}")]),
+        ),
+        (
+            format!("DELETE FROM modules WHERE id = '{M1}'"),
+            tags(&[&format!("module_content:id:{M1}"), &format!("module_content:product:{P1}")]),
+        ),
+        (
+            "INSERT INTO clients (name) VALUES ('c3')".to_string(),
+            tags(&["client_configs:all"]),
+        ),
+        (
+            format!("UPDATE clients SET config = '{{\"theme\":\"dark\"}}' WHERE id = '{C1}'"),
+            tags(&["client_configs:all", &format!("client_configs:id:{C1}")]),
+        ),
+        (
+            // ON DELETE SET NULL updates product p2 too: its client's tag goes, and no
+            // `products:client:` tag for the NULL.
+            format!("DELETE FROM clients WHERE id = '{C2}'"),
+            tags(&[
+                "client_configs:all",
+                &format!("client_configs:id:{C2}"),
+                "products:all",
+                &format!("products:client:{C2}"),
+                &format!("products:id:{P2}"),
+            ]),
+        ),
+        (
+            // Cascades to its module and expert session.
+            format!("DELETE FROM products WHERE id = '{P1}'"),
+            tags(&[
+                "products:all",
+                &format!("products:client:{C1}"),
+                &format!("products:id:{P1}"),
+                // Its module added above goes with it; its expert session was deleted earlier.
+                &format!("module_content:product:{P1}"),
+            ]),
+        ),
+        (
+            "UPDATE products SET name = name WHERE false".to_string(),
+            vec![],
+        ),
+    ];
+    for (sql, expected) in &cases {
+        check(&env, sql, expected).await;
+    }
+}
+
+/// Each table × INSERT / UPDATE / DELETE removes exactly the expected entries (notify mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_table_and_operation_notify() {
+    table_matrix(Delivery::Notify).await;
+}
+
+/// The same matrix through the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_table_and_operation_outbox() {
+    table_matrix(Delivery::Outbox).await;
+}
+
+/// An UPDATE that moves a product to another client invalidates both clients' tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_moving_product_invalidates_both_clients() {
+    let env = Env::new(Delivery::Notify).await;
+    env.sql(&seed_sql()).await;
+    let _daemon = env.start_daemon().await;
+    check(
+        &env,
+        &format!("UPDATE products SET client_id = '{C2}' WHERE id = '{P1}'"),
+        &tags(&[
+            "products:all",
+            &format!("products:client:{C1}"),
+            &format!("products:client:{C2}"),
+            &format!("products:id:{P1}"),
+        ]),
+    )
+    .await;
+}
+
+/// TRUNCATE invalidates everything the table's rule can produce, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_is_table_wide() {
+    for delivery in [Delivery::Notify, Delivery::Outbox] {
+        let env = Env::new(delivery).await;
+        env.sql(&seed_sql()).await;
+        let _daemon = env.start_daemon().await;
+        let expected: Vec<String> = all_tags()
+            .into_iter()
+            .filter(|t| t.starts_with("expert_sessions:"))
+            .collect();
+        check(&env, "TRUNCATE job_readiness_expert_sessions", &expected).await;
+        let marker: Option<String> = env
+            .redis
+            .clone()
+            .get(format!(
+                "{}tagts-table:public.job_readiness_expert_sessions",
+                env.prefix
+            ))
+            .await
+            .unwrap();
+        assert!(marker.is_some(), "table-wide marker missing ({delivery:?})");
+    }
+}
+
+/// In notify mode a 100,000-row UPDATE cannot list its rows in 8000 bytes: it sends one
+/// table-wide event, not 100,000, and every products tag goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_update_sends_one_table_wide_event_in_notify_mode() {
+    let env = Env::new(Delivery::Notify).await;
+    env.sql(&seed_sql()).await;
+    env.sql(&format!(
+        "INSERT INTO products (client_id, name) SELECT '{C1}', 'bulk ' || i FROM generate_series(1, 100000) i"
+    ))
+    .await;
+    let _daemon = env.start_daemon().await;
+
+    // Our own listener counts what goes over the channel.
+    let (listener, mut connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN cache_invalidation").await.unwrap();
+
+    let entries = cache_everything(&env).await;
+    env.sql("UPDATE products SET price_cents = price_cents + 1").await;
+    env.barrier().await;
+
+    let mut payloads = Vec::new();
+    while let Some(payload) = tokio::time::timeout(support::DEADLINE, rx.recv()).await.unwrap() {
+        let is_barrier = payload.contains("\"TAGS\"");
+        payloads.push(payload);
+        if is_barrier {
+            break;
+        }
+    }
+    assert_eq!(payloads.len(), 2, "expected the UPDATE's one event and the barrier: {payloads:?}");
+    assert!(payloads[0].contains("\"wide\":true"), "{}", payloads[0]);
+    for (tag, key) in &entries {
+        let gone = !env.exists(key).await;
+        assert_eq!(gone, tag.starts_with("products:"), "{tag}");
+    }
+}
+
+/// A rolled-back transaction invalidates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_invalidates_nothing() {
+    for delivery in [Delivery::Notify, Delivery::Outbox] {
+        let env = Env::new(delivery).await;
+        env.sql(&seed_sql()).await;
+        let _daemon = env.start_daemon().await;
+        check(
+            &env,
+            &format!(
+                "BEGIN; UPDATE products SET name = 'x' WHERE id = '{P1}'; \
+                 SELECT evictd.invalidate_tags('client_configs:all'); ROLLBACK;"
+            ),
+            &[],
+        )
+        .await;
+    }
+}
+
+/// `evictd.invalidate_tags` inside a transaction takes effect after COMMIT, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_tags_fires_after_commit() {
+    for delivery in [Delivery::Notify, Delivery::Outbox] {
+        let env = Env::new(delivery).await;
+        let _daemon = env.start_daemon().await;
+        let a = env.cache("explicit:a", &["custom:a"]).await;
+        let b = env.cache("explicit:b", &["custom:b"]).await;
+        let other = env.cache("explicit:c", &["custom:c"]).await;
+
+        let (writer, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        writer
+            .batch_execute("BEGIN; SELECT evictd.invalidate_tags('custom:a', 'custom:b', NULL, '')")
+            .await
+            .unwrap();
+        // Everything committed so far is processed, and the open transaction's tags are not.
+        env.barrier().await;
+        env.assert_present(&[a.clone(), b.clone()]).await;
+        writer.batch_execute("COMMIT").await.unwrap();
+        env.wait_gone(&[a, b]).await;
+        env.barrier().await;
+        env.assert_present(&[other]).await;
+    }
+}
+
+/// COPY, and a multi-statement migration script run through `psql -f`, both invalidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_and_psql_scripts_invalidate() {
+    let env = Env::new(Delivery::Outbox).await;
+    env.sql(&seed_sql()).await;
+    let _daemon = env.start_daemon().await;
+
+    let entries = cache_everything(&env).await;
+    let key = |tag: &str| entries.iter().find(|(t, _)| t == tag).unwrap().1.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.sql");
+    std::fs::write(
+        &copy,
+        format!("COPY products (id, client_id, name) FROM stdin;\n{P3}\t{C2}\tcopied\n\\.\n"),
+    )
+    .unwrap();
+    env.psql(&["-f", copy.to_str().unwrap()]);
+    env.wait_gone(&[key(&format!("products:client:{C2}")), key(&format!("products:id:{P3}"))])
+        .await;
+    env.barrier().await;
+    env.assert_present(&[key(&format!("products:client:{C1}"))]).await;
+
+    let entries = cache_everything(&env).await;
+    let key = |tag: &str| entries.iter().find(|(t, _)| t == tag).unwrap().1.clone();
+    let migration = dir.path().join("migration.sql");
+    std::fs::write(
+        &migration,
+        format!(
+            "BEGIN;\n\
+             UPDATE clients SET name = 'renamed' WHERE id = '{C1}';\n\
+             UPDATE modules SET content = 'v2' WHERE product_id = '{P2}';\n\
+             DELETE FROM job_readiness_expert_sessions WHERE id = '{S2}';\n\
+             COMMIT;\n"
+        ),
+    )
+    .unwrap();
+    env.psql(&["-f", migration.to_str().unwrap()]);
+    env.wait_gone(&[
+        key(&format!("client_configs:id:{C1}")),
+        key(&format!("module_content:id:{M2}")),
+        key(&format!("expert_sessions:id:{S2}")),
+    ])
+    .await;
+    env.barrier().await;
+    env.assert_present(&[
+        key(&format!("client_configs:id:{C2}")),
+        key(&format!("module_content:id:{M1}")),
+        key(&format!("expert_sessions:id:{S1}")),
+    ])
+    .await;
+}
+
+/// IDs containing glob metacharacters or colons remove no other key, through tags or key
+/// patterns; a NULL value drops only the tag that needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_ids_remove_no_other_key() {
+    let config = r#"
+[[tables]]
+table = "hostile"
+tags = ["h:{id}", "hg:{grp}"]
+keys = ["{prefix}hk:{id}:*"]
+"#;
+    let env = Env::bare(Delivery::Notify, config).await;
+    env.sql("CREATE TABLE hostile (id text PRIMARY KEY, grp text)").await;
+    env.migrate().await;
+    let hostile = ["a*", "a?", "[ab]", "a\\", "x:y", "a]"];
+    // (A pattern's trailing `*` matches any suffix, so `hk:x:y:*` also covers a key
+    // `hk:x:y:z:1`; that is the operator's pattern, not a value widening it.)
+    let bystanders = ["a", "ab", "aX", "b", "x", "y", "a\\\\"];
+    for id in hostile.iter().chain(&bystanders) {
+        env.sql(&format!(
+            "INSERT INTO hostile (id, grp) VALUES ('{}', 'g')",
+            id.replace('\'', "''")
+        ))
+        .await;
+    }
+    let _daemon = env.start_daemon().await;
+    for id in hostile {
+        let mut doomed = Vec::new();
+        let mut kept = Vec::new();
+        for other in hostile.iter().chain(&bystanders) {
+            let tag_entry = env.cache(&format!("by-tag:{other}"), &[&format!("h:{other}")]).await;
+            let pattern_entry = env.cache(&format!("hk:{other}:1"), &[]).await;
+            if *other == id {
+                doomed.extend([tag_entry, pattern_entry]);
+            } else {
+                kept.extend([tag_entry, pattern_entry]);
+            }
+        }
+        let null_group = env.cache("group-null", &["hg:"]).await;
+        kept.push(null_group);
+        env.sql(&format!(
+            "UPDATE hostile SET grp = NULL WHERE id = '{}'",
+            id.replace('\'', "''")
+        ))
+        .await;
+        env.barrier().await;
+        for key in &doomed {
+            assert!(!env.exists(key).await, "{id}: {key} should be gone");
+        }
+        env.assert_present(&kept).await;
+        env.sql(&format!(
+            "UPDATE hostile SET grp = 'g' WHERE id = '{}'",
+            id.replace('\'', "''")
+        ))
+        .await;
+        env.barrier().await;
+    }
+}
+
+/// Malformed or foreign NOTIFYs on the channel are logged and skipped; the next valid event works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_notifications_are_skipped() {
+    for delivery in [Delivery::Notify, Delivery::Outbox] {
+        let env = Env::new(delivery).await;
+        env.sql(&seed_sql()).await;
+        let daemon = env.start_daemon().await;
+        let bad = [
+            "not json at all",
+            r#"{"v":1,"op":"INSERT","table":"public.nope","cols":["id"],"rows":[["x"]]}"#,
+            r#"{"v":9,"op":"TAGS","tags":["products:all"]}"#,
+            r#"{"v":1,"op":"UPDATE","table":"public.products","cols":["id"],"rows":[["a","b"]]}"#,
+        ];
+        for payload in bad {
+            env.sql(&format!("SELECT pg_notify('cache_invalidation', '{payload}')")).await;
+        }
+        check(
+            &env,
+            &format!("UPDATE products SET name = 'after' WHERE id = '{P2}'"),
+            &tags(&["products:all", &format!("products:client:{C2}"), &format!("products:id:{P2}")]),
+        )
+        .await;
+        daemon.wait_log_count("event skipped", bad.len()).await;
+        let log = daemon.log();
+        assert!(log.contains("not evictd JSON"), "{log}");
+        assert!(log.contains("public.nope"), "{log}");
+        assert!(log.contains("version 9"), "{log}");
+    }
+}
+
+/// A tag with 200,000 members is invalidated completely, in bounded chunks, and an entry tagged
+/// while that runs survives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_tag_is_drained_and_late_entries_survive() {
+    let env = Env::with_config(Delivery::Outbox, "drain_chunk = 100\n").await;
+    env.sql(&seed_sql()).await;
+    let _daemon = env.start_daemon().await;
+    let tag_key = format!("{}tag:products:id:{P1}", env.prefix);
+    let mut conn = env.redis.clone();
+    let members: Vec<String> = (0..200_000).map(|i| format!("{}big:{i}", env.prefix)).collect();
+    for chunk in members.chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("SET").arg(key).arg("v").ignore();
+        }
+        pipe.cmd("SADD").arg(&tag_key).arg(chunk).ignore();
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let before_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+
+    env.sql(&format!("UPDATE products SET name = 'big' WHERE id = '{P1}'")).await;
+    // The tag set is detached (renamed away) first; tag a new entry as soon as that happened.
+    let start = std::time::Instant::now();
+    loop {
+        let exists: bool = conn.exists(&tag_key).await.unwrap();
+        if !exists {
+            break;
+        }
+        assert!(start.elapsed() < support::DEADLINE, "tag set never detached");
+        tokio::task::yield_now().await;
+    }
+    let late = env.cache("late-entry", &[&format!("products:id:{P1}")]).await;
+    let still_cached: u64 = conn.exists(&members).await.unwrap();
+    assert!(still_cached > 0, "the drain finished before the late entry was written");
+
+    env.barrier().await;
+    let start = std::time::Instant::now();
+    loop {
+        let left: Vec<String> = env
+            .keys()
+            .await
+            .into_iter()
+            .filter(|k| k.starts_with(&format!("{}big:", env.prefix)) || k.contains(":drain:"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < support::DEADLINE, "{} keys left", left.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.assert_present(&[late.clone()]).await;
+    let members: Vec<String> = conn.smembers(&tag_key).await.unwrap();
+    assert_eq!(members, vec![late]);
+
+    let stamp: String = conn
+        .get(format!("{}tagts:products:id:{P1}", env.prefix))
+        .await
+        .unwrap();
+    let stamp: i64 = stamp.parse().unwrap();
+    let after_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert!(
+        (before_ms - 1000..=after_ms + 1000).contains(&stamp),
+        "tagts {stamp} not within [{before_ms}, {after_ms}]"
+    );
+    let ttl: i64 = conn
+        .pttl(format!("{}tagts:products:id:{P1}", env.prefix))
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 86_400_000, "tagts ttl {ttl}");
+}
+
+/// In notify mode the daemon cannot know what changed while nobody listened: at start it
+/// invalidates every configured table table-wide, and leaves other keys alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_mode_resyncs_at_start() {
+    let env = Env::new(Delivery::Notify).await;
+    let stale = env.cache("stale", &[&format!("products:client:{C1}")]).await;
+    let all = env.cache("all-clients", &["client_configs:all"]).await;
+    let pattern_free = env.cache("unrelated", &["unrelated:thing"]).await;
+    let untagged = env.cache("untagged", &[]).await;
+    let _daemon = env.start_daemon().await;
+    // Readiness comes after the start-up work.
+    assert!(!env.exists(&stale).await);
+    assert!(!env.exists(&all).await);
+    env.assert_present(&[pattern_free, untagged]).await;
+}
+
+/// The repository's `sql/evictd.sql` is exactly what `evictd sql` prints for the defaults.
+#[test]
+fn sql_file_matches_generated_ddl() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .arg("sql")
+        .env_remove("EVICTD_CONFIG")
+        .env_remove("EVICTD_DELIVERY")
+        .env_remove("EVICTD_CHANNEL")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let generated = String::from_utf8(output.stdout).unwrap();
+    let committed = std::fs::read_to_string(repo_file("sql/evictd.sql")).unwrap_or_default();
+    assert!(
+        generated == committed,
+        "sql/evictd.sql is out of date: run `cargo run -- sql > sql/evictd.sql`"
+    );
+}

@@ -1,0 +1,367 @@
+//! Test support: real PostgreSQL and Redis servers shared by the tests of one binary, a fresh
+//! database and key prefix per test, the daemon as a real child process, and waits on events
+//! (a key disappearing, a log line) with deadlines instead of sleeps.
+//!
+//! Missing server binaries fail the test with a message saying what to install.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use evictd::config::{Delivery, Overrides, Settings};
+use evictd::throwaway::{Postgres, Redis};
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+
+pub const EXAMPLE_SCHEMA: &str = include_str!("../../sql/example-schema.sql");
+
+/// How long any wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Servers {
+    pub pg: Postgres,
+    pub redis: Redis,
+}
+
+/// The servers shared by every test of this binary, started on first use.
+pub fn servers() -> &'static Servers {
+    static SERVERS: OnceLock<Servers> = OnceLock::new();
+    SERVERS.get_or_init(|| {
+        let pg = Postgres::start().unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e:#}"));
+        let redis = Redis::start().unwrap_or_else(|e| panic!("cannot start Redis: {e:#}"));
+        pg.psql("postgres", &["-c", "CREATE DATABASE evictd_template"])
+            .expect("create template database");
+        pg.psql("evictd_template", &["-c", EXAMPLE_SCHEMA])
+            .expect("load example schema");
+        Servers { pg, redis }
+    })
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(1);
+
+/// One test's world: its own database (a copy of the example schema), its own key prefix.
+pub struct Env {
+    pub name: String,
+    pub db_url: String,
+    pub redis_url: String,
+    pub prefix: String,
+    pub delivery: Delivery,
+    pub pg: tokio_postgres::Client,
+    pub redis: MultiplexedConnection,
+    /// Extra TOML for the configuration file (tables, tuning).
+    pub config_toml: String,
+    pub config_path: PathBuf,
+    pg_port: u16,
+}
+
+impl Env {
+    /// A fresh database with the example schema and evictd installed with `delivery`.
+    pub async fn new(delivery: Delivery) -> Env {
+        Self::with_config(delivery, "").await
+    }
+
+    /// Like [`Env::new`], with `toml` as the configuration file (its `[[tables]]`, if any,
+    /// replace the defaults). `{prefix}` in it is replaced by the test's key prefix.
+    pub async fn with_config(delivery: Delivery, toml: &str) -> Env {
+        let env = Self::bare(delivery, toml).await;
+        env.migrate().await;
+        env
+    }
+
+    /// A fresh database with the example schema, without evictd installed.
+    pub async fn bare(delivery: Delivery, toml: &str) -> Env {
+        let servers = servers();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("t{}_{n}", std::process::id());
+        {
+            static CREATE: Mutex<()> = Mutex::new(());
+            let _serial = CREATE.lock().unwrap_or_else(|e| e.into_inner());
+            servers
+                .pg
+                .psql(
+                    "postgres",
+                    &["-c", &format!("CREATE DATABASE {name} TEMPLATE evictd_template")],
+                )
+                .expect("create test database");
+        }
+        let db_url = servers.pg.url(&name);
+        let prefix = format!("{name}:");
+        let (pg, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to test database");
+        tokio::spawn(conn);
+        let redis = redis::Client::open(servers.redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        let config_toml = toml.replace("{prefix}", &prefix);
+        let config_path = std::env::temp_dir().join(format!("evictd-test-{name}.toml"));
+        std::fs::write(&config_path, &config_toml).expect("write config");
+        Env {
+            name,
+            db_url,
+            redis_url: servers.redis.url(),
+            prefix,
+            delivery,
+            pg,
+            redis,
+            config_toml,
+            config_path,
+            pg_port: servers.pg.port,
+        }
+    }
+
+    /// The settings the daemon of this test runs with.
+    pub fn settings(&self) -> Settings {
+        Settings::load(&Overrides {
+            config: Some(self.config_path.clone()),
+            database_url: Some(self.db_url.clone()),
+            redis_url: Some(self.redis_url.clone()),
+            key_prefix: Some(self.prefix.clone()),
+            delivery: Some(self.delivery),
+            ..Overrides::default()
+        })
+        .expect("test settings")
+    }
+
+    pub async fn migrate(&self) {
+        let mut conn = evictd::db::connect(&self.db_url, None).await.expect("connect");
+        evictd::schema::migrate(&mut conn.client, &self.settings())
+            .await
+            .expect("migrate");
+    }
+
+    /// The `evictd` binary with this test's URLs, prefix and config.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_evictd"));
+        command
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("REDIS_URL")
+            .env("EVICTD_CONFIG", &self.config_path)
+            .arg("--database-url")
+            .arg(&self.db_url)
+            .arg("--redis-url")
+            .arg(&self.redis_url)
+            .arg("--key-prefix")
+            .arg(&self.prefix)
+            .arg("--delivery")
+            .arg(self.delivery.as_str());
+        command
+    }
+
+    /// Starts the daemon and waits until it reports ready.
+    pub async fn start_daemon(&self) -> Daemon {
+        let daemon = self.spawn_daemon(&[]);
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    /// Starts the daemon without waiting.
+    pub fn spawn_daemon(&self, extra: &[&str]) -> Daemon {
+        let mut command = self.command(&["run", "--http-addr", "127.0.0.1:0"]);
+        command
+            .args(extra)
+            .env("EVICTD_LOG", "evictd=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        Daemon::spawn(command)
+    }
+
+    /// Writes a cache entry `{prefix}{key}` tagged with `tags`, as the application does.
+    pub async fn cache(&self, key: &str, tags: &[&str]) -> String {
+        let full = format!("{}{key}", self.prefix);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(&full)
+            .arg("cached")
+            .arg("EX")
+            .arg(600)
+            .ignore();
+        for tag in tags {
+            pipe.cmd("SADD")
+                .arg(format!("{}tag:{tag}", self.prefix))
+                .arg(&full)
+                .ignore();
+        }
+        let () = pipe
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("write cache entry");
+        full
+    }
+
+    pub async fn exists(&self, full_key: &str) -> bool {
+        let n: u64 = self.redis.clone().exists(full_key).await.expect("EXISTS");
+        n == 1
+    }
+
+    /// Waits until every key in `keys` is gone; fails naming those still there.
+    pub async fn wait_gone(&self, keys: &[String]) {
+        let start = Instant::now();
+        loop {
+            let mut left = Vec::new();
+            for key in keys {
+                if self.exists(key).await {
+                    left.push(key.clone());
+                }
+            }
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "still cached after {DEADLINE:?}: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub async fn assert_present(&self, keys: &[String]) {
+        for key in keys {
+            assert!(self.exists(key).await, "{key} was removed but should have stayed");
+        }
+    }
+
+    /// Returns once the daemon has processed everything committed before this call: commits an
+    /// explicit invalidation of a marker tag and waits for its entry to go (events are handled in
+    /// commit order).
+    pub async fn barrier(&self) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("barrier:{n}");
+        let key = self.cache(&format!("barrier-entry:{n}"), &[&tag]).await;
+        self.sql(&format!("SELECT evictd.invalidate_tags('{tag}')")).await;
+        self.wait_gone(&[key]).await;
+    }
+
+    pub async fn sql(&self, sql: &str) {
+        self.pg
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Runs psql against this test's database (a file or commands), as an operator would.
+    pub fn psql(&self, args: &[&str]) -> String {
+        servers().pg.psql(&self.name, args).expect("psql")
+    }
+
+    /// All keys under this test's prefix.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut conn = self.redis.clone();
+        let mut keys: Vec<String> = Vec::new();
+        let mut iter: redis::AsyncIter<String> = conn
+            .scan_match(format!("{}*", self.prefix))
+            .await
+            .expect("SCAN");
+        while let Some(k) = iter.next_item().await {
+            keys.push(k.expect("scan item"));
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    pub fn pg_port(&self) -> u16 {
+        self.pg_port
+    }
+}
+
+/// The daemon as a child process. Killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn spawn(mut command: Command) -> Daemon {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: prctl is async-signal-safe. The daemon dies with the test thread that
+        // started it, even if the test process is killed.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("spawn evictd");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let reader = BufReader::new(stderr);
+            for line in reader.lines().map_while(Result::ok) {
+                if std::env::var_os("EVICTD_TEST_ECHO").is_some() {
+                    eprintln!("[evictd] {line}");
+                }
+                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Daemon { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until the log has a line containing `needle` (counting from the start).
+    pub async fn wait_log(&self, needle: &str) {
+        self.wait_log_count(needle, 1).await;
+    }
+
+    /// Waits until `needle` has appeared `count` times in the log.
+    pub async fn wait_log_count(&self, needle: &str, count: usize) {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no `{needle}` (x{count}) in the daemon log after {DEADLINE:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        self.wait_log("evictd is ready").await;
+    }
+
+    /// The HTTP address the daemon bound (from its start-up line).
+    pub fn http_addr(&self) -> String {
+        let log = self.log();
+        log.lines()
+            .find_map(|l| l.split("http=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("http address in log")
+            .to_string()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Path of a file in the repository.
+pub fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}

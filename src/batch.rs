@@ -114,13 +114,18 @@ mod tests {
     fn events_are_deduplicated_and_counted() {
         let mut batch = Batch::default();
         let rules = Rules::defaults();
-        let e = parse(r#"{"v":1,"op":"INSERT","table":"public.clients","ts":10,"cols":["id"],"rows":[["c"]]}"#);
+        let e = parse(
+            r#"{"v":1,"op":"INSERT","table":"public.clients","ts":10,"cols":["id"],"rows":[["c"]]}"#,
+        );
         batch.add(&rules, &e).unwrap();
         batch.add(&rules, &e).unwrap();
         batch
             .add(&rules, &parse(r#"{"v":1,"op":"TAGS","ts":7,"tags":["x"]}"#))
             .unwrap();
-        assert_eq!(tags(&batch), ["client_configs:all", "client_configs:id:c", "x"]);
+        assert_eq!(
+            tags(&batch),
+            ["client_configs:all", "client_configs:id:c", "x"]
+        );
         assert_eq!(batch.event_count(), 3);
         assert_eq!(batch.oldest_ts_ms, Some(7));
     }

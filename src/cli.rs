@@ -27,10 +27,22 @@ pub struct GlobalArgs {
     #[arg(long, env = "EVICTD_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// PostgreSQL URL [default: postgres://localhost/postgres]
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true, value_name = "URL")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub database_url: Option<String>,
     /// Redis URL [default: redis://127.0.0.1:6379]
-    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true, value_name = "URL")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        global = true,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub redis_url: Option<String>,
     /// NOTIFY channel [default: cache_invalidation]
     #[arg(long, env = "EVICTD_CHANNEL", global = true)]

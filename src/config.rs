@@ -41,7 +41,9 @@ impl FromStr for Delivery {
         match s {
             "outbox" => Ok(Delivery::Outbox),
             "notify" => Ok(Delivery::Notify),
-            other => Err(format!("unknown delivery mode `{other}` (use outbox or notify)")),
+            other => Err(format!(
+                "unknown delivery mode `{other}` (use outbox or notify)"
+            )),
         }
     }
 }
@@ -223,23 +225,32 @@ impl Settings {
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
         let path = file.map_or_else(|| "<built-in>".to_string(), |p| p.display().to_string());
-        let invalid = |span: Option<std::ops::Range<usize>>, message: String| ConfigError::Invalid {
-            path: path.clone(),
-            line: span.map_or(1, |s| line_of(text, s.start)),
-            message,
-        };
-        let raw: FileConfig = toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_string()))?;
+        let invalid =
+            |span: Option<std::ops::Range<usize>>, message: String| ConfigError::Invalid {
+                path: path.clone(),
+                line: span.map_or(1, |s| line_of(text, s.start)),
+                message,
+            };
+        let raw: FileConfig =
+            toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_string()))?;
 
         let channel = pick_spanned(overrides.channel.clone(), raw.channel, DEFAULT_CHANNEL);
         if !is_channel_name(&channel.0) {
             return Err(value_error(
                 "channel",
-                format!("`{}` must be a lowercase identifier of at most 63 characters", channel.0),
+                format!(
+                    "`{}` must be a lowercase identifier of at most 63 characters",
+                    channel.0
+                ),
                 channel.1.clone(),
                 &invalid,
             ));
         }
-        let key_prefix = pick_spanned(overrides.key_prefix.clone(), raw.key_prefix, DEFAULT_KEY_PREFIX);
+        let key_prefix = pick_spanned(
+            overrides.key_prefix.clone(),
+            raw.key_prefix,
+            DEFAULT_KEY_PREFIX,
+        );
         if key_prefix.0.contains(['*', '?', '[', ']', '\\']) {
             return Err(value_error(
                 "key_prefix",
@@ -248,29 +259,38 @@ impl Settings {
                 &invalid,
             ));
         }
-        let http_addr_text = pick_spanned(overrides.http_addr.clone(), raw.http_addr, DEFAULT_HTTP_ADDR);
+        let http_addr_text = pick_spanned(
+            overrides.http_addr.clone(),
+            raw.http_addr,
+            DEFAULT_HTTP_ADDR,
+        );
         let http_addr = http_addr_text.0.parse::<SocketAddr>().map_err(|_| {
             value_error(
                 "http_addr",
-                format!("`{}` is not an address like 127.0.0.1:9750", http_addr_text.0),
+                format!(
+                    "`{}` is not an address like 127.0.0.1:9750",
+                    http_addr_text.0
+                ),
                 http_addr_text.1.clone(),
                 &invalid,
             )
         })?;
 
-        let positive = |name: &'static str, v: Option<Spanned<usize>>, default: usize| {
-            match v {
-                None => Ok(default),
-                Some(s) if *s.get_ref() > 0 => Ok(*s.get_ref()),
-                Some(s) => Err(invalid(Some(s.span()), format!("{name} must be at least 1"))),
-            }
+        let positive = |name: &'static str, v: Option<Spanned<usize>>, default: usize| match v {
+            None => Ok(default),
+            Some(s) if *s.get_ref() > 0 => Ok(*s.get_ref()),
+            Some(s) => Err(invalid(
+                Some(s.span()),
+                format!("{name} must be at least 1"),
+            )),
         };
         let batch_max_events = positive("batch_max_events", raw.batch_max_events, 10_000)?;
         let drain_chunk = positive("drain_chunk", raw.drain_chunk, 500)?;
         let notify_buffer = positive("notify_buffer", raw.notify_buffer, 100_000)?;
         let tagts_ttl_secs = positive(
             "tagts_ttl_secs",
-            raw.tagts_ttl_secs.map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
+            raw.tagts_ttl_secs
+                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
             86_400,
         )?;
         let wide_row_threshold = positive(
@@ -340,9 +360,15 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_REDIS_URL.to_string()),
             channel: channel.0,
             key_prefix: key_prefix.0,
-            delivery: overrides.delivery.or(raw.delivery).unwrap_or(Delivery::Outbox),
+            delivery: overrides
+                .delivery
+                .or(raw.delivery)
+                .unwrap_or(Delivery::Outbox),
             http_addr,
-            log_format: overrides.log_format.or(raw.log_format).unwrap_or(LogFormat::Text),
+            log_format: overrides
+                .log_format
+                .or(raw.log_format)
+                .unwrap_or(LogFormat::Text),
             tagts_ttl: Duration::from_secs(tagts_ttl_secs as u64),
             batch_max_events,
             drain_chunk,
@@ -425,7 +451,8 @@ mod tests {
         assert_eq!(s.rules.tables().len(), 1);
         assert_eq!(s.rules.tables()[0].table.to_string(), "shop.orders");
         assert_eq!(
-            s.origin.locate(&TableName::parse("shop.orders").unwrap(), "orders:{id}"),
+            s.origin
+                .locate(&TableName::parse("shop.orders").unwrap(), "orders:{id}"),
             "evictd.toml: line 4"
         );
     }
@@ -437,7 +464,12 @@ mod tests {
             delivery: Some(Delivery::Notify),
             ..Overrides::default()
         };
-        let s = Settings::from_toml(None, "key_prefix = \"file:\"\ndelivery = \"outbox\"\n", &overrides).unwrap();
+        let s = Settings::from_toml(
+            None,
+            "key_prefix = \"file:\"\ndelivery = \"outbox\"\n",
+            &overrides,
+        )
+        .unwrap();
         assert_eq!(s.key_prefix, "flag:");
         assert_eq!(s.delivery, Delivery::Notify);
     }
@@ -445,7 +477,11 @@ mod tests {
     #[test]
     fn errors_name_file_line_and_problem() {
         let cases = [
-            ("channel = \"x\"\nbogus = 1\n", "evictd.toml: line 2:", "unknown field"),
+            (
+                "channel = \"x\"\nbogus = 1\n",
+                "evictd.toml: line 2:",
+                "unknown field",
+            ),
             ("channel = \n", "evictd.toml: line 1:", ""),
             (
                 "[[tables]]\ntable = \"t\"\ntags = [\"a:{}\"]\n",
@@ -457,11 +493,23 @@ mod tests {
                 "evictd.toml: line 5:",
                 "unclosed placeholder",
             ),
-            ("[[tables]]\ntable = \"a.b.c\"\ntags = [\"x\"]\n", "line 2:", "not a table name"),
-            ("channel = \"Bad-Name\"\n", "line 1:", "lowercase identifier"),
+            (
+                "[[tables]]\ntable = \"a.b.c\"\ntags = [\"x\"]\n",
+                "line 2:",
+                "not a table name",
+            ),
+            (
+                "channel = \"Bad-Name\"\n",
+                "line 1:",
+                "lowercase identifier",
+            ),
             ("http_addr = \"nowhere\"\n", "line 1:", "not an address"),
             ("drain_chunk = 0\n", "line 1:", "at least 1"),
-            ("delivery = \"carrier-pigeon\"\n", "line 1:", "unknown variant"),
+            (
+                "delivery = \"carrier-pigeon\"\n",
+                "line 1:",
+                "unknown variant",
+            ),
             (
                 "[[tables]]\ntable = \"t\"\ntags = [\"x\"]\n[[tables]]\ntable = \"t\"\ntags = [\"y\"]\n",
                 "line 5:",

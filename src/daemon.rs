@@ -24,6 +24,7 @@ use crate::batch::Batch;
 use crate::config::{Delivery, Settings};
 use crate::event::{ChangeEvent, truncate};
 use crate::metrics::{EventLabels, Metrics};
+use crate::schema::SchemaError;
 use crate::sink::{RedisSink, Report, SinkError, SinkOptions};
 use crate::source::{Session, SourceError, outbox};
 
@@ -42,6 +43,9 @@ enum SessionError {
     PgTimeout(Duration),
     #[error("shutting down")]
     Shutdown,
+    /// A problem no reconnect can fix: the configuration names what the database lacks.
+    #[error(transparent)]
+    Fatal(SchemaError),
 }
 
 /// Shared state the HTTP endpoints and tests observe.
@@ -51,8 +55,13 @@ pub struct Observed {
     pub metrics: Metrics,
 }
 
-/// Runs until `shutdown` is cancelled. Connection problems are retried forever.
-pub async fn run(settings: Settings, observed: Observed, shutdown: CancellationToken) {
+/// Runs until `shutdown` is cancelled. Connection problems are retried forever; the only error
+/// returned is a configuration that does not fit the database (a missing table or column).
+pub async fn run(
+    settings: Settings,
+    observed: Observed,
+    shutdown: CancellationToken,
+) -> Result<(), SchemaError> {
     let mut daemon = Daemon {
         settings,
         observed,
@@ -65,7 +74,8 @@ pub async fn run(settings: Settings, observed: Observed, shutdown: CancellationT
         let outcome = daemon.session(&mut backoff).await;
         daemon.set_ready(false);
         match outcome {
-            Ok(()) | Err(SessionError::Shutdown) => return,
+            Ok(()) | Err(SessionError::Shutdown) => return Ok(()),
+            Err(SessionError::Fatal(e)) => return Err(e),
             Err(e) => {
                 let server = match &e {
                     SessionError::Sink(_) => "redis",
@@ -74,9 +84,9 @@ pub async fn run(settings: Settings, observed: Observed, shutdown: CancellationT
                 daemon.observed.metrics.error(server);
                 daemon.observed.metrics.reconnect(server);
                 let delay = backoff.next_delay();
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "connection lost; reconnecting");
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "not serving; retrying");
                 tokio::select! {
-                    _ = daemon.shutdown.cancelled() => return,
+                    _ = daemon.shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -115,15 +125,27 @@ impl Daemon {
         )
         .await?;
         sink.ping().await?;
-        let mut source = Session::open(&self.settings.database_url, self.settings.notify_buffer).await?;
+        let mut source = match Session::open(&self.settings).await {
+            Err(SourceError::Schema(e @ SchemaError::Config { .. })) => {
+                return Err(SessionError::Fatal(e));
+            }
+            other => other?,
+        };
         self.check_redis_restart(&sink).await?;
 
         let resumed = sink.resume_drains().await?;
         if resumed.tags > 0 {
-            info!(drains = resumed.tags, keys = resumed.keys, "finished drains a previous run left");
+            info!(
+                drains = resumed.tags,
+                keys = resumed.keys,
+                "finished drains a previous run left"
+            );
         }
         match source.delivery {
-            Delivery::Notify => self.resync(&sink, "start-up: notify mode cannot know what it missed").await?,
+            Delivery::Notify => {
+                self.resync(&sink, "start-up: notify mode cannot know what it missed")
+                    .await?
+            }
             Delivery::Outbox => self.drain_outbox(&mut source, &sink).await?,
         }
         self.set_ready(true);
@@ -275,7 +297,10 @@ impl Daemon {
 
     /// Invalidates every configured table table-wide.
     async fn resync(&mut self, sink: &RedisSink, why: &str) -> Result<(), SessionError> {
-        info!(reason = why, "invalidating every configured table table-wide");
+        info!(
+            reason = why,
+            "invalidating every configured table table-wide"
+        );
         let batch = Batch {
             targets: self.settings.rules.all_table_wide(),
             ..Batch::default()
@@ -284,7 +309,11 @@ impl Daemon {
     }
 
     /// Claims, invalidates and acknowledges outbox rows until none are left.
-    async fn drain_outbox(&mut self, source: &mut Session, sink: &RedisSink) -> Result<(), SessionError> {
+    async fn drain_outbox(
+        &mut self,
+        source: &mut Session,
+        sink: &RedisSink,
+    ) -> Result<(), SessionError> {
         let limit = self.settings.batch_max_events as i64;
         loop {
             // Wake-ups that arrived meanwhile are answered by this very drain.
@@ -295,7 +324,9 @@ impl Daemon {
                     self.flush(sink, batch).await?;
                 }
             }
-            let claim = outbox::claim(&mut source.connection.client, limit).await.map_err(SourceError::from)?;
+            let claim = outbox::claim(&mut source.connection.client, limit)
+                .await
+                .map_err(SourceError::from)?;
             let claimed = claim.rows.len();
             if claimed == 0 {
                 self.observed.metrics.outbox_backlog.set(0);
@@ -325,8 +356,13 @@ impl Daemon {
         }
     }
 
-    async fn health_check(&mut self, source: &Session, sink: &RedisSink) -> Result<(), SessionError> {
-        match tokio::time::timeout(HEALTH_INTERVAL, source.connection.client.simple_query("")).await {
+    async fn health_check(
+        &mut self,
+        source: &Session,
+        sink: &RedisSink,
+    ) -> Result<(), SessionError> {
+        match tokio::time::timeout(HEALTH_INTERVAL, source.connection.client.simple_query("")).await
+        {
             Ok(result) => {
                 result.map_err(SourceError::from)?;
             }
@@ -356,7 +392,11 @@ impl Daemon {
     /// Records Redis' `run_id`; true when it changed since the last look.
     async fn check_redis_restart(&mut self, sink: &RedisSink) -> Result<bool, SessionError> {
         let mut conn = sink.connection();
-        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.map_err(SinkError::from)?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(SinkError::from)?;
         let run_id = info
             .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
@@ -392,7 +432,10 @@ impl Summary {
     }
 
     fn maybe_log(&mut self) {
-        if self.last.is_some_and(|l| l.elapsed() < Duration::from_secs(1)) {
+        if self
+            .last
+            .is_some_and(|l| l.elapsed() < Duration::from_secs(1))
+        {
             return;
         }
         info!(

@@ -122,7 +122,8 @@ struct Wire {
 impl ChangeEvent {
     /// Parses one payload. Never panics, whatever the input.
     pub fn parse(payload: &str) -> Result<Self, EventError> {
-        let wire: Wire = serde_json::from_str(payload).map_err(|e| EventError::Json(e.to_string()))?;
+        let wire: Wire =
+            serde_json::from_str(payload).map_err(|e| EventError::Json(e.to_string()))?;
         if wire.v != 1 {
             return Err(EventError::Version(wire.v));
         }
@@ -211,7 +212,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_payloads_with_reasons() {
-        let cases: &[(&str, fn(&EventError) -> bool)] = &[
+        type Expect = fn(&EventError) -> bool;
+        let cases: &[(&str, Expect)] = &[
             ("hello", |e| matches!(e, EventError::Json(_))),
             ("", |e| matches!(e, EventError::Json(_))),
             (r#"{"v":2,"op":"TAGS","tags":["a"]}"#, |e| {
@@ -223,9 +225,10 @@ mod tests {
             (r#"{"v":1,"op":"INSERT","cols":[],"rows":[]}"#, |e| {
                 matches!(e, EventError::MissingTable(_))
             }),
-            (r#"{"v":1,"op":"INSERT","table":"t","cols":["a"],"rows":[["1","2"]]}"#, |e| {
-                matches!(e, EventError::RowWidth { .. })
-            }),
+            (
+                r#"{"v":1,"op":"INSERT","table":"t","cols":["a"],"rows":[["1","2"]]}"#,
+                |e| matches!(e, EventError::RowWidth { .. }),
+            ),
             (r#"{"v":1,"op":"TAGS","tags":[]}"#, |e| {
                 matches!(e, EventError::NoTags)
             }),
@@ -235,9 +238,10 @@ mod tests {
             (r#"{"v":1,"op":"TAGS","tags":["a"],"extra":1}"#, |e| {
                 matches!(e, EventError::Json(_))
             }),
-            (r#"{"v":1,"op":"INSERT","table":"t","cols":["a"],"rows":[[1]]}"#, |e| {
-                matches!(e, EventError::Json(_))
-            }),
+            (
+                r#"{"v":1,"op":"INSERT","table":"t","cols":["a"],"rows":[[1]]}"#,
+                |e| matches!(e, EventError::Json(_)),
+            ),
         ];
         for (payload, expected) in cases {
             let err = ChangeEvent::parse(payload).unwrap_err();

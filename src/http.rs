@@ -59,7 +59,11 @@ pub async fn serve(
     Ok(bound)
 }
 
-fn respond<B>(request: &Request<B>, ready: &AtomicBool, registry: &Registry) -> Response<Full<Bytes>> {
+fn respond<B>(
+    request: &Request<B>,
+    ready: &AtomicBool,
+    registry: &Registry,
+) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String, content_type: &str| {
         Response::builder()
             .status(status)
@@ -69,8 +73,14 @@ fn respond<B>(request: &Request<B>, ready: &AtomicBool, registry: &Registry) -> 
     };
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/readyz" if ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain"),
+        "/readyz" if ready.load(Ordering::Relaxed) => {
+            text(StatusCode::OK, "ready\n".into(), "text/plain")
+        }
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready\n".into(),
+            "text/plain",
+        ),
         "/metrics" => {
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, registry) {
@@ -79,7 +89,11 @@ fn respond<B>(request: &Request<B>, ready: &AtomicBool, registry: &Registry) -> 
                     body,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "text/plain"),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string(),
+                    "text/plain",
+                ),
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),

@@ -59,14 +59,17 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
 fn exit_code(error: &anyhow::Error) -> u8 {
     let config_problem = error.chain().any(|cause| {
         cause.downcast_ref::<ConfigError>().is_some()
-            || matches!(cause.downcast_ref::<SchemaError>(), Some(SchemaError::Config { .. }))
+            || matches!(
+                cause.downcast_ref::<SchemaError>(),
+                Some(SchemaError::Config { .. })
+            )
     });
     if config_problem { 2 } else { 1 }
 }
 
 fn init_logging(format: LogFormat, filter: Option<&str>) {
-    let filter = EnvFilter::try_new(filter.unwrap_or("info"))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_new(filter.unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

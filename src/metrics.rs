@@ -79,7 +79,11 @@ impl Metrics {
             "Events skipped as malformed or unmappable, by reason",
             metrics.events_rejected.clone(),
         );
-        registry.register("batches", "Batches flushed to Redis", metrics.batches.clone());
+        registry.register(
+            "batches",
+            "Batches flushed to Redis",
+            metrics.batches.clone(),
+        );
         registry.register(
             "tags_invalidated",
             "Tags invalidated",

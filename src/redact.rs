@@ -49,11 +49,20 @@ mod tests {
     #[test]
     fn passwords_are_masked() {
         let cases = [
-            ("postgres://u:s3cret@h:5432/db", "postgres://u:***@h:5432/db"),
+            (
+                "postgres://u:s3cret@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
             ("redis://:s3cret@h:6379", "redis://:***@h:6379"),
             ("redis://u@h", "redis://u@h"),
-            ("postgres://h/db?password=s3cret&x=1", "postgres://h/db?password=***&x=1"),
-            ("host=h password=s3cret user=u", "host=h password=*** user=u"),
+            (
+                "postgres://h/db?password=s3cret&x=1",
+                "postgres://h/db?password=***&x=1",
+            ),
+            (
+                "host=h password=s3cret user=u",
+                "host=h password=*** user=u",
+            ),
             ("postgres://u:p@ss@h/db", "postgres://u:***@h/db"),
         ];
         for (input, expected) in cases {

@@ -57,7 +57,9 @@ pub enum TemplateError {
     Unclosed(String),
     #[error("stray `}}` in `{0}` (a `}}` without its `{{`)")]
     StrayClose(String),
-    #[error("placeholder `{{{column}}}` in `{template}` names no column (use a lowercase column name)")]
+    #[error(
+        "placeholder `{{{column}}}` in `{template}` names no column (use a lowercase column name)"
+    )]
     BadColumn { template: String, column: String },
     #[error("empty template")]
     Empty,
@@ -335,7 +337,11 @@ impl Rules {
         Self::new(vec![
             rule(
                 "products",
-                &["products:all", "products:client:{client_id}", "products:id:{id}"],
+                &[
+                    "products:all",
+                    "products:client:{client_id}",
+                    "products:id:{id}",
+                ],
             ),
             rule(
                 "job_readiness_expert_sessions",
@@ -347,7 +353,10 @@ impl Rules {
             ),
             rule(
                 "modules",
-                &["module_content:id:{id}", "module_content:product:{product_id}"],
+                &[
+                    "module_content:id:{id}",
+                    "module_content:product:{product_id}",
+                ],
             ),
             rule("clients", &["client_configs:all", "client_configs:id:{id}"]),
         ])
@@ -400,7 +409,10 @@ mod tests {
         let mut out = Targets::default();
         products().row_targets(&[Some("c1"), Some("p*1")], &mut out);
         let tags: Vec<_> = out.tags.iter().cloned().collect();
-        assert_eq!(tags, ["products:all", "products:client:c1", "products:id:p*1"]);
+        assert_eq!(
+            tags,
+            ["products:all", "products:client:c1", "products:id:p*1"]
+        );
         let keys: Vec<_> = out.key_globs.iter().cloned().collect();
         assert_eq!(keys, [r"cache:v1:product:p\*1:*"]);
     }

@@ -94,7 +94,9 @@ fn spawn_guarded(mut command: Command) -> Result<Child> {
         .map_err(|_| anyhow!("spawner lock poisoned"))?
         .send((command, reply_tx))
         .map_err(|_| anyhow!("spawner thread is gone"))?;
-    Ok(reply_rx.recv().map_err(|_| anyhow!("spawner thread is gone"))??)
+    Ok(reply_rx
+        .recv()
+        .map_err(|_| anyhow!("spawner thread is gone"))??)
 }
 
 /// Waits until `path` contains `needle`, or fails after `deadline` with the file's tail.
@@ -106,10 +108,16 @@ fn wait_for_text(path: &Path, needle: &str, deadline: Duration, child: &mut Chil
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            bail!("server exited ({status}) before it was ready; its log:\n{}", tail(&text));
+            bail!(
+                "server exited ({status}) before it was ready; its log:\n{}",
+                tail(&text)
+            );
         }
         if start.elapsed() > deadline {
-            bail!("server not ready after {deadline:?}; its log:\n{}", tail(&text));
+            bail!(
+                "server not ready after {deadline:?}; its log:\n{}",
+                tail(&text)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -163,7 +171,9 @@ fn pg_user() -> Result<Option<(u32, u32)>> {
             return Ok(Some((uid, gid)));
         }
     }
-    bail!("running as root, and PostgreSQL refuses root: create a `postgres` system user (apt-get install postgresql does)")
+    bail!(
+        "running as root, and PostgreSQL refuses root: create a `postgres` system user (apt-get install postgresql does)"
+    )
 }
 
 /// A throwaway PostgreSQL cluster. Killed and removed on drop.
@@ -192,7 +202,17 @@ impl Postgres {
         }
         let mut initdb = Command::new(pg_binary("initdb")?);
         initdb
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-D",
+            ])
             .arg(dir.join("data"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -215,7 +235,10 @@ impl Postgres {
     }
 
     fn launch(&mut self) -> Result<()> {
-        let log = self.dir.join(format!("server-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let log = self.dir.join(format!(
+            "server-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let log_file = std::fs::File::create(&log)?;
         if let Some((uid, gid)) = self.user {
             std::os::unix::fs::chown(&log, Some(uid), Some(gid))?;
@@ -228,7 +251,14 @@ impl Postgres {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.display()))
-            .args(["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=300"])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+            ])
             .args(["-c", "shared_buffers=64MB"]);
         for setting in &self.settings {
             command.args(["-c", setting]);
@@ -289,7 +319,9 @@ impl Postgres {
             match self.launch() {
                 Ok(()) => return Ok(()),
                 // After a kill -9 the old backends may still hold the port or shared memory.
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -312,7 +344,11 @@ impl Postgres {
 
 fn which(name: &str) -> Result<PathBuf> {
     std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
         .ok_or_else(|| anyhow!("`{name}` not found in PATH"))
 }
 
@@ -350,7 +386,9 @@ impl Redis {
 
     fn launch(&mut self) -> Result<()> {
         let binary = which("redis-server").map_err(|_| {
-            anyhow!("`redis-server` not found in PATH; install it with `apt-get install redis-server`")
+            anyhow!(
+                "`redis-server` not found in PATH; install it with `apt-get install redis-server`"
+            )
         })?;
         let mut command = Command::new(binary);
         command
@@ -407,7 +445,9 @@ impl Redis {
         loop {
             match self.launch() {
                 Ok(()) => return Ok(()),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -97,28 +97,53 @@ async fn table_matrix(delivery: Delivery) {
     let cases: Vec<(String, Vec<String>)> = vec![
         (
             format!("INSERT INTO products (id, client_id, name) VALUES ('{P3}', '{C1}', 'p3')"),
-            tags(&["products:all", &format!("products:client:{C1}"), &format!("products:id:{P3}")]),
+            tags(&[
+                "products:all",
+                &format!("products:client:{C1}"),
+                &format!("products:id:{P3}"),
+            ]),
         ),
         (
             format!("UPDATE products SET name = 'renamed' WHERE id = '{P1}'"),
-            tags(&["products:all", &format!("products:client:{C1}"), &format!("products:id:{P1}")]),
+            tags(&[
+                "products:all",
+                &format!("products:client:{C1}"),
+                &format!("products:id:{P1}"),
+            ]),
         ),
         (
             format!("DELETE FROM products WHERE id = '{P3}'"),
-            tags(&["products:all", &format!("products:client:{C1}"), &format!("products:id:{P3}")]),
+            tags(&[
+                "products:all",
+                &format!("products:client:{C1}"),
+                &format!("products:id:{P3}"),
+            ]),
         ),
         (
-            format!("INSERT INTO job_readiness_expert_sessions (product_id, title) VALUES ('{P2}', 'new')"),
+            format!(
+                "INSERT INTO job_readiness_expert_sessions (product_id, title) VALUES ('{P2}', 'new')"
+            ),
             // The new row's own id is random: its id tag has no entry here.
-            tags(&["expert_sessions:all", &format!("expert_sessions:product:{P2}")]),
+            tags(&[
+                "expert_sessions:all",
+                &format!("expert_sessions:product:{P2}"),
+            ]),
         ),
         (
             format!("UPDATE job_readiness_expert_sessions SET title = 't' WHERE id = '{S1}'"),
-            tags(&["expert_sessions:all", &format!("expert_sessions:product:{P1}"), &format!("expert_sessions:id:{S1}")]),
+            tags(&[
+                "expert_sessions:all",
+                &format!("expert_sessions:product:{P1}"),
+                &format!("expert_sessions:id:{S1}"),
+            ]),
         ),
         (
             format!("DELETE FROM job_readiness_expert_sessions WHERE id = '{S1}'"),
-            tags(&["expert_sessions:all", &format!("expert_sessions:product:{P1}"), &format!("expert_sessions:id:{S1}")]),
+            tags(&[
+                "expert_sessions:all",
+                &format!("expert_sessions:product:{P1}"),
+                &format!("expert_sessions:id:{S1}"),
+            ]),
         ),
         (
             format!("INSERT INTO modules (product_id, title) VALUES ('{P1}', 'new')"),
@@ -126,11 +151,17 @@ async fn table_matrix(delivery: Delivery) {
         ),
         (
             format!("UPDATE modules SET content = 'c' WHERE id = '{M2}'"),
-            tags(&[&format!("module_content:id:{M2}"), &format!("module_content:product:{P2}")]),
+            tags(&[
+                &format!("module_content:id:{M2}"),
+                &format!("module_content:product:{P2}"),
+            ]),
         ),
         (
             format!("DELETE FROM modules WHERE id = '{M1}'"),
-            tags(&[&format!("module_content:id:{M1}"), &format!("module_content:product:{P1}")]),
+            tags(&[
+                &format!("module_content:id:{M1}"),
+                &format!("module_content:product:{P1}"),
+            ]),
         ),
         (
             "INSERT INTO clients (name) VALUES ('c3')".to_string(),
@@ -254,21 +285,32 @@ async fn huge_update_sends_one_table_wide_event_in_notify_mode() {
             }
         }
     });
-    listener.batch_execute("LISTEN cache_invalidation").await.unwrap();
+    listener
+        .batch_execute("LISTEN cache_invalidation")
+        .await
+        .unwrap();
 
     let entries = cache_everything(&env).await;
-    env.sql("UPDATE products SET price_cents = price_cents + 1").await;
+    env.sql("UPDATE products SET price_cents = price_cents + 1")
+        .await;
     env.barrier().await;
 
     let mut payloads = Vec::new();
-    while let Some(payload) = tokio::time::timeout(support::DEADLINE, rx.recv()).await.unwrap() {
+    while let Some(payload) = tokio::time::timeout(support::DEADLINE, rx.recv())
+        .await
+        .unwrap()
+    {
         let is_barrier = payload.contains("\"TAGS\"");
         payloads.push(payload);
         if is_barrier {
             break;
         }
     }
-    assert_eq!(payloads.len(), 2, "expected the UPDATE's one event and the barrier: {payloads:?}");
+    assert_eq!(
+        payloads.len(),
+        2,
+        "expected the UPDATE's one event and the barrier: {payloads:?}"
+    );
     assert!(payloads[0].contains("\"wide\":true"), "{}", payloads[0]);
     for (tag, key) in &entries {
         let gone = !env.exists(key).await;
@@ -340,10 +382,14 @@ async fn copy_and_psql_scripts_invalidate() {
     )
     .unwrap();
     env.psql(&["-f", copy.to_str().unwrap()]);
-    env.wait_gone(&[key(&format!("products:client:{C2}")), key(&format!("products:id:{P3}"))])
-        .await;
+    env.wait_gone(&[
+        key(&format!("products:client:{C2}")),
+        key(&format!("products:id:{P3}")),
+    ])
+    .await;
     env.barrier().await;
-    env.assert_present(&[key(&format!("products:client:{C1}"))]).await;
+    env.assert_present(&[key(&format!("products:client:{C1}"))])
+        .await;
 
     let entries = cache_everything(&env).await;
     let key = |tag: &str| entries.iter().find(|(t, _)| t == tag).unwrap().1.clone();
@@ -386,7 +432,8 @@ tags = ["h:{id}", "hg:{grp}"]
 keys = ["{prefix}hk:{id}:*"]
 "#;
     let env = Env::bare(Delivery::Notify, config).await;
-    env.sql("CREATE TABLE hostile (id text PRIMARY KEY, grp text)").await;
+    env.sql("CREATE TABLE hostile (id text PRIMARY KEY, grp text)")
+        .await;
     env.migrate().await;
     let hostile = ["a*", "a?", "[ab]", "a\\", "x:y", "a]"];
     // (A pattern's trailing `*` matches any suffix, so `hk:x:y:*` also covers a key
@@ -404,7 +451,9 @@ keys = ["{prefix}hk:{id}:*"]
         let mut doomed = Vec::new();
         let mut kept = Vec::new();
         for other in hostile.iter().chain(&bystanders) {
-            let tag_entry = env.cache(&format!("by-tag:{other}"), &[&format!("h:{other}")]).await;
+            let tag_entry = env
+                .cache(&format!("by-tag:{other}"), &[&format!("h:{other}")])
+                .await;
             let pattern_entry = env.cache(&format!("hk:{other}:1"), &[]).await;
             if *other == id {
                 doomed.extend([tag_entry, pattern_entry]);
@@ -447,12 +496,19 @@ async fn malformed_notifications_are_skipped() {
             r#"{"v":1,"op":"UPDATE","table":"public.products","cols":["id"],"rows":[["a","b"]]}"#,
         ];
         for payload in bad {
-            env.sql(&format!("SELECT pg_notify('cache_invalidation', '{payload}')")).await;
+            env.sql(&format!(
+                "SELECT pg_notify('cache_invalidation', '{payload}')"
+            ))
+            .await;
         }
         check(
             &env,
             &format!("UPDATE products SET name = 'after' WHERE id = '{P2}'"),
-            &tags(&["products:all", &format!("products:client:{C2}"), &format!("products:id:{P2}")]),
+            &tags(&[
+                "products:all",
+                &format!("products:client:{C2}"),
+                &format!("products:id:{P2}"),
+            ]),
         )
         .await;
         daemon.wait_log_count("event skipped", bad.len()).await;
@@ -472,7 +528,9 @@ async fn big_tag_is_drained_and_late_entries_survive() {
     let _daemon = env.start_daemon().await;
     let tag_key = format!("{}tag:products:id:{P1}", env.prefix);
     let mut conn = env.redis.clone();
-    let members: Vec<String> = (0..200_000).map(|i| format!("{}big:{i}", env.prefix)).collect();
+    let members: Vec<String> = (0..200_000)
+        .map(|i| format!("{}big:{i}", env.prefix))
+        .collect();
     for chunk in members.chunks(10_000) {
         let mut pipe = redis::pipe();
         for key in chunk {
@@ -481,9 +539,15 @@ async fn big_tag_is_drained_and_late_entries_survive() {
         pipe.cmd("SADD").arg(&tag_key).arg(chunk).ignore();
         let () = pipe.query_async(&mut conn).await.unwrap();
     }
-    let before_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let before_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
 
-    env.sql(&format!("UPDATE products SET name = 'big' WHERE id = '{P1}'")).await;
+    env.sql(&format!(
+        "UPDATE products SET name = 'big' WHERE id = '{P1}'"
+    ))
+    .await;
     // The tag set is detached (renamed away) first; tag a new entry as soon as that happened.
     let start = std::time::Instant::now();
     loop {
@@ -491,12 +555,20 @@ async fn big_tag_is_drained_and_late_entries_survive() {
         if !exists {
             break;
         }
-        assert!(start.elapsed() < support::DEADLINE, "tag set never detached");
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "tag set never detached"
+        );
         tokio::task::yield_now().await;
     }
-    let late = env.cache("late-entry", &[&format!("products:id:{P1}")]).await;
+    let late = env
+        .cache("late-entry", &[&format!("products:id:{P1}")])
+        .await;
     let still_cached: u64 = conn.exists(&members).await.unwrap();
-    assert!(still_cached > 0, "the drain finished before the late entry was written");
+    assert!(
+        still_cached > 0,
+        "the drain finished before the late entry was written"
+    );
 
     env.barrier().await;
     let start = std::time::Instant::now();
@@ -510,10 +582,14 @@ async fn big_tag_is_drained_and_late_entries_survive() {
         if left.is_empty() {
             break;
         }
-        assert!(start.elapsed() < support::DEADLINE, "{} keys left", left.len());
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "{} keys left",
+            left.len()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    env.assert_present(&[late.clone()]).await;
+    env.assert_present(std::slice::from_ref(&late)).await;
     let members: Vec<String> = conn.smembers(&tag_key).await.unwrap();
     assert_eq!(members, vec![late]);
 
@@ -522,7 +598,10 @@ async fn big_tag_is_drained_and_late_entries_survive() {
         .await
         .unwrap();
     let stamp: i64 = stamp.parse().unwrap();
-    let after_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let after_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     assert!(
         (before_ms - 1000..=after_ms + 1000).contains(&stamp),
         "tagts {stamp} not within [{before_ms}, {after_ms}]"
@@ -539,7 +618,9 @@ async fn big_tag_is_drained_and_late_entries_survive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_mode_resyncs_at_start() {
     let env = Env::new(Delivery::Notify).await;
-    let stale = env.cache("stale", &[&format!("products:client:{C1}")]).await;
+    let stale = env
+        .cache("stale", &[&format!("products:client:{C1}")])
+        .await;
     let all = env.cache("all-clients", &["client_configs:all"]).await;
     let pattern_free = env.cache("unrelated", &["unrelated:thing"]).await;
     let untagged = env.cache("untagged", &[]).await;

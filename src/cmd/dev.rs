@@ -17,11 +17,17 @@ const EXAMPLE_SEED: &str = include_str!("../../sql/example-seed.sql");
 const DEMO_ENTRIES: &[(&str, &[&str])] = &[
     (
         "v1:products:list:00000000-0000-0000-0000-0000000000c1",
-        &["products:all", "products:client:00000000-0000-0000-0000-0000000000c1"],
+        &[
+            "products:all",
+            "products:client:00000000-0000-0000-0000-0000000000c1",
+        ],
     ),
     (
         "v1:products:list:00000000-0000-0000-0000-0000000000c2",
-        &["products:all", "products:client:00000000-0000-0000-0000-0000000000c2"],
+        &[
+            "products:all",
+            "products:client:00000000-0000-0000-0000-0000000000c2",
+        ],
     ),
     (
         "v1:product:00000000-0000-0000-0000-0000000000a1",
@@ -94,9 +100,17 @@ async fn seed_cache(settings: &Settings) -> anyhow::Result<()> {
     let mut pipe = redis::pipe();
     for (key, tags) in DEMO_ENTRIES {
         let key = format!("{prefix}{key}");
-        pipe.cmd("SET").arg(&key).arg("{\"demo\":true}").arg("EX").arg(3600).ignore();
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg("{\"demo\":true}")
+            .arg("EX")
+            .arg(3600)
+            .ignore();
         for tag in *tags {
-            pipe.cmd("SADD").arg(format!("{prefix}tag:{tag}")).arg(&key).ignore();
+            pipe.cmd("SADD")
+                .arg(format!("{prefix}tag:{tag}"))
+                .arg(&key)
+                .ignore();
         }
     }
     let () = pipe.query_async(&mut conn).await?;

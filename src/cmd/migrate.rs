@@ -27,14 +27,12 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 
 pub async fn uninstall(settings: &Settings) -> anyhow::Result<()> {
     let mut conn = db::connect(&settings.database_url, None).await?;
-    if let Some(installed) = schema::installed(&conn.client).await? {
-        if installed.delivery == crate::config::Delivery::Outbox {
-            let waiting = crate::source::outbox::backlog(&conn.client)
-                .await
-                .context("cannot count the outbox")?;
-            if waiting > 0 {
-                eprintln!("warning: dropping {waiting} events still waiting in evictd.outbox");
-            }
+    if schema::installed(&conn.client).await?.is_some() {
+        let waiting = crate::source::outbox::backlog(&conn.client)
+            .await
+            .context("cannot count the outbox")?;
+        if waiting > 0 {
+            eprintln!("warning: dropping {waiting} events still waiting in evictd.outbox");
         }
     }
     if schema::uninstall(&mut conn.client).await? {

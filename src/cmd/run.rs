@@ -49,10 +49,13 @@ pub async fn serve_and_run(
     ));
     tokio::select! {
         _ = token.cancelled() => {}
-        _ = &mut daemon => return Ok(()),
+        finished = &mut daemon => return Ok(finished??),
     }
     match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), daemon).await {
-        Ok(_) => info!("stopped"),
+        Ok(finished) => {
+            finished??;
+            info!("stopped");
+        }
         Err(_) => warn!(
             timeout_s = args.shutdown_timeout,
             "the batch in hand did not finish in time; exiting anyway"

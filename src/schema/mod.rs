@@ -21,7 +21,9 @@ pub enum SchemaError {
     Db(#[from] tokio_postgres::Error),
     #[error("the installed schema records an unknown delivery mode `{0}`")]
     BadDelivery(String),
-    #[error("could not take the locks to migrate within {attempts} attempts (long transactions hold the tables)")]
+    #[error(
+        "could not take the locks to migrate within {attempts} attempts (long transactions hold the tables)"
+    )]
     LockTimeout { attempts: u32 },
 }
 
@@ -154,7 +156,10 @@ pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrate
             }
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 drop(tx);
-                tracing::warn!(attempt, "migrate: a table is locked by another transaction; retrying");
+                tracing::warn!(
+                    attempt,
+                    "migrate: a table is locked by another transaction; retrying"
+                );
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
             }
             Err(e) => return Err(e.into()),

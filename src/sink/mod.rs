@@ -228,7 +228,10 @@ impl RedisSink {
             for tag in run {
                 call.key(self.tag_key(tag))
                     .key(self.tagts_key(tag))
-                    .key(format!("{}drain:{nonce:016x}:{tag}", self.options.key_prefix));
+                    .key(format!(
+                        "{}drain:{nonce:016x}:{tag}",
+                        self.options.key_prefix
+                    ));
             }
             call.arg(self.options.drain_chunk)
                 .arg(self.options.tagts_ttl.as_millis() as u64);

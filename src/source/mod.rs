@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use thiserror::Error;
 use tokio_postgres::Notification;
 
-use crate::config::Delivery;
+use crate::config::{Delivery, Settings};
 use crate::db::{self, Connection, DbError, NotificationFeed};
 use crate::schema::{self, SchemaError};
 
@@ -23,7 +23,9 @@ pub enum SourceError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("schema `evictd` is not installed in this database: run `evictd migrate` first")]
     NotInstalled,
-    #[error("the installed schema is version {installed}, this evictd needs {wanted}: run `evictd migrate`")]
+    #[error(
+        "the installed schema is version {installed}, this evictd needs {wanted}: run `evictd migrate`"
+    )]
     Version { installed: u32, wanted: u32 },
     #[error("the postgresql connection ended")]
     Closed,
@@ -38,10 +40,12 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects, reads the installed delivery mode and channel, and LISTENs on it.
-    pub async fn open(url: &str, buffer: usize) -> Result<Self, SourceError> {
-        let (feed, sender) = db::notification_feed(buffer);
-        let connection = db::connect(url, Some(sender)).await?;
+    /// Connects, checks the configured tables and columns exist, reads the installed delivery
+    /// mode and channel, and LISTENs on it.
+    pub async fn open(settings: &Settings) -> Result<Self, SourceError> {
+        let (feed, sender) = db::notification_feed(settings.notify_buffer);
+        let connection = db::connect(&settings.database_url, Some(sender)).await?;
+        schema::check_columns(&connection.client, settings).await?;
         let installed = schema::installed(&connection.client)
             .await?
             .ok_or(SourceError::NotInstalled)?;

@@ -62,7 +62,9 @@ impl Claim<'_> {
 }
 
 /// Events waiting (an estimate is not good enough for the `stats` and `doctor` output).
-pub async fn backlog(client: &impl tokio_postgres::GenericClient) -> Result<i64, tokio_postgres::Error> {
+pub async fn backlog(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<i64, tokio_postgres::Error> {
     Ok(client
         .query_one("SELECT count(*) FROM evictd.outbox", &[])
         .await?

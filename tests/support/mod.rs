@@ -85,7 +85,10 @@ impl Env {
                 .pg
                 .psql(
                     "postgres",
-                    &["-c", &format!("CREATE DATABASE {name} TEMPLATE evictd_template")],
+                    &[
+                        "-c",
+                        &format!("CREATE DATABASE {name} TEMPLATE evictd_template"),
+                    ],
                 )
                 .expect("create test database");
         }
@@ -131,7 +134,9 @@ impl Env {
     }
 
     pub async fn migrate(&self) {
-        let mut conn = evictd::db::connect(&self.db_url, None).await.expect("connect");
+        let mut conn = evictd::db::connect(&self.db_url, None)
+            .await
+            .expect("connect");
         evictd::schema::migrate(&mut conn.client, &self.settings())
             .await
             .expect("migrate");
@@ -151,8 +156,7 @@ impl Env {
             .arg(&self.redis_url)
             .arg("--key-prefix")
             .arg(&self.prefix)
-            .arg("--delivery")
-            .arg(self.delivery.as_str());
+            .env("EVICTD_DELIVERY", self.delivery.as_str());
         command
     }
 
@@ -227,7 +231,10 @@ impl Env {
 
     pub async fn assert_present(&self, keys: &[String]) {
         for key in keys {
-            assert!(self.exists(key).await, "{key} was removed but should have stayed");
+            assert!(
+                self.exists(key).await,
+                "{key} was removed but should have stayed"
+            );
         }
     }
 
@@ -238,7 +245,8 @@ impl Env {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = format!("barrier:{n}");
         let key = self.cache(&format!("barrier-entry:{n}"), &[&tag]).await;
-        self.sql(&format!("SELECT evictd.invalidate_tags('{tag}')")).await;
+        self.sql(&format!("SELECT evictd.invalidate_tags('{tag}')"))
+            .await;
         self.wait_gone(&[key]).await;
     }
 

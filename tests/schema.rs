@@ -1,0 +1,238 @@
+//! The database side and the command line around it: migrate is idempotent, uninstall removes
+//! everything, and a broken configuration exits 2 naming the file, line and problem.
+
+mod support;
+
+use std::process::Output;
+
+use evictd::config::Delivery;
+use support::Env;
+
+/// Everything evictd owns in the database, as text, to compare before and after.
+async fn catalog_snapshot(env: &Env) -> Vec<String> {
+    let rows = env
+        .pg
+        .query(
+            "SELECT 'trigger ' || tgrelid::regclass || ' ' || tgname || ' ' || tgenabled::text || ' ' || pg_get_triggerdef(t.oid)
+               FROM pg_trigger t WHERE tgname LIKE 'evictd\\_%'
+             UNION ALL
+             SELECT 'function ' || p.oid::regprocedure || ' ' || md5(pg_get_functiondef(p.oid))
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'evictd'
+             UNION ALL
+             SELECT 'relation ' || c.oid::regclass || ' ' || c.relkind::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'evictd'
+             UNION ALL
+             SELECT 'setting ' || key || '=' || value FROM evictd.settings
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+fn run(env: &Env, args: &[&str]) -> Output {
+    finish(env.command(args))
+}
+
+/// Runs `command` to completion, failing the test if it is still running at the deadline.
+fn finish(mut command: std::process::Command) -> Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn evictd");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > support::DEADLINE {
+            child.kill().ok();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "evictd still running after {:?}: {}",
+                support::DEADLINE,
+                text(&output)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `migrate` twice changes nothing the second time; `uninstall` removes every object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_idempotent_and_uninstall_removes_everything() {
+    let env = Env::bare(Delivery::Outbox, "").await;
+    let first = run(&env, &["migrate"]);
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(text(&first).contains("installed"), "{}", text(&first));
+    let before = catalog_snapshot(&env).await;
+    assert_eq!(
+        before.iter().filter(|l| l.starts_with("trigger ")).count(),
+        16,
+        "four triggers on each of four tables: {before:#?}"
+    );
+
+    let second = run(&env, &["migrate"]);
+    assert!(second.status.success(), "{}", text(&second));
+    assert!(text(&second).contains("up to date"), "{}", text(&second));
+    assert_eq!(catalog_snapshot(&env).await, before);
+
+    // Switching the delivery mode re-applies, and back again restores the same objects.
+    let notify = finish(env.command(&["migrate", "--delivery", "notify"]));
+    assert!(notify.status.success(), "{}", text(&notify));
+    assert!(
+        catalog_snapshot(&env)
+            .await
+            .contains(&"setting delivery=notify".to_string())
+    );
+    assert!(run(&env, &["migrate"]).status.success());
+    assert_eq!(catalog_snapshot(&env).await, before);
+
+    let removed = run(&env, &["uninstall"]);
+    assert!(removed.status.success(), "{}", text(&removed));
+    let left: i64 = env
+        .pg
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'evictd\\_%') + \
+                    (SELECT count(*) FROM pg_namespace WHERE nspname = 'evictd')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    // The application's writes still work without evictd.
+    env.sql("INSERT INTO clients (name) VALUES ('after uninstall')")
+        .await;
+}
+
+/// A table dropped from the configuration loses its triggers at the next migrate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_removes_triggers_of_tables_no_longer_configured() {
+    let env = Env::new(Delivery::Outbox).await;
+    std::fs::write(
+        &env.config_path,
+        "[[tables]]\ntable = \"clients\"\ntags = [\"client_configs:id:{id}\"]\n",
+    )
+    .unwrap();
+    let output = run(&env, &["migrate"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let tables: Vec<String> = env
+        .pg
+        .query(
+            "SELECT DISTINCT tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE 'evictd\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tables, vec!["clients".to_string()]);
+}
+
+/// Broken configurations exit 2 with `FILE: line N: PROBLEM`, and touch nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_configuration_exits_2_naming_file_and_line() {
+    let env = Env::bare(Delivery::Outbox, "").await;
+    let path = env.config_path.display().to_string();
+    let cases = [
+        (
+            "channel = \"x\"\nnot_a_setting = true\n",
+            "line 2",
+            "unknown field",
+        ),
+        ("[[tables]\ntable = \"products\"\n", "line 1", ""),
+        (
+            "[[tables]]\ntable = \"products\"\ntags = [\n  \"products:all\",\n  \"products:client:{nope}\",\n]\n",
+            "line 5",
+            "names no column",
+        ),
+        (
+            "[[tables]]\ntable = \"products\"\ntags = [\"p:{id\"]\n",
+            "line 3",
+            "unclosed",
+        ),
+        (
+            "[[tables]]\ntable = \"missing_table\"\ntags = [\"m:{id}\"]\n",
+            "line 3",
+            "does not exist",
+        ),
+    ];
+    for (toml, line, problem) in cases {
+        std::fs::write(&env.config_path, toml).unwrap();
+        for command in ["migrate", "run", "sql"] {
+            if command == "sql" && (problem == "names no column" || problem == "does not exist") {
+                continue; // only the database knows its columns
+            }
+            let output = run(&env, &[command]);
+            let message = text(&output);
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{command} with {toml:?}: {message}"
+            );
+            assert!(
+                message.contains(&format!("{path}: {line}:")),
+                "{command}: {message}"
+            );
+            assert!(message.contains(problem), "{command}: {message}");
+        }
+    }
+    let installed: bool = env
+        .pg
+        .query_one("SELECT to_regnamespace('evictd') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !installed,
+        "a rejected configuration must not install anything"
+    );
+
+    let missing = finish(env.command(&["run", "--config", "/nonexistent/evictd.toml"]));
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing).contains("/nonexistent/evictd.toml"));
+
+    let bad_flag = finish(env.command(&["run", "--delivery", "pigeon"]));
+    assert_eq!(bad_flag.status.code(), Some(2), "{}", text(&bad_flag));
+}
+
+/// Flags work before or after the command, and flags beat the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_before_or_after_the_command() {
+    let env = Env::bare(Delivery::Notify, "").await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .env("EVICTD_CHANNEL", "from_env")
+        .args(["--channel", "from_flag", "sql"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("pg_notify('from_flag'"));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .env("EVICTD_CHANNEL", "from_env")
+        .args(["sql", "--delivery", "notify"])
+        .output()
+        .unwrap();
+    let ddl = String::from_utf8_lossy(&output.stdout);
+    assert!(ddl.contains("pg_notify('from_env', payload)"), "{ddl}");
+    drop(env);
+}
+
+/// `run` before `migrate` says what to do, and becomes ready once migrate ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_before_migrate_waits_and_says_why() {
+    let env = Env::bare(Delivery::Outbox, "").await;
+    let daemon = env.spawn_daemon(&[]);
+    daemon.wait_log("run `evictd migrate` first").await;
+    env.migrate().await;
+    daemon.wait_ready().await;
+}

@@ -2,6 +2,10 @@
 
 /// `url` with any password replaced by `***`; text that is not a URL with credentials is
 /// returned unchanged, except key/value connection strings whose `password=` is masked.
+///
+/// ```
+/// assert_eq!(evictd::redact::redact_url("redis://:hunter2@cache:6379"), "redis://:***@cache:6379");
+/// ```
 pub fn redact_url(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
         let rest = &url[scheme_end + 3..];

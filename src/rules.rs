@@ -215,6 +215,10 @@ pub fn push_glob_escaped(out: &mut String, value: &str) {
 }
 
 /// `value` glob-escaped; see [`push_glob_escaped`].
+///
+/// ```
+/// assert_eq!(evictd::rules::glob_escape("id*[1]"), r"id\*\[1\]");
+/// ```
 pub fn glob_escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 4);
     push_glob_escaped(&mut out, value);

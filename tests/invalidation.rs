@@ -624,7 +624,12 @@ async fn notify_mode_resyncs_at_start() {
     let all = env.cache("all-clients", &["client_configs:all"]).await;
     let pattern_free = env.cache("unrelated", &["unrelated:thing"]).await;
     let untagged = env.cache("untagged", &[]).await;
-    let _daemon = env.start_daemon().await;
+    let daemon = env.start_daemon().await;
+    let (status, _) = support::http_get(&daemon.http_addr(), "/readyz");
+    assert_eq!(status, 200);
+    let (status, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("evictd_ready 1"), "{metrics}");
     // Readiness comes after the start-up work.
     assert!(!env.exists(&stale).await);
     assert!(!env.exists(&all).await);
@@ -648,4 +653,43 @@ fn sql_file_matches_generated_ddl() {
         generated == committed,
         "sql/evictd.sql is out of date: run `cargo run -- sql > sql/evictd.sql`"
     );
+}
+
+/// A sorted-set index (scored by expiry) is accepted like a set, and bigint ids render in
+/// decimal, never through a float (2^53 + 1 would round).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorted_set_index_and_bigint_ids() {
+    let config = "[[tables]]\ntable = \"ledger\"\ntags = [\"ledger:{id}\"]\n";
+    let env = Env::bare(Delivery::Outbox, config).await;
+    env.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, amount bigint)")
+        .await;
+    env.sql("INSERT INTO ledger VALUES (9007199254740993, 1), (9007199254740992, 1)")
+        .await;
+    env.migrate().await;
+    let _daemon = env.start_daemon().await;
+    let mut conn = env.redis.clone();
+    let mut doomed = Vec::new();
+    for i in 0..1_500 {
+        let key = env.cache(&format!("ledger-entry:{i}"), &[]).await;
+        let () = conn
+            .zadd(
+                format!("{}tag:ledger:9007199254740993", env.prefix),
+                &key,
+                1_900_000_000 + i,
+            )
+            .await
+            .unwrap();
+        doomed.push(key);
+    }
+    let neighbour = env.cache("neighbour", &["ledger:9007199254740992"]).await;
+    env.sql("UPDATE ledger SET amount = 2 WHERE id = 9007199254740993")
+        .await;
+    env.wait_gone(&doomed).await;
+    env.barrier().await;
+    env.assert_present(&[neighbour]).await;
+    let left: u64 = conn
+        .exists(format!("{}tag:ledger:9007199254740993", env.prefix))
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the sorted-set index itself is removed");
 }

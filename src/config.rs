@@ -111,6 +111,12 @@ pub struct Settings {
     pub notify_buffer: usize,
     /// Optional Redis channel on which every invalidated tag is published as JSON.
     pub publish_channel: Option<String>,
+    /// How often both servers are pinged; a ping slower than this fails, so a frozen
+    /// (half-open) PostgreSQL connection is noticed within two intervals.
+    pub health_interval: Duration,
+    /// When set, every batch's tags are invalidated a second time after this delay, removing
+    /// entries an application wrote back from a read that raced the first invalidation.
+    pub second_pass: Option<Duration>,
     pub rules: Rules,
     /// Where the rules came from, and the line of each template, for error messages.
     pub origin: RulesOrigin,
@@ -178,6 +184,8 @@ struct FileConfig {
     wide_row_threshold: Option<Spanned<u64>>,
     notify_buffer: Option<Spanned<usize>>,
     publish_channel: Option<String>,
+    health_interval_ms: Option<Spanned<u64>>,
+    second_pass_ms: Option<u64>,
     tables: Option<Vec<FileTable>>,
 }
 
@@ -300,6 +308,13 @@ impl Settings {
             250_000,
         )? as u64;
 
+        let health_interval_ms = positive(
+            "health_interval_ms",
+            raw.health_interval_ms
+                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
+            5_000,
+        )? as u64;
+
         let mut origin = RulesOrigin {
             file: file.map(Path::to_path_buf),
             templates: Vec::new(),
@@ -375,6 +390,11 @@ impl Settings {
             wide_row_threshold,
             notify_buffer,
             publish_channel: raw.publish_channel.filter(|c| !c.is_empty()),
+            health_interval: Duration::from_millis(health_interval_ms),
+            second_pass: raw
+                .second_pass_ms
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
             rules,
             origin,
         })

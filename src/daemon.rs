@@ -10,6 +10,7 @@
 //! it: finish interrupted drains; then in `notify` mode invalidate every table table-wide (what
 //! happened while nobody listened is unknown), in `outbox` mode drain the backlog.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,12 +25,11 @@ use crate::batch::Batch;
 use crate::config::{Delivery, Settings};
 use crate::event::{ChangeEvent, truncate};
 use crate::metrics::{EventLabels, Metrics};
+use crate::rules::Targets;
 use crate::schema::SchemaError;
 use crate::sink::{RedisSink, Report, SinkError, SinkOptions};
 use crate::source::{Session, SourceError, outbox};
 
-/// How often both servers are pinged while idle; a ping that takes longer than this fails.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// Safety poll of the outbox even without a wake-up NOTIFY.
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 
@@ -39,7 +39,7 @@ enum SessionError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("postgresql did not answer a ping within {0:?}")]
+    #[error("postgresql did not answer a ping within {0:?} (half-open connection?)")]
     PgTimeout(Duration),
     #[error("shutting down")]
     Shutdown,
@@ -68,6 +68,7 @@ pub async fn run(
         shutdown,
         summary: Summary::default(),
         redis_run_id: None,
+        second_passes: VecDeque::new(),
     };
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
@@ -102,6 +103,8 @@ struct Daemon {
     /// Redis `run_id` last seen: a change means Redis restarted and may have brought back
     /// entries already invalidated.
     redis_run_id: Option<String>,
+    /// Targets to invalidate once more, when due (the `second_pass` setting), oldest first.
+    second_passes: VecDeque<(Instant, Targets)>,
 }
 
 impl Daemon {
@@ -125,13 +128,14 @@ impl Daemon {
         )
         .await?;
         sink.ping().await?;
+        sink.warn_if_evicting().await;
         let mut source = match Session::open(&self.settings).await {
             Err(SourceError::Schema(e @ SchemaError::Config { .. })) => {
                 return Err(SessionError::Fatal(e));
             }
             other => other?,
         };
-        self.check_redis_restart(&sink).await?;
+        let redis_restarted = self.check_redis_restart(&sink).await?;
 
         let resumed = sink.resume_drains().await?;
         if resumed.tags > 0 {
@@ -146,6 +150,10 @@ impl Daemon {
                 self.resync(&sink, "start-up: notify mode cannot know what it missed")
                     .await?
             }
+            Delivery::Outbox if redis_restarted => {
+                self.resync(&sink, "redis restarted or failed over").await?;
+                self.drain_outbox(&mut source, &sink).await?;
+            }
             Delivery::Outbox => self.drain_outbox(&mut source, &sink).await?,
         }
         self.set_ready(true);
@@ -156,7 +164,10 @@ impl Daemon {
             "evictd is ready"
         );
 
-        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        // Under a systemd watchdog, ping at least twice per watchdog period.
+        let tick = sd_notify::watchdog_enabled()
+            .map_or(self.settings.health_interval, |w| self.settings.health_interval.min(w / 2));
+        let mut health = tokio::time::interval(tick);
         health.reset();
         let mut poll = tokio::time::interval(OUTBOX_POLL);
         poll.reset();
@@ -165,6 +176,13 @@ impl Daemon {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
                 _ = health.tick() => self.health_check(&source, &sink).await?,
+                _ = second_pass_due(&self.second_passes) => {
+                    if let Some((_, targets)) = self.second_passes.pop_front() {
+                        let batch = Batch { targets, ..Batch::default() };
+                        debug!("second pass");
+                        self.flush_once(&sink, batch).await?;
+                    }
+                }
                 _ = poll.tick(), if source.delivery == Delivery::Outbox => {
                     self.drain_outbox(&mut source, &sink).await?;
                 }
@@ -233,8 +251,29 @@ impl Daemon {
     }
 
     /// Invalidates `batch` in Redis, retrying with backoff while Redis is unreachable (not
-    /// ready meanwhile), until it succeeds or the daemon shuts down.
+    /// ready meanwhile), until it succeeds or the daemon shuts down; then schedules its second
+    /// pass, if configured.
     async fn flush(&mut self, sink: &RedisSink, batch: Batch) -> Result<(), SessionError> {
+        if let Some(delay) = self.settings.second_pass
+            && !batch.is_empty()
+        {
+            self.schedule_second_pass(delay, &batch.targets);
+        }
+        self.flush_once(sink, batch).await
+    }
+
+    fn schedule_second_pass(&mut self, delay: Duration, targets: &Targets) {
+        let due = Instant::now() + delay;
+        // Batches a few milliseconds apart share one second pass.
+        match self.second_passes.back_mut() {
+            Some((last_due, last)) if due.duration_since(*last_due) < Duration::from_millis(20) => {
+                last.merge(targets.clone());
+            }
+            _ => self.second_passes.push_back((due, targets.clone())),
+        }
+    }
+
+    async fn flush_once(&mut self, sink: &RedisSink, batch: Batch) -> Result<(), SessionError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -259,6 +298,9 @@ impl Daemon {
         };
         if failed {
             info!("redis answers again");
+            if self.check_redis_restart(sink).await? {
+                self.resync(sink, "redis restarted or failed over").await?;
+            }
             self.set_ready(true);
         }
         self.record(&batch, report, started.elapsed());
@@ -305,7 +347,8 @@ impl Daemon {
             targets: self.settings.rules.all_table_wide(),
             ..Batch::default()
         };
-        self.flush(sink, batch).await
+        // Boxed: a resync can start from inside a flush (Redis came back restarted).
+        Box::pin(self.flush_once(sink, batch)).await
     }
 
     /// Claims, invalidates and acknowledges outbox rows until none are left.
@@ -340,10 +383,14 @@ impl Daemon {
                 }
             }
             // On a Redis error the claim is dropped: the rows go back, untouched, for the retry.
+            let started = Instant::now();
             match sink.invalidate(&batch.targets).await {
                 Ok(report) => {
                     claim.ack(&poison).await.map_err(SourceError::from)?;
-                    self.record(&batch, report, Duration::ZERO);
+                    if let Some(delay) = self.settings.second_pass {
+                        self.schedule_second_pass(delay, &batch.targets);
+                    }
+                    self.record(&batch, report, started.elapsed());
                 }
                 Err(e) => {
                     drop(claim);
@@ -361,14 +408,14 @@ impl Daemon {
         source: &Session,
         sink: &RedisSink,
     ) -> Result<(), SessionError> {
-        match tokio::time::timeout(HEALTH_INTERVAL, source.connection.client.simple_query("")).await
-        {
+        let limit = self.settings.health_interval;
+        match tokio::time::timeout(limit, source.connection.client.simple_query("")).await {
             Ok(result) => {
                 result.map_err(SourceError::from)?;
             }
-            Err(_) => return Err(SessionError::PgTimeout(HEALTH_INTERVAL)),
+            Err(_) => return Err(SessionError::PgTimeout(limit)),
         }
-        match tokio::time::timeout(HEALTH_INTERVAL, sink.ping()).await {
+        match tokio::time::timeout(limit, sink.ping()).await {
             Ok(Ok(())) => {
                 if self.check_redis_restart(sink).await? {
                     self.resync(sink, "redis restarted or failed over").await?;
@@ -404,6 +451,14 @@ impl Daemon {
         let changed = matches!((&self.redis_run_id, &run_id), (Some(old), Some(new)) if old != new);
         self.redis_run_id = run_id;
         Ok(changed)
+    }
+}
+
+/// Resolves when the oldest scheduled second pass is due; never when none is scheduled.
+async fn second_pass_due(queue: &VecDeque<(Instant, Targets)>) {
+    match queue.front() {
+        Some((due, _)) => tokio::time::sleep_until((*due).into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -124,6 +124,30 @@ impl RedisSink {
         Ok(())
     }
 
+    /// Logs a warning when Redis may evict keys that are not volatile: tag sets have no TTL, and
+    /// an evicted index means entries that can no longer be invalidated.
+    pub async fn warn_if_evicting(&self) {
+        if let Ok(Some(policy)) = self.eviction_policy().await
+            && policy.starts_with("allkeys-")
+        {
+            tracing::warn!(
+                policy = %policy,
+                "redis maxmemory-policy may evict tag sets; use a volatile-* policy or noeviction"
+            );
+        }
+    }
+
+    /// Redis' `maxmemory-policy`, when `CONFIG GET` is allowed.
+    pub async fn eviction_policy(&self) -> Result<Option<String>, SinkError> {
+        let mut conn = self.conn.clone();
+        let pair: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut conn)
+            .await?;
+        Ok(pair.into_iter().nth(1))
+    }
+
     /// Invalidates everything in `targets`. Idempotent: safe to retry after an error.
     pub async fn invalidate(&self, targets: &Targets) -> Result<Report, SinkError> {
         let mut tags: BTreeSet<String> = targets.tags.clone();

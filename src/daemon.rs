@@ -165,8 +165,9 @@ impl Daemon {
         );
 
         // Under a systemd watchdog, ping at least twice per watchdog period.
-        let tick = sd_notify::watchdog_enabled()
-            .map_or(self.settings.health_interval, |w| self.settings.health_interval.min(w / 2));
+        let tick = sd_notify::watchdog_enabled().map_or(self.settings.health_interval, |w| {
+            self.settings.health_interval.min(w / 2)
+        });
         let mut health = tokio::time::interval(tick);
         health.reset();
         let mut poll = tokio::time::interval(OUTBOX_POLL);

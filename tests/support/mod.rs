@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use evictd::config::{Delivery, Overrides, Settings};
 use evictd::throwaway::{Postgres, Redis};
 use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 
 pub const EXAMPLE_SCHEMA: &str = include_str!("../../sql/example-schema.sql");
 
@@ -52,11 +52,13 @@ pub struct Env {
     pub prefix: String,
     pub delivery: Delivery,
     pub pg: tokio_postgres::Client,
-    pub redis: MultiplexedConnection,
+    /// Reconnects by itself after a Redis restart.
+    pub redis: ConnectionManager,
     /// Extra TOML for the configuration file (tables, tuning).
     pub config_toml: String,
     pub config_path: PathBuf,
-    pg_port: u16,
+    /// Servers of this test alone (fault tests kill and restart them); `None` for the shared ones.
+    pub own: Option<Servers>,
 }
 
 impl Env {
@@ -75,7 +77,29 @@ impl Env {
 
     /// A fresh database with the example schema, without evictd installed.
     pub async fn bare(delivery: Delivery, toml: &str) -> Env {
-        let servers = servers();
+        Self::build(delivery, toml, None).await
+    }
+
+    /// Like [`Env::with_config`] on servers of its own, which the test may kill and restart.
+    /// `redis_args` go to `redis-server` (e.g. persistence for restart tests).
+    pub async fn isolated(delivery: Delivery, toml: &str, redis_args: &[&str]) -> Env {
+        let pg = Postgres::start().unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e:#}"));
+        let redis =
+            Redis::start_with(redis_args).unwrap_or_else(|e| panic!("cannot start Redis: {e:#}"));
+        pg.psql("postgres", &["-c", "CREATE DATABASE evictd_template"])
+            .expect("create template database");
+        pg.psql("evictd_template", &["-c", EXAMPLE_SCHEMA])
+            .expect("load example schema");
+        let env = Self::build(delivery, toml, Some(Servers { pg, redis })).await;
+        env.migrate().await;
+        env
+    }
+
+    async fn build(delivery: Delivery, toml: &str, own: Option<Servers>) -> Env {
+        let servers: &Servers = match &own {
+            Some(own) => own,
+            None => servers(),
+        };
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("t{}_{n}", std::process::id());
         {
@@ -98,9 +122,8 @@ impl Env {
             .await
             .expect("connect to test database");
         tokio::spawn(conn);
-        let redis = redis::Client::open(servers.redis.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
+        let redis_url = servers.redis.url();
+        let redis = ConnectionManager::new(redis::Client::open(redis_url.clone()).unwrap())
             .await
             .expect("connect to redis");
         let config_toml = toml.replace("{prefix}", &prefix);
@@ -109,14 +132,14 @@ impl Env {
         Env {
             name,
             db_url,
-            redis_url: servers.redis.url(),
+            redis_url,
             prefix,
             delivery,
             pg,
             redis,
             config_toml,
             config_path,
-            pg_port: servers.pg.port,
+            own,
         }
     }
 
@@ -203,9 +226,19 @@ impl Env {
         full
     }
 
+    /// Whether `full_key` exists. Retries while Redis restarts (the first command on a dropped
+    /// connection fails; the connection manager reconnects behind it).
     pub async fn exists(&self, full_key: &str) -> bool {
-        let n: u64 = self.redis.clone().exists(full_key).await.expect("EXISTS");
-        n == 1
+        let start = Instant::now();
+        loop {
+            match self.redis.clone().exists::<_, u64>(full_key).await {
+                Ok(n) => return n == 1,
+                Err(e) => {
+                    assert!(start.elapsed() < DEADLINE, "EXISTS: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
     }
 
     /// Waits until every key in `keys` is gone; fails naming those still there.
@@ -259,7 +292,41 @@ impl Env {
 
     /// Runs psql against this test's database (a file or commands), as an operator would.
     pub fn psql(&self, args: &[&str]) -> String {
-        servers().pg.psql(&self.name, args).expect("psql")
+        self.pg_server().psql(&self.name, args).expect("psql")
+    }
+
+    pub fn pg_server(&self) -> &Postgres {
+        match &self.own {
+            Some(own) => &own.pg,
+            None => &servers().pg,
+        }
+    }
+
+    /// The servers of an isolated test, to kill and restart.
+    pub fn own(&mut self) -> &mut Servers {
+        self.own.as_mut().expect("an Env::isolated test")
+    }
+
+    /// A new client connection (after the server restarted, or for a second session).
+    pub async fn connect_pg(&self) -> tokio_postgres::Client {
+        let start = Instant::now();
+        loop {
+            match tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls).await {
+                Ok((client, conn)) => {
+                    tokio::spawn(conn);
+                    return client;
+                }
+                Err(e) => {
+                    assert!(start.elapsed() < DEADLINE, "cannot reconnect: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Replaces `self.pg` with a fresh connection.
+    pub async fn reconnect_pg(&mut self) {
+        self.pg = self.connect_pg().await;
     }
 
     /// All keys under this test's prefix.
@@ -276,10 +343,6 @@ impl Env {
         keys.sort();
         keys.dedup();
         keys
-    }
-
-    pub fn pg_port(&self) -> u16 {
-        self.pg_port
     }
 }
 

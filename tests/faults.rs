@@ -1,0 +1,437 @@
+//! Real faults: kill -9 the daemon, PostgreSQL or Redis, freeze a backend, terminate the
+//! listening session, poison the outbox. Every test ends by proving that no entry that should
+//! have gone survived and no entry that should have stayed was removed.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use evictd::config::Delivery;
+use redis::AsyncCommands as _;
+use support::{DEADLINE, Env};
+
+/// Products seeded for the burst tests, each with one cache entry tagged `products:id:<id>`.
+const PRODUCTS: usize = 300;
+
+fn product_id(i: usize) -> String {
+    format!("00000000-0000-0000-0000-{i:012}")
+}
+
+async fn seed_products(env: &Env) {
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES ('00000000-0000-0000-0000-0000000000c1', 'c');
+         INSERT INTO products (id, client_id, name)
+         SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid,
+                '00000000-0000-0000-0000-0000000000c1', 'p' || i
+         FROM generate_series(0, {}) i;",
+        PRODUCTS - 1
+    ))
+    .await;
+}
+
+/// One entry per product plus entries no table produces; returns (product entries, unrelated).
+async fn cache_products(env: &Env) -> (Vec<String>, Vec<String>) {
+    let mut entries = Vec::with_capacity(PRODUCTS);
+    for i in 0..PRODUCTS {
+        let tag = format!("products:id:{}", product_id(i));
+        entries.push(env.cache(&format!("product:{i}"), &[&tag]).await);
+    }
+    let mut unrelated = Vec::new();
+    for i in 0..20 {
+        unrelated.push(
+            env.cache(&format!("unrelated:{i}"), &[&format!("unrelated:{i}")])
+                .await,
+        );
+    }
+    unrelated.push(env.cache("untagged", &[]).await);
+    (entries, unrelated)
+}
+
+/// Updates products `range`, one transaction each, from a separate connection.
+async fn edit(env: &Env, range: std::ops::Range<usize>) {
+    let client = env.connect_pg().await;
+    for i in range {
+        client
+            .execute(
+                "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
+                &[&product_id(i)],
+            )
+            .await
+            .expect("edit");
+    }
+}
+
+/// Edited entries are all gone; the others (when `precise`) and the unrelated ones all stayed.
+async fn verify(
+    env: &Env,
+    entries: &[String],
+    edited: &[usize],
+    unrelated: &[String],
+    precise: bool,
+) {
+    let gone: Vec<String> = edited.iter().map(|&i| entries[i].clone()).collect();
+    env.wait_gone(&gone).await;
+    env.barrier().await;
+    if precise {
+        let kept: Vec<String> = (0..entries.len())
+            .filter(|i| !edited.contains(i))
+            .map(|i| entries[i].clone())
+            .collect();
+        env.assert_present(&kept).await;
+    }
+    env.assert_present(unrelated).await;
+}
+
+/// kill -9 the daemon in the middle of a burst, edit more while it is down, start it again:
+/// the outbox delivers every event, exactly the edited entries go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_burst_loses_nothing() {
+    let env = Env::new(Delivery::Outbox).await;
+    seed_products(&env).await;
+    let mut daemon = env.start_daemon().await;
+    let (entries, unrelated) = cache_products(&env).await;
+
+    let burst = {
+        let db_url = env.db_url.clone();
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for i in 0..200 {
+                client
+                    .execute(
+                        "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
+                        &[&product_id(i)],
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    // Kill it once the burst is visibly being processed.
+    env.wait_gone(&entries[..5]).await;
+    daemon.kill9();
+    burst.await.unwrap();
+    edit(&env, 200..250).await;
+
+    let _daemon = env.start_daemon().await;
+    verify(
+        &env,
+        &entries,
+        &(0..250).collect::<Vec<_>>(),
+        &unrelated,
+        true,
+    )
+    .await;
+    let backlog: i64 = env
+        .pg
+        .query_one("SELECT count(*) FROM evictd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(backlog, 0);
+}
+
+/// PostgreSQL stopped (fast shutdown, then kill -9) under a running daemon, restarted, edited
+/// again: the daemon reconnects by itself each time and keeps invalidating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarts_under_the_daemon() {
+    for delivery in [Delivery::Outbox, Delivery::Notify] {
+        let mut env = Env::isolated(delivery, "health_interval_ms = 500\n", &[]).await;
+        seed_products(&env).await;
+        let daemon = env.start_daemon().await;
+        let (entries, unrelated) = cache_products(&env).await;
+        edit(&env, 0..10).await;
+        env.wait_gone(&entries[..10]).await;
+
+        env.own().pg.stop_fast().unwrap();
+        daemon.wait_log("not serving; retrying").await;
+        env.own().pg.restart().unwrap();
+        env.reconnect_pg().await;
+        daemon.wait_log_count("evictd is ready", 2).await;
+        edit(&env, 10..20).await;
+        env.wait_gone(&entries[10..20]).await;
+
+        env.own().pg.kill9().unwrap();
+        env.own().pg.restart().unwrap();
+        env.reconnect_pg().await;
+        daemon.wait_log_count("evictd is ready", 3).await;
+        // Re-cache: in notify mode each reconnect invalidated every products tag.
+        let (entries, unrelated_again) = cache_products(&env).await;
+        edit(&env, 20..30).await;
+        verify(
+            &env,
+            &entries,
+            &(20..30).collect::<Vec<_>>(),
+            &unrelated,
+            delivery == Delivery::Outbox,
+        )
+        .await;
+        env.assert_present(&unrelated_again).await;
+        assert!(daemon.child.id() > 0);
+    }
+}
+
+/// Redis killed (-9) and restarted from its append-only file while edits are being committed:
+/// entries it brings back are invalidated again, and events that arrived meanwhile wait in the
+/// outbox until Redis confirms them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarts_while_edits_are_committed() {
+    let mut env = Env::isolated(
+        Delivery::Outbox,
+        "health_interval_ms = 300\n",
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    )
+    .await;
+    seed_products(&env).await;
+    let daemon = env.start_daemon().await;
+    let (entries, unrelated) = cache_products(&env).await;
+
+    let burst = {
+        let db_url = env.db_url.clone();
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for i in 0..150 {
+                client
+                    .execute(
+                        "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
+                        &[&product_id(i)],
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    env.wait_gone(&entries[..3]).await;
+    env.own().redis.kill9().unwrap();
+    burst.await.unwrap();
+    edit(&env, 150..200).await;
+    env.own().redis.restart().unwrap();
+    daemon.wait_log("redis restarted or failed over").await;
+    verify(
+        &env,
+        &entries,
+        &(0..200).collect::<Vec<_>>(),
+        &unrelated,
+        false,
+    )
+    .await;
+    let backlog: i64 = env
+        .pg
+        .query_one("SELECT count(*) FROM evictd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(backlog, 0);
+}
+
+/// Two daemons share one database's outbox; one is killed mid-burst; together they lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_one_killed_mid_burst() {
+    let env = Env::new(Delivery::Outbox).await;
+    seed_products(&env).await;
+    let mut first = env.start_daemon().await;
+    let _second = env.start_daemon().await;
+    let (entries, unrelated) = cache_products(&env).await;
+    let burst = {
+        let db_url = env.db_url.clone();
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for i in 0..250 {
+                client
+                    .execute(
+                        "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
+                        &[&product_id(i)],
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    env.wait_gone(&entries[..5]).await;
+    first.kill9();
+    burst.await.unwrap();
+    verify(
+        &env,
+        &entries,
+        &(0..250).collect::<Vec<_>>(),
+        &unrelated,
+        true,
+    )
+    .await;
+}
+
+/// `pg_terminate_backend` of the listening session: the daemon reconnects, LISTENs again and
+/// (notify mode) resyncs, so edits during the gap are covered too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_listening_session_reconnects() {
+    for delivery in [Delivery::Notify, Delivery::Outbox] {
+        let env = Env::new(delivery).await;
+        seed_products(&env).await;
+        let daemon = env.start_daemon().await;
+        let (entries, unrelated) = cache_products(&env).await;
+        let killed: i64 = env
+            .pg
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = 'evictd' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(killed, 1);
+        edit(&env, 0..5).await;
+        daemon.wait_log_count("evictd is ready", 2).await;
+        edit(&env, 5..10).await;
+        verify(
+            &env,
+            &entries,
+            &(0..10).collect::<Vec<_>>(),
+            &unrelated,
+            delivery == Delivery::Outbox,
+        )
+        .await;
+    }
+}
+
+/// A frozen PostgreSQL backend (SIGSTOP) keeps the socket open but never answers: the daemon
+/// notices within two health intervals, reconnects, and nothing committed meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connection_is_detected() {
+    let env = Env::with_config(Delivery::Outbox, "health_interval_ms = 400\n").await;
+    seed_products(&env).await;
+    let daemon = env.start_daemon().await;
+    let (entries, unrelated) = cache_products(&env).await;
+    let pid: i32 = env
+        .pg
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'evictd' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // SAFETY: signals to a PostgreSQL backend process we started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen_at = Instant::now();
+    edit(&env, 0..10).await;
+    daemon.wait_log("half-open").await;
+    let detected = frozen_at.elapsed();
+    daemon.wait_log_count("evictd is ready", 2).await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        detected < Duration::from_secs(3),
+        "a frozen backend took {detected:?} to notice (bound: two 400 ms health intervals)"
+    );
+    edit(&env, 10..20).await;
+    verify(
+        &env,
+        &entries,
+        &(0..20).collect::<Vec<_>>(),
+        &unrelated,
+        true,
+    )
+    .await;
+}
+
+/// The daemon killed while draining a 1,000,000-member tag: after a restart the drain completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_of_a_huge_tag_resumes_after_a_crash() {
+    let env = Env::with_config(Delivery::Outbox, "drain_chunk = 200\n").await;
+    seed_products(&env).await;
+    let mut daemon = env.start_daemon().await;
+    let tag_key = format!("{}tag:products:id:{}", env.prefix, product_id(0));
+    let mut conn = env.redis.clone();
+    let members: Vec<String> = (0..1_000_000)
+        .map(|i| format!("{}huge:{i}", env.prefix))
+        .collect();
+    for chunk in members.chunks(20_000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("SET").arg(key).arg("v").ignore();
+        }
+        pipe.cmd("SADD").arg(&tag_key).arg(chunk).ignore();
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let survivor = env.cache("survivor", &["unrelated:survivor"]).await;
+
+    edit(&env, 0..1).await;
+    // Wait until the drain has visibly started, then crash the daemon.
+    let start = Instant::now();
+    loop {
+        let left: u64 = conn.exists(&members[..]).await.unwrap();
+        if left < 990_000 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the drain never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    daemon.kill9();
+    let left: u64 = conn.exists(&members[..]).await.unwrap();
+    assert!(
+        left > 0,
+        "the drain finished before the crash; nothing to resume"
+    );
+
+    let _daemon = env.start_daemon().await;
+    // Readiness comes after resumed drains.
+    let left: u64 = conn.exists(&members[..]).await.unwrap();
+    assert_eq!(left, 0, "members left after the resumed drain");
+    let drains: Vec<String> = env
+        .keys()
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with(&format!("{}drain:", env.prefix)))
+        .collect();
+    assert!(drains.is_empty(), "{drains:?}");
+    env.assert_present(&[survivor]).await;
+}
+
+/// A poison event between two good ones is moved aside with its error and counted; the good
+/// ones on either side are invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_event_is_moved_aside() {
+    let env = Env::new(Delivery::Outbox).await;
+    seed_products(&env).await;
+    let daemon = env.start_daemon().await;
+    let (entries, unrelated) = cache_products(&env).await;
+    env.sql(&format!(
+        "BEGIN;
+         UPDATE products SET name = 'a' WHERE id = '{}';
+         INSERT INTO evictd.outbox (payload) VALUES ('{{\"v\":1,\"op\":\"EXPLODE\"}}');
+         UPDATE products SET name = 'b' WHERE id = '{}';
+         COMMIT;",
+        product_id(1),
+        product_id(2)
+    ))
+    .await;
+    verify(&env, &entries, &[1, 2], &unrelated, true).await;
+    let dead = env
+        .pg
+        .query("SELECT payload, error FROM evictd.dead_letter", &[])
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let error: String = dead[0].get(1);
+    assert!(error.contains("EXPLODE"), "{error}");
+    let backlog: i64 = env
+        .pg
+        .query_one("SELECT count(*) FROM evictd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(backlog, 0);
+    let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+    assert!(
+        metrics.contains("evictd_events_rejected_total{kind=\"malformed\"} 1"),
+        "{metrics}"
+    );
+}

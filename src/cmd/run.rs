@@ -47,13 +47,15 @@ pub async fn serve_and_run(
         Observed { ready, metrics },
         token.clone(),
     ));
-    tokio::select! {
-        _ = token.cancelled() => {}
-        finished = &mut daemon => return Ok(finished??),
-    }
-    match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), daemon).await {
-        Ok(finished) => {
-            finished??;
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    let finished = tokio::select! {
+        biased;
+        _ = token.cancelled() => tokio::time::timeout(grace, &mut daemon).await,
+        finished = &mut daemon => Ok(finished),
+    };
+    match finished {
+        Ok(joined) => {
+            joined??;
             info!("stopped");
         }
         Err(_) => warn!(

@@ -1,0 +1,222 @@
+//! How the daemon starts, stops and talks to its supervisor; the second invalidation pass; the
+//! bounded buffer of notify mode; secrets kept out of logs.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use evictd::config::Delivery;
+use support::{DEADLINE, Env};
+
+const P1: &str = "00000000-0000-0000-0000-0000000000a1";
+
+async fn seed(env: &Env) {
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES ('00000000-0000-0000-0000-0000000000c1', 'c');
+         INSERT INTO products (id, client_id, name) VALUES ('{P1}', '00000000-0000-0000-0000-0000000000c1', 'p');"
+    ))
+    .await;
+}
+
+/// Waits for the child to exit, at most `limit`.
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "still running {limit:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Under systemd (NOTIFY_SOCKET set) the daemon says READY=1 once serving, pings the watchdog,
+/// and on SIGTERM says STOPPING=1 and exits 0 promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notifications_and_sigterm() {
+    let env = Env::new(Delivery::Outbox).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(DEADLINE)).unwrap();
+
+    let mut command = env.command(&["run", "--http-addr", "127.0.0.1:0"]);
+    command
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(std::process::Stdio::piped());
+    let mut daemon = support::Daemon::spawn(command);
+
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        let n = socket
+            .recv(&mut buf)
+            .expect("a notification before the deadline");
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    // READY comes once the daemon serves.
+    let (status, _) = support::http_get(&daemon.http_addr(), "/readyz");
+    assert_eq!(status, 200);
+
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut daemon.child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    loop {
+        let n = socket
+            .recv(&mut buf)
+            .expect("STOPPING=1 before the deadline");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+    daemon.wait_log("stopped").await;
+}
+
+/// SIGINT during a Redis outage: the batch in hand cannot finish, the daemon still exits 0
+/// within its shutdown timeout, and (outbox) the event stays queued for the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_even_when_redis_is_down() {
+    let mut env = Env::isolated(Delivery::Outbox, "", &[]).await;
+    seed(&env).await;
+    let mut daemon = env.spawn_daemon(&["--shutdown-timeout", "2"]);
+    daemon.wait_ready().await;
+    env.own().redis.kill9().unwrap();
+    env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{P1}'"))
+        .await;
+    daemon.wait_log("not serving").await;
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGINT) };
+    let status = wait_exit(&mut daemon.child, Duration::from_secs(8));
+    assert!(status.success(), "exit status {status}");
+    let queued: i64 = env
+        .pg
+        .query_one("SELECT count(*) FROM evictd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(queued >= 1, "the unconfirmed event must stay in the outbox");
+}
+
+/// With `second_pass_ms`, an entry written back from a stale read right after the first
+/// invalidation is removed by the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_pass_removes_a_stale_write_back() {
+    let env = Env::with_config(Delivery::Outbox, "second_pass_ms = 300\n").await;
+    seed(&env).await;
+    let daemon = env.start_daemon().await;
+    let tag = format!("products:id:{P1}");
+    let entry = env.cache("product", &[&tag]).await;
+    env.sql(&format!(
+        "UPDATE products SET name = 'new' WHERE id = '{P1}'"
+    ))
+    .await;
+    env.wait_gone(std::slice::from_ref(&entry)).await;
+    // The application read the old row before the commit and writes it back now.
+    let stale = env.cache("product", &[&tag]).await;
+    env.wait_gone(std::slice::from_ref(&stale)).await;
+    daemon.wait_log("second pass").await;
+}
+
+/// Notify mode while Redis is down: events wait in a bounded buffer; past the bound the daemon
+/// forgets them and invalidates every table once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_buffer_overflow_falls_back_to_table_wide() {
+    let mut env = Env::isolated(
+        Delivery::Notify,
+        "notify_buffer = 5\nhealth_interval_ms = 300\n",
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    )
+    .await;
+    seed(&env).await;
+    env.sql("INSERT INTO modules (title) SELECT 'm' || i FROM generate_series(1, 50) i")
+        .await;
+    let daemon = env.start_daemon().await;
+    let stale = env.cache("modules", &["module_content:product:x"]).await;
+    let unrelated = env.cache("unrelated", &["unrelated:x"]).await;
+    env.own().redis.kill9().unwrap();
+    let client = env.connect_pg().await;
+    let ids: Vec<String> = client
+        .query("SELECT id::text FROM modules", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &ids {
+        client
+            .execute(
+                "UPDATE modules SET content = 'v2' WHERE id = $1::text::uuid",
+                &[id],
+            )
+            .await
+            .unwrap();
+    }
+    env.own().redis.restart().unwrap();
+    env.wait_gone(&[stale]).await;
+    daemon.wait_log("some were dropped").await;
+    env.barrier().await;
+    env.assert_present(&[unrelated]).await;
+}
+
+/// Passwords in connection URLs never reach a log line or an error message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_appear_in_logs_or_errors() {
+    let env = Env::new(Delivery::Outbox).await;
+    let secret = "Sup3rS3cretPw";
+    let pg_port = env
+        .db_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let closed = evictd::throwaway::free_port().unwrap();
+    let db_with_password = format!(
+        "postgres://postgres:{secret}@127.0.0.1:{pg_port}/{}",
+        env.name
+    );
+    let redis_with_password = format!("redis://:{secret}@127.0.0.1:{closed}");
+
+    // The daemon, retrying against an unreachable Redis.
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"));
+    command
+        .args([
+            "run",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--database-url",
+            &db_with_password,
+        ])
+        .args(["--redis-url", &redis_with_password])
+        .env("EVICTD_LOG", "debug")
+        .stderr(std::process::Stdio::piped());
+    let daemon = support::Daemon::spawn(command);
+    daemon.wait_log_count("not serving", 2).await;
+    let log = daemon.log();
+    assert!(!log.contains(secret), "{log}");
+    assert!(log.contains("***"), "{log}");
+
+    // One-shot commands with an unreachable PostgreSQL, and a malformed URL.
+    for url in [
+        format!("postgres://postgres:{secret}@127.0.0.1:{closed}/db"),
+        format!("postgres://postgres:{secret}@127.0.0.1:notaport/db"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+            .args(["migrate", "--database-url", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{text}");
+        assert!(!text.contains(secret), "{text}");
+    }
+}

@@ -1,0 +1,166 @@
+//! Property tests over the hostile-input surface: the event parser never panics, and no pattern
+//! built from row values matches a key outside what its template describes.
+
+use evictd::event::ChangeEvent;
+use evictd::rules::{TableName, TableRule, Targets, glob_escape};
+use proptest::prelude::*;
+
+/// Redis' glob matching (`stringmatchlen`): `*`, `?`, `[...]` with `^` and ranges, `\` escapes.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.first() {
+        None => text.is_empty(),
+        Some(b'*') => (0..=text.len()).any(|skip| glob_match(&pattern[1..], &text[skip..])),
+        Some(b'?') => !text.is_empty() && glob_match(&pattern[1..], &text[1..]),
+        Some(b'[') => {
+            let Some(&c) = text.first() else { return false };
+            let mut i = 1;
+            let negate = pattern.get(i) == Some(&b'^');
+            if negate {
+                i += 1;
+            }
+            let mut matched = false;
+            while i < pattern.len() && pattern[i] != b']' {
+                if pattern[i] == b'\\' && i + 1 < pattern.len() {
+                    i += 1;
+                    matched |= pattern[i] == c;
+                } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']'
+                {
+                    let (lo, hi) = (
+                        pattern[i].min(pattern[i + 2]),
+                        pattern[i].max(pattern[i + 2]),
+                    );
+                    matched |= (lo..=hi).contains(&c);
+                    i += 2;
+                } else {
+                    matched |= pattern[i] == c;
+                }
+                i += 1;
+            }
+            let rest = if i < pattern.len() {
+                &pattern[i + 1..]
+            } else {
+                &pattern[i..]
+            };
+            matched != negate && glob_match(rest, &text[1..])
+        }
+        Some(b'\\') if pattern.len() > 1 => {
+            text.first() == Some(&pattern[1]) && glob_match(&pattern[2..], &text[1..])
+        }
+        Some(&p) => text.first() == Some(&p) && glob_match(&pattern[1..], &text[1..]),
+    }
+}
+
+/// Values rich in glob metacharacters and separators.
+fn hostile_value() -> impl Strategy<Value = String> {
+    proptest::collection::vec(
+        prop_oneof![
+            Just('*'),
+            Just('?'),
+            Just('['),
+            Just(']'),
+            Just('\\'),
+            Just(':'),
+            Just('^'),
+            Just('-'),
+            Just('a'),
+            Just('b'),
+            any::<char>(),
+        ],
+        0..8,
+    )
+    .prop_map(|chars| chars.into_iter().collect())
+}
+
+fn rule() -> TableRule {
+    TableRule::new(
+        TableName::parse("t").unwrap(),
+        &["a*b:{id}".to_string(), "plain".to_string()],
+        &["k:{id}:*".to_string()],
+    )
+    .unwrap()
+}
+
+proptest! {
+    /// The parser is total: any string parses or yields an error, never a panic.
+    #[test]
+    fn parser_never_panics_on_any_string(payload in ".*") {
+        let _ = ChangeEvent::parse(&payload);
+    }
+
+    /// Nor on JSON shaped like an event with wrong types and sizes in every field.
+    #[test]
+    fn parser_never_panics_on_event_shaped_json(
+        v in prop_oneof![Just("1".to_string()), "[0-9]{1,3}", Just("-1".into()), Just("null".into())],
+        op in prop_oneof![Just("\"UPDATE\"".to_string()), Just("\"TAGS\"".into()), Just("\"TRUNCATE\"".into()), Just("7".into()), Just("null".into()), "\"[a-z]{0,8}\""],
+        table in prop_oneof![Just("\"public.products\"".to_string()), Just("\"\"".into()), Just("null".into()), Just("[]".into())],
+        cols in prop_oneof![Just("[\"id\"]".to_string()), Just("[]".into()), Just("[null]".into()), Just("{}".into())],
+        rows in prop_oneof![Just("[[\"x\"]]".to_string()), Just("[[]]".into()), Just("[[null,null]]".into()), Just("[1]".into()), Just("[[\"x\",1]]".into())],
+        tags in prop_oneof![Just("[\"a\"]".to_string()), Just("[]".into()), Just("[\"\"]".into()), Just("[null]".into())],
+    ) {
+        let json = format!(r#"{{"v":{v},"op":{op},"table":{table},"cols":{cols},"rows":{rows},"tags":{tags}}}"#);
+        let _ = ChangeEvent::parse(&json);
+    }
+
+    /// An escaped value matches itself and nothing else.
+    #[test]
+    fn escaped_value_matches_only_itself(value in hostile_value(), other in hostile_value()) {
+        let pattern = glob_escape(&value);
+        prop_assert!(glob_match(pattern.as_bytes(), value.as_bytes()));
+        prop_assert_eq!(glob_match(pattern.as_bytes(), other.as_bytes()), other == value);
+    }
+
+    /// The key pattern a row renders for `k:{id}:*` matches exactly the keys that start with
+    /// `k:<that id>:` — whatever the id contains.
+    #[test]
+    fn row_key_pattern_stays_inside_its_template(
+        id in hostile_value(),
+        other in hostile_value(),
+        suffix in hostile_value(),
+    ) {
+        let mut targets = Targets::default();
+        rule().row_targets(&[Some(&id)], &mut targets);
+        let pattern = targets.key_globs.iter().next().unwrap().clone();
+        for key in [format!("k:{id}:{suffix}"), format!("k:{other}:{suffix}"), format!("k:{other}"), other.clone()] {
+            let expected = key.starts_with(&format!("k:{id}:"));
+            prop_assert_eq!(glob_match(pattern.as_bytes(), key.as_bytes()), expected, "pattern {} key {}", pattern, key);
+        }
+        // Tags are exact names, never patterns.
+        let tag = format!("a*b:{id}");
+        prop_assert!(targets.tags.contains(&tag));
+    }
+
+    /// A table-wide glob over tag names matches exactly the names the template can produce.
+    #[test]
+    fn table_wide_tag_glob_matches_only_its_template(name in hostile_value(), value in hostile_value()) {
+        let mut targets = Targets::default();
+        rule().table_wide_targets(&mut targets);
+        let glob = targets.tag_globs.iter().next().unwrap().clone();
+        let produced = format!("a*b:{value}");
+        prop_assert!(glob_match(glob.as_bytes(), produced.as_bytes()));
+        prop_assert_eq!(
+            glob_match(glob.as_bytes(), name.as_bytes()),
+            name.starts_with("a*b:"),
+            "glob {} name {}", glob, name
+        );
+    }
+}
+
+#[test]
+fn glob_matcher_agrees_with_redis_examples() {
+    let cases = [
+        ("h*llo", "heeello", true),
+        ("h?llo", "hallo", true),
+        ("h[ae]llo", "hillo", false),
+        ("h[^e]llo", "hallo", true),
+        ("h[a-b]llo", "hbllo", true),
+        (r"a\*", "a*", true),
+        (r"a\*", "ab", false),
+    ];
+    for (pattern, text, expected) in cases {
+        assert_eq!(
+            glob_match(pattern.as_bytes(), text.as_bytes()),
+            expected,
+            "{pattern} {text}"
+        );
+    }
+}

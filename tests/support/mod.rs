@@ -123,9 +123,13 @@ impl Env {
             .expect("connect to test database");
         tokio::spawn(conn);
         let redis_url = servers.redis.url();
-        let redis = ConnectionManager::new(redis::Client::open(redis_url.clone()).unwrap())
-            .await
-            .expect("connect to redis");
+        let redis = ConnectionManager::new_with_config(
+            redis::Client::open(redis_url.clone()).unwrap(),
+            redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .expect("connect to redis");
         let config_toml = toml.replace("{prefix}", &prefix);
         let config_path = std::env::temp_dir().join(format!("evictd-test-{name}.toml"));
         std::fs::write(&config_path, &config_toml).expect("write config");
@@ -239,6 +243,16 @@ impl Env {
                 }
             }
         }
+    }
+
+    /// How many of `keys` exist, asked in chunks so Redis is never blocked for long.
+    pub async fn count_existing(&self, keys: &[String]) -> u64 {
+        let mut total = 0;
+        for chunk in keys.chunks(20_000) {
+            let n: u64 = self.redis.clone().exists(chunk).await.expect("EXISTS");
+            total += n;
+        }
+        total
     }
 
     /// Waits until every key in `keys` is gone; fails naming those still there.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Delivery, LogFormat, Overrides};
 
@@ -89,6 +89,14 @@ pub enum Command {
     Uninstall,
     /// Print the DDL `migrate` would apply, for your own migration tool
     Sql,
+    /// Check the setup: servers, schema, triggers, LISTEN, Redis eviction policy, outbox
+    Doctor(DoctorArgs),
+    /// Dry run: the tags and keys a change would invalidate; removes nothing
+    Explain(ExplainArgs),
+    /// Invalidate now: tags, whole tables, everything, or one of the application's cache types
+    Invalidate(InvalidateArgs),
+    /// Cache and invalidation statistics as one JSON object
+    Stats,
     /// Try evictd locally: throwaway PostgreSQL and Redis (unless URLs are given), the example
     /// schema, `migrate`, then `run`
     Dev(RunArgs),
@@ -99,4 +107,70 @@ pub struct RunArgs {
     /// Seconds to finish the batch in hand after SIGTERM/SIGINT before exiting anyway
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub shutdown_timeout: u64,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ExplainArgs {
+    /// Table (`name` or `schema.name`)
+    pub table: String,
+    /// insert, update, delete or truncate
+    pub op: String,
+    /// A value of the old row (update, delete); `\N` is NULL. Repeat for each column.
+    #[arg(long = "old", value_name = "COLUMN=VALUE")]
+    pub old: Vec<String>,
+    /// A value of the new row (insert, update); `\N` is NULL. Repeat for each column.
+    #[arg(long = "new", value_name = "COLUMN=VALUE")]
+    pub new: Vec<String>,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The application's manual cache types (its admin "clear cache" endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheType {
+    /// Job-readiness products, of one client with --client-id
+    #[value(name = "products")]
+    Products,
+    /// Expert sessions, of one product with --product-id
+    #[value(name = "expert_sessions")]
+    ExpertSessions,
+    /// Module content, of one module with --module-id
+    #[value(name = "module_content")]
+    ModuleContent,
+    /// Client configurations, of one client with --client-id
+    #[value(name = "client_configs")]
+    ClientConfigs,
+    /// Everything evictd's rules cover
+    #[value(name = "all_phase2")]
+    AllPhase2,
+}
+
+#[derive(Debug, Args, Clone)]
+#[command(group(ArgGroup::new("what").required(true).multiple(true).args(["tags", "table", "all", "cache_type"])))]
+pub struct InvalidateArgs {
+    /// Tags to invalidate
+    pub tags: Vec<String>,
+    /// Invalidate everything this table's rule can produce (repeatable)
+    #[arg(long, value_name = "TABLE")]
+    pub table: Vec<String>,
+    /// Invalidate every configured table table-wide (other keys stay)
+    #[arg(long)]
+    pub all: bool,
+    /// One of the application's cache types
+    #[arg(long = "type", value_enum, value_name = "TYPE")]
+    pub cache_type: Option<CacheType>,
+    #[arg(long, value_name = "ID")]
+    pub client_id: Option<String>,
+    #[arg(long, value_name = "ID")]
+    pub product_id: Option<String>,
+    #[arg(long, value_name = "ID")]
+    pub module_id: Option<String>,
 }

@@ -117,6 +117,10 @@ pub struct Settings {
     /// When set, every batch's tags are invalidated a second time after this delay, removing
     /// entries an application wrote back from a read that raced the first invalidation.
     pub second_pass: Option<Duration>,
+    /// Pause between two hygiene sweeps of the tag sets; `None` switches the sweep off.
+    pub sweep_interval: Option<Duration>,
+    /// Tag-set members the sweep examines per second at most.
+    pub sweep_rate: u64,
     pub rules: Rules,
     /// Where the rules came from, and the line of each template, for error messages.
     pub origin: RulesOrigin,
@@ -186,6 +190,8 @@ struct FileConfig {
     publish_channel: Option<String>,
     health_interval_ms: Option<Spanned<u64>>,
     second_pass_ms: Option<u64>,
+    sweep_interval_secs: Option<u64>,
+    sweep_rate: Option<Spanned<u64>>,
     tables: Option<Vec<FileTable>>,
 }
 
@@ -315,6 +321,13 @@ impl Settings {
             5_000,
         )? as u64;
 
+        let sweep_rate = positive(
+            "sweep_rate",
+            raw.sweep_rate
+                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
+            5_000,
+        )? as u64;
+
         let mut origin = RulesOrigin {
             file: file.map(Path::to_path_buf),
             templates: Vec::new(),
@@ -395,6 +408,10 @@ impl Settings {
                 .second_pass_ms
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis),
+            sweep_interval: Some(raw.sweep_interval_secs.unwrap_or(300))
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs),
+            sweep_rate,
             rules,
             origin,
         })

@@ -70,6 +70,14 @@ pub async fn run(
         redis_run_id: None,
         second_passes: VecDeque::new(),
     };
+    if let Some(interval) = daemon.settings.sweep_interval {
+        tokio::spawn(sweep_forever(
+            daemon.settings.clone(),
+            interval,
+            daemon.observed.metrics.clone(),
+            daemon.shutdown.clone(),
+        ));
+    }
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         let outcome = daemon.session(&mut backoff).await;
@@ -117,16 +125,8 @@ impl Daemon {
     }
 
     async fn session(&mut self, backoff: &mut Backoff) -> Result<(), SessionError> {
-        let sink = RedisSink::connect(
-            &self.settings.redis_url,
-            SinkOptions {
-                key_prefix: self.settings.key_prefix.clone(),
-                drain_chunk: self.settings.drain_chunk,
-                tagts_ttl: self.settings.tagts_ttl,
-                publish_channel: self.settings.publish_channel.clone(),
-            },
-        )
-        .await?;
+        let sink =
+            RedisSink::connect(&self.settings.redis_url, SinkOptions::from(&self.settings)).await?;
         sink.ping().await?;
         sink.warn_if_evicting().await;
         let mut source = match Session::open(&self.settings).await {
@@ -452,6 +452,42 @@ impl Daemon {
         let changed = matches!((&self.redis_run_id, &run_id), (Some(old), Some(new)) if old != new);
         self.redis_run_id = run_id;
         Ok(changed)
+    }
+}
+
+/// The tag-set hygiene sweep: one paced pass every `interval`, on its own connection, until
+/// shutdown. Failures are logged and retried at the next interval.
+async fn sweep_forever(
+    settings: Settings,
+    interval: Duration,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let sink = match RedisSink::connect(&settings.redis_url, SinkOptions::from(&settings)).await
+        {
+            Ok(sink) => sink,
+            Err(e) => {
+                warn!(error = %e, "tag-set sweep skipped");
+                continue;
+            }
+        };
+        match sink.sweep_tag_sets(settings.sweep_rate, &shutdown).await {
+            Ok(removed) => {
+                metrics.swept.inc_by(removed);
+                if removed > 0 {
+                    info!(
+                        removed,
+                        "tag-set sweep removed members whose entries expired"
+                    );
+                }
+            }
+            Err(e) => warn!(error = %e, "tag-set sweep failed"),
+        }
     }
 }
 

@@ -52,8 +52,30 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(args) => cmd::dev::dev(settings, &args).await,
+        Command::Doctor(args) => {
+            if cmd::doctor::doctor(&settings, args.json).await? {
+                Ok(())
+            } else {
+                Err(ProblemsFound.into())
+            }
+        }
+        Command::Explain(args) => cmd::explain::explain(&settings, &args).await,
+        Command::Invalidate(args) => cmd::invalidate::invalidate(&settings, &args).await,
+        Command::Stats => cmd::stats::stats(&settings).await,
     }
 }
+
+/// `doctor` found a problem; it has already said which.
+#[derive(Debug)]
+struct ProblemsFound;
+
+impl std::fmt::Display for ProblemsFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("doctor found problems (FAIL above)")
+    }
+}
+
+impl std::error::Error for ProblemsFound {}
 
 /// 2 for configuration problems (including a configured column the database lacks), else 1.
 fn exit_code(error: &anyhow::Error) -> u8 {

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub lag_seconds: Histogram,
     /// 1 when ready (listening, both servers answer), else 0.
     pub ready: Gauge,
+    /// Tag-set members removed by the hygiene sweep because their entry had expired.
+    pub swept: Counter,
 }
 
 impl Metrics {
@@ -67,6 +69,7 @@ impl Metrics {
             // 0.5 ms .. ~65 s
             lag_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             ready: Gauge::default(),
+            swept: Counter::default(),
         };
         let mut registry = Registry::with_prefix("evictd");
         registry.register(
@@ -116,6 +119,11 @@ impl Metrics {
             metrics.lag_seconds.clone(),
         );
         registry.register("ready", "1 when ready", metrics.ready.clone());
+        registry.register(
+            "tag_members_swept",
+            "Tag-set members removed because their entry expired",
+            metrics.swept.clone(),
+        );
         (metrics, registry)
     }
 

@@ -2,5 +2,9 @@
 //! `main` maps errors to exit codes.
 
 pub mod dev;
+pub mod doctor;
+pub mod explain;
+pub mod invalidate;
 pub mod migrate;
 pub mod run;
+pub mod stats;

@@ -7,7 +7,11 @@
 //! A detached, half-drained tag set waits at `{prefix}drain:{nonce}:{T}` until emptied, also
 //! across a crash.
 
+mod inspect;
 mod scripts;
+mod sweep;
+
+pub use inspect::{CacheStats, ServerInfo};
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -60,6 +64,17 @@ pub struct SinkOptions {
     pub publish_channel: Option<String>,
 }
 
+impl From<&crate::config::Settings> for SinkOptions {
+    fn from(settings: &crate::config::Settings) -> Self {
+        Self {
+            key_prefix: settings.key_prefix.clone(),
+            drain_chunk: settings.drain_chunk,
+            tagts_ttl: settings.tagts_ttl,
+            publish_channel: settings.publish_channel.clone(),
+        }
+    }
+}
+
 /// A Redis connection plus the layout and scripts. Cheap to clone (the connection is shared).
 #[derive(Clone)]
 pub struct RedisSink {
@@ -68,6 +83,7 @@ pub struct RedisSink {
     detach: Script,
     drain: Script,
     stamp: Script,
+    sweep: Script,
 }
 
 impl RedisSink {
@@ -93,6 +109,7 @@ impl RedisSink {
             detach: Script::new(scripts::DETACH),
             drain: Script::new(scripts::DRAIN),
             stamp: Script::new(scripts::STAMP),
+            sweep: Script::new(scripts::SWEEP),
         })
     }
 
@@ -176,7 +193,33 @@ impl RedisSink {
             let mut conn = self.conn.clone();
             let _: i64 = conn.publish(channel, message.to_string()).await?;
         }
+        self.count(&[
+            ("invalidations", 1),
+            ("tags", report.tags),
+            ("keys", report.keys),
+        ])
+        .await?;
         Ok(report)
+    }
+
+    /// The hash of evictd's running totals, read by `evictd stats`.
+    fn counters_key(&self) -> String {
+        format!("{}evictd:stats", self.options.key_prefix)
+    }
+
+    /// Adds to the running totals that outlive this process.
+    async fn count(&self, fields: &[(&str, u64)]) -> Result<(), SinkError> {
+        let mut pipe = redis::pipe();
+        for (field, n) in fields {
+            pipe.cmd("HINCRBY")
+                .arg(self.counters_key())
+                .arg(*field)
+                .arg(*n)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
     }
 
     /// Names of the existing tags whose name matches `glob` (a glob over tag names).

@@ -100,3 +100,35 @@ for i = 1, #KEYS do
 end
 return now
 "#;
+
+/// One step of the tag-set hygiene sweep over KEYS[1]: scans ARGV[2] members from cursor
+/// ARGV[1] and removes those whose entry no longer exists (expired); for a sorted set it first
+/// drops members scored (expiring) before ARGV[3] (Unix seconds). Returns `{next cursor, removed}`.
+pub const SWEEP: &str = r#"
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)['ok']
+local removed = 0
+local scan
+if kind == 'set' then
+  scan = redis.call('SSCAN', key, ARGV[1], 'COUNT', ARGV[2])
+  for _, member in ipairs(scan[2]) do
+    if redis.call('EXISTS', member) == 0 then
+      removed = removed + redis.call('SREM', key, member)
+    end
+  end
+elseif kind == 'zset' then
+  if ARGV[1] == '0' then
+    removed = redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. ARGV[3])
+  end
+  scan = redis.call('ZSCAN', key, ARGV[1], 'COUNT', ARGV[2])
+  for i = 1, #scan[2], 2 do
+    local member = scan[2][i]
+    if redis.call('EXISTS', member) == 0 then
+      removed = removed + redis.call('ZREM', key, member)
+    end
+  end
+else
+  return {'0', 0}
+end
+return {scan[1], removed}
+"#;

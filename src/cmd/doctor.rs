@@ -1,0 +1,397 @@
+//! `evictd doctor`: checks the whole setup and says, one line per check, what is wrong and how to
+//! fix it. Exit code 1 when any check FAILs.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::Settings;
+use crate::db;
+use crate::redact::redact_url;
+use crate::schema::{self, ddl};
+use crate::sink::{RedisSink, SinkOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Status {
+    #[serde(rename = "OK")]
+    Ok,
+    #[serde(rename = "WARN")]
+    Warn,
+    #[serde(rename = "FAIL")]
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+fn check(name: &'static str, status: Status, message: String, hint: Option<&str>) -> Check {
+    Check {
+        name,
+        status,
+        message,
+        hint: hint.map(str::to_string),
+    }
+}
+
+/// How long the LISTEN/NOTIFY round trip may take before it counts as broken.
+const ROUND_TRIP: Duration = Duration::from_secs(3);
+/// An outbox event older than this means the daemon is not keeping up (or not running).
+const BACKLOG_AGE_WARN_SECS: f64 = 60.0;
+
+pub async fn doctor(settings: &Settings, json: bool) -> anyhow::Result<bool> {
+    let checks = run_checks(settings).await;
+    let healthy = checks.iter().all(|c| c.status != Status::Fail);
+    if json {
+        let report = serde_json::json!({ "ok": healthy, "checks": checks });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for c in &checks {
+            let status = match c.status {
+                Status::Ok => "OK  ",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+            };
+            println!("{status} {:<14} {}", c.name, c.message);
+            if let Some(hint) = &c.hint {
+                println!("     {:<14} fix: {hint}", "");
+            }
+        }
+    }
+    Ok(healthy)
+}
+
+pub async fn run_checks(settings: &Settings) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let pg = tokio::time::timeout(
+        Duration::from_secs(10),
+        db::connect(&settings.database_url, None),
+    )
+    .await;
+    let pg = match pg {
+        Ok(Ok(conn)) => {
+            let version = conn
+                .client
+                .query_one("SHOW server_version", &[])
+                .await
+                .map(|r| r.get::<_, String>(0))
+                .unwrap_or_default();
+            checks.push(check(
+                "postgresql",
+                Status::Ok,
+                format!(
+                    "PostgreSQL {version} at {}",
+                    redact_url(&settings.database_url)
+                ),
+                None,
+            ));
+            Some(conn)
+        }
+        Ok(Err(e)) => {
+            checks.push(check(
+                "postgresql",
+                Status::Fail,
+                e.to_string(),
+                Some("check DATABASE_URL / --database-url, that the server runs, and pg_hba.conf"),
+            ));
+            None
+        }
+        Err(_) => {
+            checks.push(check(
+                "postgresql",
+                Status::Fail,
+                format!(
+                    "no answer within 10s from {}",
+                    redact_url(&settings.database_url)
+                ),
+                Some("check the host, port and firewall"),
+            ));
+            None
+        }
+    };
+    checks.extend(redis_checks(settings).await);
+    if let Some(conn) = pg {
+        checks.extend(database_checks(settings, &conn.client).await);
+    }
+    checks
+}
+
+async fn redis_checks(settings: &Settings) -> Vec<Check> {
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        RedisSink::connect(&settings.redis_url, SinkOptions::from(settings)),
+    )
+    .await;
+    let sink = match connected {
+        Ok(Ok(sink)) => sink,
+        Ok(Err(e)) => {
+            return vec![check(
+                "redis",
+                Status::Fail,
+                e.to_string(),
+                Some("check REDIS_URL / --redis-url and that the server runs"),
+            )];
+        }
+        Err(_) => {
+            return vec![check(
+                "redis",
+                Status::Fail,
+                format!(
+                    "no answer within 10s from {}",
+                    redact_url(&settings.redis_url)
+                ),
+                Some("check the host, port and firewall"),
+            )];
+        }
+    };
+    let mut checks = Vec::new();
+    match sink.server_info().await {
+        Ok(info) => checks.push(check(
+            "redis",
+            Status::Ok,
+            format!(
+                "Redis {} ({}) at {}",
+                info.version,
+                info.role,
+                redact_url(&settings.redis_url)
+            ),
+            None,
+        )),
+        Err(e) => {
+            checks.push(check(
+                "redis",
+                Status::Fail,
+                e.to_string(),
+                Some("check Redis ACLs: evictd needs INFO, SCAN, EVALSHA, UNLINK"),
+            ));
+            return checks;
+        }
+    }
+    checks.push(match sink.eviction_policy().await {
+        Ok(Some(policy)) if policy.starts_with("allkeys-") => check(
+            "redis-eviction",
+            Status::Warn,
+            format!("maxmemory-policy is {policy}: Redis may evict tag sets, and entries they index can then never be invalidated"),
+            Some("CONFIG SET maxmemory-policy volatile-lru (give cache entries a TTL) or noeviction"),
+        ),
+        Ok(Some(policy)) => check("redis-eviction", Status::Ok, format!("maxmemory-policy is {policy}"), None),
+        Ok(None) | Err(_) => check(
+            "redis-eviction",
+            Status::Warn,
+            "cannot read maxmemory-policy (CONFIG GET refused)".to_string(),
+            Some("make sure the policy cannot evict keys without a TTL"),
+        ),
+    });
+    checks
+}
+
+async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let installed = match schema::installed(client).await {
+        Ok(Some(installed)) if installed.version == ddl::SCHEMA_VERSION => {
+            checks.push(check(
+                "schema",
+                Status::Ok,
+                format!(
+                    "schema evictd version {} installed, delivery {}, channel {}",
+                    installed.version,
+                    installed.delivery.as_str(),
+                    installed.channel
+                ),
+                None,
+            ));
+            Some(installed)
+        }
+        Ok(Some(installed)) => {
+            checks.push(check(
+                "schema",
+                Status::Fail,
+                format!(
+                    "schema evictd is version {}, this evictd needs {}",
+                    installed.version,
+                    ddl::SCHEMA_VERSION
+                ),
+                Some("run `evictd migrate`"),
+            ));
+            Some(installed)
+        }
+        Ok(None) => {
+            checks.push(check(
+                "schema",
+                Status::Fail,
+                "schema evictd is not installed".to_string(),
+                Some("run `evictd migrate` (or apply `evictd sql` with your migration tool)"),
+            ));
+            None
+        }
+        Err(e) => {
+            checks.push(check("schema", Status::Fail, e.to_string(), None));
+            None
+        }
+    };
+    checks.extend(trigger_checks(settings, client).await);
+    if let Some(installed) = &installed {
+        checks.push(listen_round_trip(settings, &installed.channel).await);
+        checks.push(outbox_check(client).await);
+    }
+    checks
+}
+
+async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<Check> {
+    if let Err(e) = schema::check_columns(client, settings).await {
+        return vec![check(
+            "triggers",
+            Status::Fail,
+            e.to_string(),
+            Some("fix the configuration or the table, then run `evictd migrate`"),
+        )];
+    }
+    let mut checks = Vec::new();
+    for rule in settings.rules.tables() {
+        let rows = client
+            .query(
+                "SELECT t.tgname::text, t.tgenabled::text FROM pg_trigger t \
+                 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname LIKE 'evictd\\_%'",
+                &[&rule.table.schema, &rule.table.name],
+            )
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                checks.push(check("triggers", Status::Fail, e.to_string(), None));
+                continue;
+            }
+        };
+        let mut problems = Vec::new();
+        let mut hints = Vec::new();
+        for name in ddl::TRIGGER_NAMES {
+            match rows.iter().find(|r| r.get::<_, &str>(0) == name) {
+                None => {
+                    problems.push(format!("trigger {name} is missing"));
+                    hints.push("run `evictd migrate`".to_string());
+                }
+                Some(row) if row.get::<_, &str>(1) == "D" => {
+                    problems.push(format!("trigger {name} is disabled"));
+                    hints.push(format!("ALTER TABLE {} ENABLE TRIGGER {name}", rule.table));
+                }
+                Some(_) => {}
+            }
+        }
+        if problems.is_empty() {
+            checks.push(check(
+                "triggers",
+                Status::Ok,
+                format!("{}: 4 triggers enabled", rule.table),
+                None,
+            ));
+        } else {
+            hints.dedup();
+            checks.push(Check {
+                name: "triggers",
+                status: Status::Fail,
+                message: format!("{}: {}", rule.table, problems.join(", ")),
+                hint: Some(hints.join("; ")),
+            });
+        }
+    }
+    checks
+}
+
+/// LISTEN on one connection, NOTIFY from another, and wait for it. A transaction-pooling
+/// PgBouncer (or Supabase's pooler on port 6543) accepts LISTEN but never delivers.
+async fn listen_round_trip(settings: &Settings, channel: &str) -> Check {
+    let hint = "connect evictd directly to PostgreSQL (Supabase: db.<ref>.supabase.co:5432) or through a session-mode pooler; transaction pooling cannot deliver LISTEN/NOTIFY";
+    let attempt = async {
+        let (mut feed, sender) = db::notification_feed(16);
+        let listener = db::connect(&settings.database_url, Some(sender)).await?;
+        let probe = format!("evictd_doctor_{:08x}", rand::random::<u32>());
+        listener
+            .client
+            .batch_execute(&format!("LISTEN {}", db::quote_ident(&probe)))
+            .await?;
+        let notifier = db::connect(&settings.database_url, None).await?;
+        notifier
+            .client
+            .execute("SELECT pg_notify($1, 'doctor')", &[&probe])
+            .await?;
+        let received = tokio::time::timeout(ROUND_TRIP, async {
+            while let Some(n) = feed.receiver.recv().await {
+                if n.channel() == probe {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        Ok::<bool, anyhow::Error>(received)
+    };
+    match attempt.await {
+        Ok(true) => check(
+            "listen",
+            Status::Ok,
+            format!("LISTEN/NOTIFY round trip works (daemon channel: {channel})"),
+            None,
+        ),
+        Ok(false) => check(
+            "listen",
+            Status::Fail,
+            format!("a NOTIFY was not delivered to a LISTENing session within {ROUND_TRIP:?}"),
+            Some(hint),
+        ),
+        Err(e) => check(
+            "listen",
+            Status::Fail,
+            format!("LISTEN failed: {e:#}"),
+            Some(hint),
+        ),
+    }
+}
+
+async fn outbox_check(client: &Client) -> Check {
+    let row = client
+        .query_one(
+            "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8, \
+             (SELECT count(*) FROM evictd.dead_letter) FROM evictd.outbox",
+            &[],
+        )
+        .await;
+    match row {
+        Ok(row) => {
+            let (backlog, age, dead): (i64, f64, i64) = (row.get(0), row.get(1), row.get(2));
+            let message = format!(
+                "{backlog} events waiting, oldest {age:.1}s old; {dead} in evictd.dead_letter"
+            );
+            if age > BACKLOG_AGE_WARN_SECS {
+                check(
+                    "outbox",
+                    Status::Warn,
+                    message,
+                    Some("is `evictd run` running and ready? see its /readyz and logs"),
+                )
+            } else if dead > 0 {
+                check(
+                    "outbox",
+                    Status::Warn,
+                    message,
+                    Some("inspect SELECT * FROM evictd.dead_letter; the error column says why"),
+                )
+            } else {
+                check("outbox", Status::Ok, message, None)
+            }
+        }
+        Err(e) => check(
+            "outbox",
+            Status::Fail,
+            e.to_string(),
+            Some("run `evictd migrate`"),
+        ),
+    }
+}

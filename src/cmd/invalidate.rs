@@ -1,0 +1,144 @@
+//! `evictd invalidate`: manual invalidation now, through the same sink the daemon uses.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal as _;
+
+use crate::cli::{CacheType, InvalidateArgs};
+use crate::config::{ConfigError, Settings};
+use crate::rules::Targets;
+use crate::sink::{RedisSink, Report, SinkOptions};
+
+/// Tags invalidated per step, so progress can be shown on a big keyspace.
+const STEP: usize = 1_000;
+
+pub async fn invalidate(settings: &Settings, args: &InvalidateArgs) -> anyhow::Result<()> {
+    let targets = targets(settings, args)?;
+    let sink = RedisSink::connect(&settings.redis_url, SinkOptions::from(settings)).await?;
+    let progress = Progress::new();
+
+    let mut tags: BTreeSet<String> = targets.tags.clone();
+    for glob in &targets.tag_globs {
+        tags.extend(sink.existing_tags(glob).await?);
+        progress.say(&format!("found {} tags", tags.len()));
+    }
+    let tags: Vec<String> = tags.into_iter().collect();
+    let mut report = Report::default();
+    for (i, chunk) in tags.chunks(STEP).enumerate() {
+        let step = Targets {
+            tags: chunk.iter().cloned().collect(),
+            ..Targets::default()
+        };
+        report.add(sink.invalidate(&step).await?);
+        progress.say(&format!(
+            "{}/{} tags, {} keys",
+            (i * STEP + chunk.len()).min(tags.len()),
+            tags.len(),
+            report.keys
+        ));
+    }
+    let rest = Targets {
+        key_globs: targets.key_globs.clone(),
+        wide_tables: targets.wide_tables.clone(),
+        ..Targets::default()
+    };
+    if !rest.is_empty() {
+        report.add(sink.invalidate(&rest).await?);
+    }
+    progress.done();
+    println!("invalidated {} tags, {} keys", report.tags, report.keys);
+    Ok(())
+}
+
+/// What the arguments ask for. Unknown tables and missing ids are usage errors (exit 2).
+pub fn targets(settings: &Settings, args: &InvalidateArgs) -> Result<Targets, ConfigError> {
+    let mut targets = Targets::default();
+    targets
+        .tags
+        .extend(args.tags.iter().filter(|t| !t.is_empty()).cloned());
+    let table_wide = |table: &str, targets: &mut Targets| -> Result<(), ConfigError> {
+        let rule = settings
+            .rules
+            .find(table)
+            .ok_or_else(|| ConfigError::Value {
+                what: "table",
+                message: format!("`{table}` has no rule in this configuration"),
+            })?;
+        rule.table_wide_targets(targets);
+        Ok(())
+    };
+    for table in &args.table {
+        table_wide(table, &mut targets)?;
+    }
+    if args.all {
+        targets.merge(settings.rules.all_table_wide());
+    }
+    let by = |id: &Option<String>, tags: &[&str], table: &str, targets: &mut Targets| match id {
+        Some(id) => {
+            for tag in tags {
+                targets.tags.insert(tag.replace("{}", id));
+            }
+            Ok(())
+        }
+        None => table_wide(table, targets),
+    };
+    match args.cache_type {
+        None => {}
+        Some(CacheType::Products) => by(
+            &args.client_id,
+            &["products:client:{}", "products:all"],
+            "products",
+            &mut targets,
+        )?,
+        Some(CacheType::ExpertSessions) => by(
+            &args.product_id,
+            &["expert_sessions:product:{}", "expert_sessions:all"],
+            "job_readiness_expert_sessions",
+            &mut targets,
+        )?,
+        Some(CacheType::ModuleContent) => by(
+            &args.module_id,
+            &["module_content:id:{}"],
+            "modules",
+            &mut targets,
+        )?,
+        Some(CacheType::ClientConfigs) => by(
+            &args.client_id,
+            &["client_configs:id:{}", "client_configs:all"],
+            "clients",
+            &mut targets,
+        )?,
+        Some(CacheType::AllPhase2) => targets.merge(settings.rules.all_table_wide()),
+    }
+    Ok(targets)
+}
+
+/// Progress on stderr, only when it is a terminal (quiet when piped or logged).
+pub struct Progress {
+    enabled: bool,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self {
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    pub fn say(&self, text: &str) {
+        if self.enabled {
+            eprint!("\r\x1b[2K{text}");
+        }
+    }
+
+    pub fn done(&self) {
+        if self.enabled {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio_postgres::Notification;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::batch::Batch;
@@ -281,8 +281,13 @@ impl Daemon {
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut failed = false;
+        let span = batch_span(&batch);
         let report = loop {
-            match sink.invalidate(&batch.targets).await {
+            match sink
+                .invalidate(&batch.targets)
+                .instrument(span.clone())
+                .await
+            {
                 Ok(report) => break report,
                 Err(e) => {
                     failed = true;
@@ -304,7 +309,7 @@ impl Daemon {
             }
             self.set_ready(true);
         }
-        self.record(&batch, report, started.elapsed());
+        span.in_scope(|| self.record(&batch, report, started.elapsed()));
         Ok(())
     }
 
@@ -385,13 +390,18 @@ impl Daemon {
             }
             // On a Redis error the claim is dropped: the rows go back, untouched, for the retry.
             let started = Instant::now();
-            match sink.invalidate(&batch.targets).await {
+            let span = batch_span(&batch);
+            match sink
+                .invalidate(&batch.targets)
+                .instrument(span.clone())
+                .await
+            {
                 Ok(report) => {
                     claim.ack(&poison).await.map_err(SourceError::from)?;
                     if let Some(delay) = self.settings.second_pass {
                         self.schedule_second_pass(delay, &batch.targets);
                     }
-                    self.record(&batch, report, started.elapsed());
+                    span.in_scope(|| self.record(&batch, report, started.elapsed()));
                 }
                 Err(e) => {
                     drop(claim);
@@ -431,6 +441,7 @@ impl Daemon {
             }
             _ => {
                 self.set_ready(false);
+                self.observed.metrics.error("redis");
                 warn!("redis does not answer a ping");
             }
         }
@@ -489,6 +500,18 @@ async fn sweep_forever(
             Err(e) => warn!(error = %e, "tag-set sweep failed"),
         }
     }
+}
+
+/// The span every log line about one batch carries.
+fn batch_span(batch: &Batch) -> tracing::Span {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    tracing::info_span!(
+        "batch",
+        id = NEXT.fetch_add(1, Ordering::Relaxed),
+        events = batch.event_count(),
+        tags = batch.targets.tags.len(),
+        table_wide = batch.targets.wide_tables.len(),
+    )
 }
 
 /// Resolves when the oldest scheduled second pass is due; never when none is scheduled.

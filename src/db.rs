@@ -21,16 +21,28 @@ use crate::redact::redact_url;
 
 #[derive(Debug, Error)]
 pub enum DbError {
-    #[error("invalid database url {url}: {source}")]
-    Url {
-        url: String,
-        source: tokio_postgres::Error,
-    },
-    #[error("cannot connect to postgresql at {url}: {source}")]
-    Connect {
-        url: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("invalid database url {url}: {detail}")]
+    Url { url: String, detail: String },
+    #[error("cannot connect to postgresql at {url}: {detail}")]
+    Connect { url: String, detail: String },
+}
+
+/// The whole cause chain of a PostgreSQL error in one line: tokio-postgres' own Display says
+/// only "db error" and keeps the server's message in the source.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Notifications forwarded from a connection, and whether any were dropped for lack of room.
@@ -48,9 +60,9 @@ pub struct Connection {
 /// Parses `url` and applies the liveness defaults evictd needs: a connect timeout and TCP
 /// keepalives far shorter than the OS default of two hours.
 pub fn parse_config(url: &str) -> Result<Config, DbError> {
-    let mut config = Config::from_str(url).map_err(|source| DbError::Url {
+    let mut config = Config::from_str(url).map_err(|e| DbError::Url {
         url: redact_url(url),
-        source,
+        detail: describe(&e),
     })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
@@ -74,14 +86,10 @@ pub async fn connect(
     feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
 ) -> Result<Connection, DbError> {
     let config = parse_config(url)?;
-    let (client, mut connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| DbError::Connect {
-                url: redact_url(url),
-                source,
-            })?;
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| DbError::Connect {
+        url: redact_url(url),
+        detail: describe(&e),
+    })?;
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {

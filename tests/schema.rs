@@ -6,7 +6,7 @@ mod support;
 use std::process::Output;
 
 use evictd::config::Delivery;
-use support::Env;
+use support::{Env, finish, text};
 
 /// Everything evictd owns in the database, as text, to compare before and after.
 async fn catalog_snapshot(env: &Env) -> Vec<String> {
@@ -32,39 +32,7 @@ async fn catalog_snapshot(env: &Env) -> Vec<String> {
 }
 
 fn run(env: &Env, args: &[&str]) -> Output {
-    finish(env.command(args))
-}
-
-/// Runs `command` to completion, failing the test if it is still running at the deadline.
-fn finish(mut command: std::process::Command) -> Output {
-    use std::process::Stdio;
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn evictd");
-    let start = std::time::Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > support::DEADLINE {
-            child.kill().ok();
-            let output = child.wait_with_output().expect("output");
-            panic!(
-                "evictd still running after {:?}: {}",
-                support::DEADLINE,
-                text(&output)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+    env.run_cli(args)
 }
 
 /// `migrate` twice changes nothing the second time; `uninstall` removes every object.

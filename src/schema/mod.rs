@@ -17,7 +17,7 @@ pub enum SchemaError {
     /// error (exit code 2), reported against the file line that names it.
     #[error("{location}: {problem}")]
     Config { location: String, problem: String },
-    #[error("{0}")]
+    #[error("{}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("the installed schema records an unknown delivery mode `{0}`")]
     BadDelivery(String),

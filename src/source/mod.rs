@@ -19,7 +19,7 @@ pub enum SourceError {
     Db(#[from] DbError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
-    #[error("postgresql: {0}")]
+    #[error("postgresql: {}", crate::db::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("schema `evictd` is not installed in this database: run `evictd migrate` first")]
     NotInstalled,

@@ -169,20 +169,16 @@ impl Env {
             .expect("migrate");
     }
 
-    /// The `evictd` binary with this test's URLs, prefix and config.
+    /// The `evictd` binary with this test's URLs, prefix and config (in the environment, so
+    /// that flags given in `args` override them).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_evictd"));
         command
             .args(args)
-            .env_remove("DATABASE_URL")
-            .env_remove("REDIS_URL")
             .env("EVICTD_CONFIG", &self.config_path)
-            .arg("--database-url")
-            .arg(&self.db_url)
-            .arg("--redis-url")
-            .arg(&self.redis_url)
-            .arg("--key-prefix")
-            .arg(&self.prefix)
+            .env("DATABASE_URL", &self.db_url)
+            .env("REDIS_URL", &self.redis_url)
+            .env("EVICTD_KEY_PREFIX", &self.prefix)
             .env("EVICTD_DELIVERY", self.delivery.as_str());
         command
     }
@@ -471,4 +467,43 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Runs `command` to completion, failing the test if it is still running at the deadline.
+pub fn finish(mut command: Command) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn evictd");
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > DEADLINE {
+            child.kill().ok();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "evictd still running after {DEADLINE:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Standard output and error together, for assertions on what a command said.
+pub fn text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+impl Env {
+    /// Runs an evictd command with this test's settings to completion.
+    pub fn run_cli(&self, args: &[&str]) -> std::process::Output {
+        finish(self.command(args))
+    }
 }

@@ -26,17 +26,17 @@ async fn seed(env: &Env) {
     .await;
 }
 
-/// `doctor --json` as (check name → list of (status, message, hint)).
-fn doctor(
-    env: &Env,
-    extra: &[&str],
-) -> (Option<i32>, BTreeMap<String, Vec<(String, String, String)>>) {
+/// Doctor's checks by name: (status, message, hint) each.
+type Checks = BTreeMap<String, Vec<(String, String, String)>>;
+
+/// `doctor --json` as its exit code and checks.
+fn doctor(env: &Env, extra: &[&str]) -> (Option<i32>, Checks) {
     let mut args = vec!["doctor", "--json"];
     args.extend_from_slice(extra);
     let output = env.run_cli(&args);
     let report: Value = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", text(&output)));
-    let mut checks: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
+    let mut checks: Checks = BTreeMap::new();
     for c in report["checks"].as_array().unwrap() {
         checks
             .entry(c["name"].as_str().unwrap().to_string())
@@ -54,7 +54,7 @@ fn doctor(
     (output.status.code(), checks)
 }
 
-fn status_of(checks: &BTreeMap<String, Vec<(String, String, String)>>, name: &str) -> Vec<String> {
+fn status_of(checks: &Checks, name: &str) -> Vec<String> {
     checks
         .get(name)
         .map(|v| v.iter().map(|c| c.0.clone()).collect())
@@ -338,7 +338,8 @@ async fn invalidate_by_tag_table_type_and_all() {
         text(&output)
     );
     assert!(!env.exists(&config).await);
-    env.assert_present(&[other_client.clone()]).await;
+    env.assert_present(std::slice::from_ref(&other_client))
+        .await;
 
     let output = env.run_cli(&["invalidate", "--all"]);
     assert!(output.status.success());

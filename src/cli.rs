@@ -59,6 +59,9 @@ pub struct GlobalArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "EVICTD_LOG_FORMAT", global = true)]
     pub log_format: Option<LogFormat>,
+    /// Extra CA certificates (PEM) for PostgreSQL and Redis TLS, besides the system's
+    #[arg(long, env = "EVICTD_TLS_CA_FILE", global = true, value_name = "FILE")]
+    pub tls_ca_file: Option<PathBuf>,
     /// Log filter, e.g. `info` or `evictd=debug` [default: info]
     #[arg(long, env = "EVICTD_LOG", global = true, value_name = "FILTER")]
     pub log: Option<String>,
@@ -75,6 +78,7 @@ impl GlobalArgs {
             delivery: self.delivery,
             http_addr: self.http_addr.clone(),
             log_format: self.log_format,
+            tls_ca_file: self.tls_ca_file.clone(),
         }
     }
 }

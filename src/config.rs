@@ -77,6 +77,7 @@ pub struct Overrides {
     pub delivery: Option<Delivery>,
     pub http_addr: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// The validated configuration every command runs with. Built once, passed explicitly.
@@ -121,6 +122,8 @@ pub struct Settings {
     pub sweep_interval: Option<Duration>,
     /// Tag-set members the sweep examines per second at most.
     pub sweep_rate: u64,
+    /// Extra CA certificates (PEM) trusted for PostgreSQL and Redis TLS, besides the system's.
+    pub tls_ca_file: Option<PathBuf>,
     pub rules: Rules,
     /// Where the rules came from, and the line of each template, for error messages.
     pub origin: RulesOrigin,
@@ -192,6 +195,7 @@ struct FileConfig {
     second_pass_ms: Option<u64>,
     sweep_interval_secs: Option<u64>,
     sweep_rate: Option<Spanned<u64>>,
+    tls_ca_file: Option<PathBuf>,
     tables: Option<Vec<FileTable>>,
 }
 
@@ -412,6 +416,7 @@ impl Settings {
                 .filter(|s| *s > 0)
                 .map(Duration::from_secs),
             sweep_rate,
+            tls_ca_file: overrides.tls_ca_file.clone().or(raw.tls_ca_file),
             rules,
             origin,
         })

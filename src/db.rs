@@ -6,6 +6,7 @@
 //! That task never blocks: when the channel is full it drops the notification and raises the
 //! `overflowed` flag, and the daemon answers with a table-wide resync.
 
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
@@ -25,6 +27,11 @@ pub enum DbError {
     Url { url: String, detail: String },
     #[error("cannot connect to postgresql at {url}: {detail}")]
     Connect { url: String, detail: String },
+    #[error("cannot set up tls for postgresql at {url}: {source}")]
+    Tls {
+        url: String,
+        source: crate::tls::TlsError,
+    },
 }
 
 /// The whole cause chain of a PostgreSQL error in one line: tokio-postgres' own Display says
@@ -79,18 +86,59 @@ pub fn parse_config(url: &str) -> Result<Config, DbError> {
     Ok(config)
 }
 
-/// Connects to `url`. Notifications go to `feed` when given (bounded by its capacity), and are
-/// dropped otherwise.
+/// Connects to `url` (over TLS when its `sslmode` asks for it, trusting the system roots plus
+/// `ca_file` or the URL's `sslrootcert`). Notifications go to `feed` when given (bounded by its
+/// capacity), and are dropped otherwise.
 pub async fn connect(
     url: &str,
+    ca_file: Option<&Path>,
     feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
 ) -> Result<Connection, DbError> {
-    let config = parse_config(url)?;
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| DbError::Connect {
+    let tls = crate::tls::pg_tls(url);
+    let config = parse_config(&tls.url).map_err(|e| match e {
+        DbError::Url { detail, .. } => DbError::Url {
+            url: redact_url(url),
+            detail,
+        },
+        other => other,
+    })?;
+    let connect_error = |e: tokio_postgres::Error| DbError::Connect {
         url: redact_url(url),
         detail: describe(&e),
-    })?;
-    let driver = tokio::spawn(async move {
+    };
+    if tls.tls {
+        let client_config =
+            crate::tls::client_config(tls.ca_file.as_deref().or(ca_file)).map_err(|source| {
+                DbError::Tls {
+                    url: redact_url(url),
+                    source,
+                }
+            })?;
+        let connector = tokio_postgres_rustls::MakeRustlsConnect::new(client_config);
+        let (client, connection) = config.connect(connector).await.map_err(connect_error)?;
+        Ok(Connection {
+            client,
+            driver: drive(connection, feed),
+        })
+    } else {
+        let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+        Ok(Connection {
+            client,
+            driver: drive(connection, feed),
+        })
+    }
+}
+
+/// Polls `connection` in a task of its own, forwarding notifications without ever blocking.
+fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
+) -> JoinHandle<Result<(), tokio_postgres::Error>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message? {
@@ -108,8 +156,7 @@ pub async fn connect(
             }
         }
         Ok(())
-    });
-    Ok(Connection { client, driver })
+    })
 }
 
 /// A feed with room for `capacity` notifications, and the sender half for [`connect`].

@@ -12,7 +12,7 @@
 //! - [`daemon`] — the supervisor and event loop tying them together.
 //! - [`http`], [`metrics`], [`shutdown`] — what an operator sees and how it stops.
 //! - [`cmd`] — one module per subcommand; [`cli`] — the clap types.
-//! - [`db`], [`backoff`], [`redact`] — connection helpers.
+//! - [`db`], [`tls`], [`backoff`], [`redact`] — connection helpers.
 //! - [`throwaway`] — local servers for `evictd dev` and the tests.
 
 pub mod backoff;
@@ -32,3 +32,4 @@ pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod throwaway;
+pub mod tls;

@@ -365,6 +365,8 @@ pub struct Redis {
     dir: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Certificate, key and CA files when the server speaks TLS only.
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl Redis {
@@ -379,6 +381,20 @@ impl Redis {
             dir: scratch_dir("redis")?,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: None,
+        };
+        redis.launch()?;
+        Ok(redis)
+    }
+
+    /// A Redis that accepts TLS connections only, with this certificate, key and CA.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Result<Self> {
+        let mut redis = Self {
+            port: free_port()?,
+            dir: scratch_dir("redis")?,
+            child: None,
+            extra: Vec::new(),
+            tls: Some([cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf()]),
         };
         redis.launch()?;
         Ok(redis)
@@ -391,8 +407,24 @@ impl Redis {
             )
         })?;
         let mut command = Command::new(binary);
+        match &self.tls {
+            None => {
+                command.args(["--port", &self.port.to_string()]);
+            }
+            Some([cert, key, ca]) => {
+                command
+                    .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(ca)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+        }
         command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -426,9 +458,14 @@ impl Redis {
         }
     }
 
-    /// `redis://127.0.0.1:PORT`
+    /// `redis://127.0.0.1:PORT`, or `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn kill9(&mut self) -> Result<()> {

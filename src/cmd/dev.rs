@@ -57,7 +57,12 @@ pub async fn dev(mut settings: Settings, args: &RunArgs) -> anyhow::Result<()> {
         Some(r)
     };
 
-    let mut conn = db::connect(&settings.database_url, None).await?;
+    let mut conn = db::connect(
+        &settings.database_url,
+        settings.tls_ca_file.as_deref(),
+        None,
+    )
+    .await?;
     conn.client
         .batch_execute(EXAMPLE_SCHEMA)
         .await

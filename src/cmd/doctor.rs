@@ -71,7 +71,11 @@ pub async fn run_checks(settings: &Settings) -> Vec<Check> {
     let mut checks = Vec::new();
     let pg = tokio::time::timeout(
         Duration::from_secs(10),
-        db::connect(&settings.database_url, None),
+        db::connect(
+            &settings.database_url,
+            settings.tls_ca_file.as_deref(),
+            None,
+        ),
     )
     .await;
     let pg = match pg {
@@ -310,13 +314,23 @@ async fn listen_round_trip(settings: &Settings, channel: &str) -> Check {
     let hint = "connect evictd directly to PostgreSQL (Supabase: db.<ref>.supabase.co:5432) or through a session-mode pooler; transaction pooling cannot deliver LISTEN/NOTIFY";
     let attempt = async {
         let (mut feed, sender) = db::notification_feed(16);
-        let listener = db::connect(&settings.database_url, Some(sender)).await?;
+        let listener = db::connect(
+            &settings.database_url,
+            settings.tls_ca_file.as_deref(),
+            Some(sender),
+        )
+        .await?;
         let probe = format!("evictd_doctor_{:08x}", rand::random::<u32>());
         listener
             .client
             .batch_execute(&format!("LISTEN {}", db::quote_ident(&probe)))
             .await?;
-        let notifier = db::connect(&settings.database_url, None).await?;
+        let notifier = db::connect(
+            &settings.database_url,
+            settings.tls_ca_file.as_deref(),
+            None,
+        )
+        .await?;
         notifier
             .client
             .execute("SELECT pg_notify($1, 'doctor')", &[&probe])

@@ -7,7 +7,12 @@ use crate::db;
 use crate::schema::{self, Migrated};
 
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let mut conn = db::connect(&settings.database_url, None).await?;
+    let mut conn = db::connect(
+        &settings.database_url,
+        settings.tls_ca_file.as_deref(),
+        None,
+    )
+    .await?;
     let outcome = schema::migrate(&mut conn.client, settings).await?;
     match outcome {
         Migrated::UpToDate => println!(
@@ -26,7 +31,12 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 }
 
 pub async fn uninstall(settings: &Settings) -> anyhow::Result<()> {
-    let mut conn = db::connect(&settings.database_url, None).await?;
+    let mut conn = db::connect(
+        &settings.database_url,
+        settings.tls_ca_file.as_deref(),
+        None,
+    )
+    .await?;
     if schema::installed(&conn.client).await?.is_some() {
         let waiting = crate::source::outbox::backlog(&conn.client)
             .await

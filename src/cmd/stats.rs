@@ -76,7 +76,12 @@ pub fn expired_entries_status(expired: u64, total: u64) -> &'static str {
 /// The outbox backlog, or why it could not be read (the database is optional for `stats`).
 async fn outbox(settings: &Settings) -> Value {
     let read = async {
-        let conn = db::connect(&settings.database_url, None).await?;
+        let conn = db::connect(
+            &settings.database_url,
+            settings.tls_ca_file.as_deref(),
+            None,
+        )
+        .await?;
         let installed = schema::installed(&conn.client).await?;
         let Some(installed) = installed else {
             return Ok::<_, anyhow::Error>(json!({ "installed": false }));

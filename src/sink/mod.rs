@@ -62,6 +62,8 @@ pub struct SinkOptions {
     pub drain_chunk: usize,
     pub tagts_ttl: Duration,
     pub publish_channel: Option<String>,
+    /// Extra CA certificates for `rediss://` URLs.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl From<&crate::config::Settings> for SinkOptions {
@@ -71,6 +73,7 @@ impl From<&crate::config::Settings> for SinkOptions {
             drain_chunk: settings.drain_chunk,
             tagts_ttl: settings.tagts_ttl,
             publish_channel: settings.publish_channel.clone(),
+            tls_ca_file: settings.tls_ca_file.clone(),
         }
     }
 }
@@ -94,7 +97,26 @@ impl RedisSink {
             url: redact_url(url),
             source,
         };
-        let client = redis::Client::open(url).map_err(open_error)?;
+        let client = match &options.tls_ca_file {
+            Some(ca_file) if url.starts_with("rediss://") => {
+                let root_cert = std::fs::read(ca_file).map_err(|e| {
+                    open_error(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "cannot read the CA file",
+                        format!("{}: {e}", ca_file.display()),
+                    )))
+                })?;
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+                .map_err(open_error)?
+            }
+            _ => redis::Client::open(url).map_err(open_error)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
             .set_response_timeout(Some(Duration::from_secs(10)))

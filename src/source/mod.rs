@@ -44,7 +44,12 @@ impl Session {
     /// mode and channel, and LISTENs on it.
     pub async fn open(settings: &Settings) -> Result<Self, SourceError> {
         let (feed, sender) = db::notification_feed(settings.notify_buffer);
-        let connection = db::connect(&settings.database_url, Some(sender)).await?;
+        let connection = db::connect(
+            &settings.database_url,
+            settings.tls_ca_file.as_deref(),
+            Some(sender),
+        )
+        .await?;
         schema::check_columns(&connection.client, settings).await?;
         let installed = schema::installed(&connection.client)
             .await?

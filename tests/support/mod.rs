@@ -161,7 +161,7 @@ impl Env {
     }
 
     pub async fn migrate(&self) {
-        let mut conn = evictd::db::connect(&self.db_url, None)
+        let mut conn = evictd::db::connect(&self.db_url, None, None)
             .await
             .expect("connect");
         evictd::schema::migrate(&mut conn.client, &self.settings())

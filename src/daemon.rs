@@ -426,6 +426,12 @@ impl Daemon {
             }
             Err(_) => return Err(SessionError::PgTimeout(limit)),
         }
+        if source.delivery == Delivery::Outbox {
+            let waiting = outbox::backlog(&source.connection.client)
+                .await
+                .map_err(SourceError::from)?;
+            self.observed.metrics.outbox_backlog.set(waiting);
+        }
         match tokio::time::timeout(limit, sink.ping()).await {
             Ok(Ok(())) => {
                 if self.check_redis_restart(sink).await? {

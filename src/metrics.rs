@@ -71,6 +71,16 @@ impl Metrics {
             ready: Gauge::default(),
             swept: Counter::default(),
         };
+        // Known label values start at zero, so alerts and dashboards see the series from the
+        // first scrape rather than after the first error.
+        for kind in ["postgres", "redis"] {
+            metrics.error_family_touch(kind);
+        }
+        for kind in ["malformed", "unknown_table"] {
+            let _ = metrics.events_rejected.get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            });
+        }
         let mut registry = Registry::with_prefix("evictd");
         registry.register(
             "events",
@@ -125,6 +135,15 @@ impl Metrics {
             metrics.swept.clone(),
         );
         (metrics, registry)
+    }
+
+    fn error_family_touch(&self, server: &str) {
+        let _ = self.errors.get_or_create(&KindLabels {
+            kind: server.to_string(),
+        });
+        let _ = self.reconnects.get_or_create(&ServerLabels {
+            server: server.to_string(),
+        });
     }
 
     pub fn error(&self, kind: &str) {

@@ -1,0 +1,24 @@
+-- A least-privilege login role for the evictd daemon (`evictd run`, `doctor`, `stats`).
+-- Run as the owner of schema evictd, after `evictd migrate` (which itself needs an owner of the
+-- configured tables). Then set a password:  ALTER ROLE evictd_daemon PASSWORD '...';
+--
+-- The daemon reads what is installed, LISTENs, claims and deletes outbox rows, and moves
+-- poison events aside. It needs nothing on the application's tables: the triggers run as their
+-- owner (SECURITY DEFINER).
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'evictd_daemon') THEN
+        CREATE ROLE evictd_daemon LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT;
+    END IF;
+END
+$$;
+
+ALTER ROLE evictd_daemon SET lock_timeout = '5s';
+ALTER ROLE evictd_daemon SET idle_in_transaction_session_timeout = '60s';
+
+GRANT USAGE ON SCHEMA evictd TO evictd_daemon;
+GRANT SELECT ON evictd.settings TO evictd_daemon;
+-- SELECT ... FOR UPDATE SKIP LOCKED needs UPDATE; acknowledging needs DELETE.
+GRANT SELECT, UPDATE, DELETE ON evictd.outbox TO evictd_daemon;
+GRANT SELECT, INSERT ON evictd.dead_letter TO evictd_daemon;

@@ -13,6 +13,7 @@ CREATE TABLE IF NOT EXISTS evictd.settings (
 INSERT INTO evictd.settings (key, value) VALUES
     ('schema_version', '1'),
     ('delivery', 'outbox'),
+    ('wakeup', 'notify'),
     ('channel', 'cache_invalidation')
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
 

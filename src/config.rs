@@ -48,6 +48,40 @@ impl FromStr for Delivery {
     }
 }
 
+/// How the daemon learns that the outbox has new rows (outbox mode only; chosen at `migrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wakeup {
+    /// Each committing transaction also NOTIFYs: lowest latency, but PostgreSQL serialises
+    /// notifying commits on a cluster-wide lock, which costs writers throughput.
+    Notify,
+    /// No NOTIFY: the daemon polls the outbox on an adaptive interval (1 ms while busy, backing
+    /// off to `outbox_poll_max_ms` when idle): lowest writer cost, latency up to that interval.
+    Poll,
+}
+
+impl Wakeup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wakeup::Notify => "notify",
+            Wakeup::Poll => "poll",
+        }
+    }
+}
+
+impl FromStr for Wakeup {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "notify" => Ok(Wakeup::Notify),
+            "poll" => Ok(Wakeup::Poll),
+            other => Err(format!(
+                "unknown outbox wake-up `{other}` (use notify or poll)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -95,6 +129,10 @@ pub struct Settings {
     pub key_prefix: String,
     /// Delivery mode `migrate` installs; `run` follows what the database records.
     pub delivery: Delivery,
+    /// How outbox mode wakes the daemon (installed by `migrate`, like `delivery`).
+    pub outbox_wakeup: Wakeup,
+    /// The longest pause between two polls of the outbox in `poll` wake-up mode.
+    pub outbox_poll_max: Duration,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
     /// How long `{prefix}tagts:{tag}` markers live.
@@ -183,6 +221,8 @@ struct FileConfig {
     channel: Option<Spanned<String>>,
     key_prefix: Option<Spanned<String>>,
     delivery: Option<Delivery>,
+    outbox_wakeup: Option<Wakeup>,
+    outbox_poll_max_ms: Option<Spanned<u64>>,
     http_addr: Option<Spanned<String>>,
     log_format: Option<LogFormat>,
     tagts_ttl_secs: Option<Spanned<u64>>,
@@ -332,6 +372,13 @@ impl Settings {
             5_000,
         )? as u64;
 
+        let outbox_poll_max_ms = positive(
+            "outbox_poll_max_ms",
+            raw.outbox_poll_max_ms
+                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
+            50,
+        )? as u64;
+
         let mut origin = RulesOrigin {
             file: file.map(Path::to_path_buf),
             templates: Vec::new(),
@@ -396,6 +443,8 @@ impl Settings {
                 .delivery
                 .or(raw.delivery)
                 .unwrap_or(Delivery::Outbox),
+            outbox_wakeup: raw.outbox_wakeup.unwrap_or(Wakeup::Notify),
+            outbox_poll_max: Duration::from_millis(outbox_poll_max_ms),
             http_addr,
             log_format: overrides
                 .log_format

@@ -22,7 +22,7 @@ use tracing::{Instrument as _, debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::batch::Batch;
-use crate::config::{Delivery, Settings};
+use crate::config::{Delivery, Settings, Wakeup};
 use crate::event::{ChangeEvent, truncate};
 use crate::metrics::{EventLabels, Metrics};
 use crate::rules::Targets;
@@ -32,6 +32,8 @@ use crate::source::{Session, SourceError, outbox};
 
 /// Safety poll of the outbox even without a wake-up NOTIFY.
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
+/// The poll interval in `poll` wake-up mode while the outbox has rows.
+const OUTBOX_POLL_BUSY: Duration = Duration::from_millis(1);
 
 #[derive(Debug, Error)]
 enum SessionError {
@@ -154,7 +156,9 @@ impl Daemon {
                 self.resync(&sink, "redis restarted or failed over").await?;
                 self.drain_outbox(&mut source, &sink).await?;
             }
-            Delivery::Outbox => self.drain_outbox(&mut source, &sink).await?,
+            Delivery::Outbox => {
+                self.drain_outbox(&mut source, &sink).await?;
+            }
         }
         self.set_ready(true);
         backoff.reset();
@@ -170,8 +174,13 @@ impl Daemon {
         });
         let mut health = tokio::time::interval(tick);
         health.reset();
-        let mut poll = tokio::time::interval(OUTBOX_POLL);
-        poll.reset();
+        let polling = source.wakeup == Wakeup::Poll;
+        let mut poll_every = if polling {
+            OUTBOX_POLL_BUSY
+        } else {
+            OUTBOX_POLL
+        };
+        let mut next_poll = tokio::time::Instant::now() + poll_every;
         loop {
             tokio::select! {
                 biased;
@@ -184,8 +193,17 @@ impl Daemon {
                         self.flush_once(&sink, batch).await?;
                     }
                 }
-                _ = poll.tick(), if source.delivery == Delivery::Outbox => {
-                    self.drain_outbox(&mut source, &sink).await?;
+                _ = tokio::time::sleep_until(next_poll), if source.delivery == Delivery::Outbox => {
+                    let found = self.drain_outbox(&mut source, &sink).await?;
+                    if polling {
+                        // Adaptive: straight back while there is work, backing off when idle.
+                        poll_every = if found > 0 {
+                            OUTBOX_POLL_BUSY
+                        } else {
+                            (poll_every * 2).min(self.settings.outbox_poll_max)
+                        };
+                    }
+                    next_poll = tokio::time::Instant::now() + poll_every;
                 }
                 notification = source.next_notification() => {
                     let first = notification?;
@@ -362,8 +380,9 @@ impl Daemon {
         &mut self,
         source: &mut Session,
         sink: &RedisSink,
-    ) -> Result<(), SessionError> {
+    ) -> Result<usize, SessionError> {
         let limit = self.settings.batch_max_events as i64;
+        let mut total = 0;
         loop {
             // Wake-ups that arrived meanwhile are answered by this very drain.
             while let Some(n) = source.try_next_notification() {
@@ -379,8 +398,9 @@ impl Daemon {
             let claimed = claim.rows.len();
             if claimed == 0 {
                 self.observed.metrics.outbox_backlog.set(0);
-                return Ok(());
+                return Ok(total);
             }
+            total += claimed;
             let mut batch = Batch::default();
             let mut poison = Vec::new();
             for row in &claim.rows {
@@ -409,7 +429,7 @@ impl Daemon {
                 }
             }
             if claimed < limit as usize {
-                return Ok(());
+                return Ok(total);
             }
         }
     }

@@ -89,8 +89,8 @@ fn tags(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-async fn table_matrix(delivery: Delivery) {
-    let env = Env::new(delivery).await;
+async fn table_matrix(delivery: Delivery, config: &str) {
+    let env = Env::with_config(delivery, config).await;
     env.sql(&seed_sql()).await;
     let _daemon = env.start_daemon().await;
 
@@ -207,13 +207,37 @@ async fn table_matrix(delivery: Delivery) {
 /// Each table × INSERT / UPDATE / DELETE removes exactly the expected entries (notify mode).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_table_and_operation_notify() {
-    table_matrix(Delivery::Notify).await;
+    table_matrix(Delivery::Notify, "").await;
 }
 
 /// The same matrix through the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_table_and_operation_outbox() {
-    table_matrix(Delivery::Outbox).await;
+    table_matrix(Delivery::Outbox, "").await;
+}
+
+/// The same matrix through the outbox in its low-overhead setting: no NOTIFY at commit, the
+/// daemon polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_table_and_operation_outbox_polled() {
+    table_matrix(Delivery::Outbox, "outbox_wakeup = \"poll\"\n").await;
+}
+
+/// In poll wake-up mode the writers send no NOTIFY at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_wakeup_sends_no_notify() {
+    let env = Env::with_config(Delivery::Outbox, "outbox_wakeup = \"poll\"\n").await;
+    let ddl: String = env
+        .pg
+        .query_one(
+            "SELECT pg_get_functiondef('evictd.emit(text)'::regprocedure)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!ddl.contains("pg_notify"), "{ddl}");
+    assert!(ddl.contains("INSERT INTO evictd.outbox"), "{ddl}");
 }
 
 /// An UPDATE that moves a product to another client invalidates both clients' tags.

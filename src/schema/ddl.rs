@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::config::{Delivery, Settings};
+use crate::config::{Delivery, Settings, Wakeup};
 use crate::rules::{TableName, TableRule};
 
 /// Bumped whenever the generated objects change shape; recorded in `evictd.settings`.
@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS evictd.settings (
 INSERT INTO evictd.settings (key, value) VALUES
     ('schema_version', '{SCHEMA_VERSION}'),
     ('delivery', '{delivery}'),
+    ('wakeup', '{wakeup}'),
     ('channel', '{channel}')
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
 
@@ -72,8 +73,9 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
 
 "#,
         delivery = delivery.as_str(),
+        wakeup = settings.outbox_wakeup.as_str(),
     ));
-    sql.push_str(&emit_function(delivery, channel));
+    sql.push_str(&emit_function(delivery, settings.outbox_wakeup, channel));
     sql.push_str(&invalidate_tags_function());
     sql.push_str(&drop_stale_captures(settings.rules.tables()));
     for rule in settings.rules.tables() {
@@ -88,12 +90,16 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
 }
 
 /// `evictd.emit(payload)`: the one place that knows how an event leaves the transaction.
-fn emit_function(delivery: Delivery, channel: &str) -> String {
-    let body = match delivery {
-        Delivery::Notify => format!("    PERFORM pg_notify('{channel}', payload);"),
+fn emit_function(delivery: Delivery, wakeup: Wakeup, channel: &str) -> String {
+    let body = match (delivery, wakeup) {
+        (Delivery::Notify, _) => format!("    PERFORM pg_notify('{channel}', payload);"),
+        // No NOTIFY, so no commit-time lock: the daemon polls.
+        (Delivery::Outbox, Wakeup::Poll) => {
+            "    INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string()
+        }
         // The NOTIFY only wakes the daemon; identical payloads are folded into one per
         // transaction by PostgreSQL, so a transaction costs one wake-up however many statements.
-        Delivery::Outbox => format!(
+        (Delivery::Outbox, Wakeup::Notify) => format!(
             "    INSERT INTO evictd.outbox (payload) VALUES (payload);\n    PERFORM pg_notify('{channel}', '');"
         ),
     };

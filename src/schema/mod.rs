@@ -9,7 +9,7 @@ use thiserror::Error;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
 
-use crate::config::{Delivery, Settings};
+use crate::config::{Delivery, Settings, Wakeup};
 
 #[derive(Debug, Error)]
 pub enum SchemaError {
@@ -32,6 +32,8 @@ pub enum SchemaError {
 pub struct Installed {
     pub version: u32,
     pub delivery: Delivery,
+    /// How outbox mode wakes the daemon (`notify` when not recorded).
+    pub wakeup: Wakeup,
     pub channel: String,
     /// Fingerprint of the DDL last applied; equal means `migrate` has nothing to do.
     pub ddl_hash: Option<String>,
@@ -63,6 +65,9 @@ pub async fn installed(client: &impl GenericClient) -> Result<Option<Installed>,
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
         delivery,
+        wakeup: get("wakeup")
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(Wakeup::Notify),
         channel: get("channel").unwrap_or_default(),
         ddl_hash: get("ddl_hash"),
     }))

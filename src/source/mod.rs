@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use thiserror::Error;
 use tokio_postgres::Notification;
 
-use crate::config::{Delivery, Settings};
+use crate::config::{Delivery, Settings, Wakeup};
 use crate::db::{self, Connection, DbError, NotificationFeed};
 use crate::schema::{self, SchemaError};
 
@@ -36,6 +36,7 @@ pub struct Session {
     pub connection: Connection,
     pub feed: NotificationFeed,
     pub delivery: Delivery,
+    pub wakeup: Wakeup,
     pub channel: String,
 }
 
@@ -68,6 +69,7 @@ impl Session {
             connection,
             feed,
             delivery: installed.delivery,
+            wakeup: installed.wakeup,
             channel: installed.channel,
         })
     }

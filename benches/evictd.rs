@@ -1,0 +1,612 @@
+//! The evictd benchmark: throwaway PostgreSQL and Redis, evictd as a separate process, and the
+//! figures issue 5 asks for, per delivery setting. Prints a table and writes
+//! `target/evictd-bench.json`.
+//!
+//!     cargo bench --bench evictd              # full run, a few minutes on 2 cores
+//!     cargo bench --bench evictd -- --quick   # shorter phases, for a smoke test
+//!
+//! Latency is measured end to end: the time from a writer's COMMIT returning to Redis telling
+//! (keyspace notification) that the entry tagged with the changed row was deleted.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evictd::throwaway::{Postgres, Redis};
+use futures_util::StreamExt as _;
+use redis::AsyncCommands as _;
+use serde_json::{Value, json};
+use support::Daemon;
+use tokio::sync::Mutex;
+
+const PRODUCTS: usize = 1_000_000;
+const CLIENTS: usize = 1_000;
+const WRITERS: usize = 4;
+
+#[derive(Clone, Copy)]
+struct Setting {
+    name: &'static str,
+    delivery: &'static str,
+    wakeup: &'static str,
+    what: &'static str,
+}
+
+const SETTINGS: [Setting; 3] = [
+    Setting { name: "outbox-notify", delivery: "outbox", wakeup: "notify", what: "outbox, NOTIFY wake-up (default; low latency)" },
+    Setting { name: "outbox-poll", delivery: "outbox", wakeup: "poll", what: "outbox, adaptive poll (low writer overhead)" },
+    Setting { name: "notify", delivery: "notify", wakeup: "notify", what: "NOTIFY payloads only" },
+];
+
+fn product_id(i: usize) -> String {
+    format!("00000000-0000-0000-0000-{i:012}")
+}
+
+struct Lab {
+    pg: Postgres,
+    redis: Redis,
+    quick: bool,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn phase(&self) -> Duration {
+        if self.quick { Duration::from_secs(2) } else { Duration::from_secs(5) }
+    }
+
+    fn url(&self, db: &str) -> String {
+        self.pg.url(db)
+    }
+
+    async fn client(&self, db: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+
+    fn evictd(&self, db: &str, setting: &Setting, args: &[&str]) -> std::process::Command {
+        let config = self.dir.path().join(format!("{}.toml", setting.name));
+        std::fs::write(&config, format!("outbox_wakeup = \"{}\"\nsweep_interval_secs = 0\n", setting.wakeup)).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"));
+        command
+            .args(args)
+            .env("DATABASE_URL", self.url(db))
+            .env("REDIS_URL", self.redis.url())
+            .env("EVICTD_CONFIG", &config)
+            .env("EVICTD_DELIVERY", setting.delivery)
+            .env("EVICTD_LOG", "warn,evictd=info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command
+    }
+
+    async fn start_daemon(&self, db: &str, setting: &Setting) -> Daemon {
+        let daemon = Daemon::spawn(self.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    /// A database with the example schema and PRODUCTS products, evictd installed per `setting`.
+    async fn database(&self, name: &str, setting: Option<&Setting>) {
+        let admin = self.client("postgres").await;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await.unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE bench_template")).await.unwrap();
+        if let Some(setting) = setting {
+            let output = support::finish(self.evictd(name, setting, &["migrate"]));
+            assert!(output.status.success(), "{}", support::text(&output));
+        }
+    }
+}
+
+/// Records when Redis deleted each `cache:bench:*` key (keyspace notifications).
+struct Deletions {
+    seen: Arc<Mutex<HashMap<String, Instant>>>,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Deletions {
+    async fn subscribe(lab: &Lab) -> Deletions {
+        let mut conn = lab.redis().await;
+        let () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("Kg").query_async(&mut conn).await.unwrap();
+        let () = redis::cmd("CONFIG").arg("SET").arg("client-output-buffer-limit").arg("pubsub 0 0 0").query_async(&mut conn).await.unwrap();
+        let client = redis::Client::open(lab.redis.url()).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.psubscribe("__keyspace@0__:cache:bench:*").await.unwrap();
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, c) = (seen.clone(), count.clone());
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                let at = Instant::now();
+                let payload: String = msg.get_payload().unwrap_or_default();
+                if payload != "del" {
+                    continue;
+                }
+                let key = msg.get_channel_name().trim_start_matches("__keyspace@0__:").to_string();
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                s.lock().await.insert(key, at);
+            }
+        });
+        Deletions { seen, count }
+    }
+
+    async fn clear(&self) {
+        self.seen.lock().await.clear();
+        self.count.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn wait_count(&self, n: u64, limit: Duration) -> Option<Instant> {
+        let start = Instant::now();
+        while self.count() < n {
+            if start.elapsed() > limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Some(Instant::now())
+    }
+}
+
+/// Writes one cache entry per product in `range`, tagged `products:id:<id>`.
+async fn cache_entries(lab: &Lab, range: std::ops::Range<usize>) {
+    let mut conn = lab.redis().await;
+    let ids: Vec<usize> = range.collect();
+    for chunk in ids.chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            let key = format!("cache:bench:e:{i}");
+            pipe.cmd("SET").arg(&key).arg("v").ignore();
+            pipe.cmd("SADD").arg(format!("cache:tag:products:id:{}", product_id(i))).arg(&key).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn summary(mut lags_ms: Vec<f64>, lost: usize) -> Value {
+    lags_ms.sort_by(|a, b| a.total_cmp(b));
+    json!({
+        "samples": lags_ms.len(),
+        "missing": lost,
+        "p50_ms": round(percentile(&lags_ms, 0.5)),
+        "p90_ms": round(percentile(&lags_ms, 0.9)),
+        "p99_ms": round(percentile(&lags_ms, 0.99)),
+        "max_ms": round(lags_ms.last().copied().unwrap_or(f64::NAN)),
+    })
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Closed loop: WRITERS connections updating random products as fast as they can.
+async fn writer_rate(lab: &Lab, db: &str) -> f64 {
+    let deadline = Instant::now() + lab.phase();
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let client = lab.client(db).await;
+        tasks.push(tokio::spawn(async move {
+            let statement = client
+                .prepare("UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid")
+                .await
+                .unwrap();
+            let mut n = 0u64;
+            let mut i = w * 7919;
+            while Instant::now() < deadline {
+                i = (i + 104_729) % PRODUCTS;
+                client.execute(&statement, &[&product_id(i)]).await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let started = Instant::now();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Open loop at `rate` commits/s (or closed loop when `rate` is None), one fresh product per
+/// commit, each with its cache entry; returns the achieved rate and lag percentiles.
+async fn latency(lab: &Lab, db: &str, deletions: &Deletions, rate: Option<f64>, first: usize) -> (f64, Value, usize) {
+    let planned = match rate {
+        Some(r) => (r * lab.phase().as_secs_f64()) as usize,
+        None => 80_000,
+    };
+    cache_entries(lab, first..first + planned).await;
+    deletions.clear().await;
+    let commits: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::new(Mutex::new(Vec::with_capacity(planned)));
+    let start = Instant::now() + Duration::from_millis(50);
+    let deadline = start + lab.phase();
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let client = lab.client(db).await;
+        let commits = commits.clone();
+        tasks.push(tokio::spawn(async move {
+            let statement = client
+                .prepare("UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid")
+                .await
+                .unwrap();
+            let mut k = w;
+            while k < planned {
+                if let Some(rate) = rate {
+                    let due = start + Duration::from_secs_f64(k as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                } else if Instant::now() > deadline {
+                    break;
+                }
+                let i = first + k;
+                client.execute(&statement, &[&product_id(i)]).await.unwrap();
+                commits.lock().await.push((i, Instant::now()));
+                k += WRITERS;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = start.elapsed().as_secs_f64();
+    let commits = commits.lock().await.clone();
+    let _ = deletions.wait_count(commits.len() as u64, Duration::from_secs(30)).await;
+    let seen = deletions.seen.lock().await;
+    let mut lags = Vec::with_capacity(commits.len());
+    let mut missing = 0;
+    for (i, at) in &commits {
+        match seen.get(&format!("cache:bench:e:{i}")) {
+            Some(gone) => lags.push(gone.saturating_duration_since(*at).as_secs_f64() * 1000.0),
+            None => missing += 1,
+        }
+    }
+    (commits.len() as f64 / took, summary(lags, missing), commits.len())
+}
+
+/// The daemon's resident memory now and at its peak (kB), and CPU seconds used so far.
+fn process_stats(pid: u32) -> (u64, u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
+    let ticks = 100.0; // USER_HZ on Linux
+    let cpu = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field("VmRSS:"), field("VmHWM:"), cpu / ticks)
+}
+
+/// One UPDATE of `rows` rows (products 0..rows): statement time with and without the triggers,
+/// events it produced, time from COMMIT to the last affected entry gone, precise or table-wide.
+async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, rows: usize) -> Value {
+    let client = lab.client(db).await;
+    let sql = format!(
+        "UPDATE products SET price_cents = price_cents + 1 WHERE id <= '{}'::uuid",
+        product_id(rows - 1)
+    );
+    client.batch_execute("ALTER TABLE products DISABLE TRIGGER USER").await.unwrap();
+    let t = Instant::now();
+    client.batch_execute(&sql).await.unwrap();
+    let bare = t.elapsed().as_secs_f64();
+    client.batch_execute("ALTER TABLE products ENABLE TRIGGER USER").await.unwrap();
+    client.batch_execute("VACUUM products").await.unwrap();
+
+    // Entries for (up to) 100,000 of the updated rows, and one for a row it does not touch.
+    let watched = rows.min(100_000);
+    cache_entries(lab, 0..watched).await;
+    cache_entries(lab, rows..rows + 1).await;
+    deletions.clear().await;
+    let outbox_before: i64 = if setting.delivery == "outbox" {
+        client.query_one("SELECT coalesce(max(id), 0) FROM evictd.outbox", &[]).await.unwrap().get(0)
+    } else {
+        0
+    };
+    let (listener, mut conn) = tokio_postgres::connect(&lab.url(db), tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN cache_invalidation").await.unwrap();
+
+    let t = Instant::now();
+    client.batch_execute(&sql).await.unwrap();
+    let with_triggers = t.elapsed().as_secs_f64();
+    let committed = Instant::now();
+    let done = deletions.wait_count(watched as u64, Duration::from_secs(60)).await;
+    let gone_after = done.map(|d| d.duration_since(committed).as_secs_f64());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut notifications = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        notifications.push(p);
+    }
+    let (events, wide) = if setting.delivery == "outbox" {
+        // The daemon may already have consumed the rows: count what the statement wrote via
+        // the identity sequence instead.
+        let after: i64 = client
+            .query_one("SELECT last_value FROM evictd.outbox_id_seq", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let events = after - outbox_before;
+        let kept: i64 = client
+            .query_one("SELECT count(*) FROM evictd.outbox", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let _ = kept;
+        (events, None)
+    } else {
+        let wide = notifications.iter().any(|p| p.contains("\"wide\":true"));
+        (notifications.len() as i64, Some(wide))
+    };
+    let mut redis = lab.redis().await;
+    let untouched: bool = redis.exists(format!("cache:bench:e:{rows}")).await.unwrap();
+    let _: () = redis.del(format!("cache:bench:e:{rows}")).await.unwrap();
+    json!({
+        "rows": rows,
+        "statement_s_bare": round(bare * 1000.0) / 1000.0,
+        "statement_s_with_triggers": round(with_triggers * 1000.0) / 1000.0,
+        "overhead_pct": round((with_triggers / bare - 1.0) * 100.0),
+        "events": events,
+        "commit_to_last_key_gone_s": gone_after.map(|s| round(s * 1000.0) / 1000.0),
+        "precise": wide.map_or(untouched, |w| !w && untouched),
+    })
+}
+
+/// Invalidates one tag of `members` members while another client PINGs in a loop.
+async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
+    let mut conn = lab.redis().await;
+    let keys: Vec<String> = (0..members).map(|i| format!("cache:bench:big:{i}")).collect();
+    for chunk in keys.chunks(20_000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("SET").arg(key).arg("v").ignore();
+        }
+        pipe.cmd("SADD").arg("cache:tag:bench:big").arg(chunk).ignore();
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let before: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = {
+        let mut ping_conn = lab.redis().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let _: String = redis::cmd("PING").query_async(&mut ping_conn).await.unwrap();
+                worst = worst.max(t.elapsed());
+                n += 1;
+            }
+            (worst, n)
+        })
+    };
+    let client = lab.client(db).await;
+    let t = Instant::now();
+    client.batch_execute("SELECT evictd.invalidate_tags('bench:big')").await.unwrap();
+    loop {
+        let size: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        if size + members as u64 <= before || t.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = t.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (worst, pings) = pinger.await.unwrap();
+    json!({
+        "members": members,
+        "total_s": round(took * 1000.0) / 1000.0,
+        "worst_ping_ms": round(worst.as_secs_f64() * 1000.0),
+        "pings": pings,
+    })
+}
+
+/// A backlog of `events` queued outbox events, drained by a daemon started afterwards.
+async fn backlog(lab: &Lab, db: &str, setting: &Setting, events: usize) -> Value {
+    let client = lab.client(db).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO evictd.outbox (payload)
+             SELECT '{{\"v\":1,\"op\":\"UPDATE\",\"table\":\"public.products\",\"cols\":[\"client_id\",\"id\"],\"rows\":[[\"00000000-0000-0000-0000-' || lpad((i % {CLIENTS})::text, 12, '0') || '\",\"00000000-0000-0000-0000-' || lpad(i::text, 12, '0') || '\"]]}}'
+             FROM generate_series(0, {}) i",
+            events - 1
+        ))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let daemon = Daemon::spawn(lab.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
+    daemon.wait_ready().await;
+    let took = t.elapsed().as_secs_f64();
+    let left: i64 = client.query_one("SELECT count(*) FROM evictd.outbox", &[]).await.unwrap().get(0);
+    let (_, peak_kb, cpu) = process_stats(daemon.child.id());
+    json!({
+        "events": events,
+        "drain_s": round(took * 1000.0) / 1000.0,
+        "events_per_s": (events as f64 / took).round(),
+        "left": left,
+        "daemon_peak_rss_mb": round(peak_kb as f64 / 1024.0),
+        "cpu_s_per_100k_events": round(cpu / events as f64 * 100_000.0),
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let lab = Lab {
+        pg: Postgres::start_with(&["fsync=on", "full_page_writes=on", "max_wal_size=4GB", "shared_buffers=256MB"])
+            .unwrap_or_else(|e| panic!("{e:#}")),
+        redis: Redis::start().unwrap_or_else(|e| panic!("{e:#}")),
+        quick,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let products = if quick { 200_000 } else { PRODUCTS };
+    eprintln!("seeding {products} products…");
+    lab.pg.psql("postgres", &["-c", "CREATE DATABASE bench_template"]).unwrap();
+    lab.pg.psql("bench_template", &["-c", support::EXAMPLE_SCHEMA]).unwrap();
+    lab.pg
+        .psql(
+            "bench_template",
+            &["-c", &format!(
+                "INSERT INTO clients (id, name) SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid, 'c' || i FROM generate_series(0, {}) i;
+                 INSERT INTO products (id, client_id, name) SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid,
+                        ('00000000-0000-0000-0000-' || lpad((i % {CLIENTS})::text, 12, '0'))::uuid, 'p' || i
+                 FROM generate_series(0, {}) i;",
+                CLIENTS - 1,
+                products - 1
+            ), "-c", "VACUUM ANALYZE"],
+        )
+        .unwrap();
+    let deletions = Deletions::subscribe(&lab).await;
+    let commit = std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+
+    eprintln!("baseline: no triggers…");
+    lab.database("bench_bare", None).await;
+    let bare_rate = writer_rate(&lab, "bench_bare").await;
+    let bare_sync_off = {
+        let c = lab.client("postgres").await;
+        c.batch_execute("ALTER DATABASE bench_bare SET synchronous_commit = off").await.unwrap();
+        writer_rate(&lab, "bench_bare").await
+    };
+
+    let mut results = Vec::new();
+    for setting in &SETTINGS {
+        eprintln!("setting {}…", setting.name);
+        let db = format!("bench_{}", setting.name.replace('-', "_"));
+        lab.database(&db, Some(setting)).await;
+        let daemon = lab.start_daemon(&db, setting).await;
+        let pid = daemon.child.id();
+        let (idle_kb, _, cpu_before) = process_stats(pid);
+
+        let rate = writer_rate(&lab, &db).await;
+        let mut next = 0;
+        let mut events = 0;
+        let mut latencies = serde_json::Map::new();
+        for target in [500.0, 2_000.0] {
+            let (achieved, lags, n) = latency(&lab, &db, &deletions, Some(target), next).await;
+            next += n;
+            events += n;
+            latencies.insert(format!("{target}"), json!({ "achieved_per_s": achieved.round(), "lag": lags }));
+        }
+        let admin = lab.client("postgres").await;
+        admin.batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = off")).await.unwrap();
+        let (max_rate, max_lags, n) = latency(&lab, &db, &deletions, None, next).await;
+        events += n;
+        admin.batch_execute(&format!("ALTER DATABASE {db} RESET synchronous_commit")).await.unwrap();
+        let (_, peak_kb, cpu_after) = process_stats(pid);
+
+        let bulk_small = bulk(&lab, &db, setting, &deletions, 100_000.min(products / 2)).await;
+        let bulk_large = if quick { Value::Null } else { bulk(&lab, &db, setting, &deletions, products).await };
+        let tag = big_tag(&lab, &db, if quick { 200_000 } else { 1_000_000 }).await;
+        let (_, peak_after_bulk_kb, _) = process_stats(pid);
+        drop(daemon);
+        let drain = if setting.delivery == "outbox" {
+            Some(backlog(&lab, &db, setting, if quick { 100_000 } else { 1_000_000 }).await)
+        } else {
+            None
+        };
+        results.push(json!({
+            "setting": setting.name,
+            "description": setting.what,
+            "writer": {
+                "commits_per_s_no_triggers": bare_rate.round(),
+                "commits_per_s_with_triggers": rate.round(),
+                "ratio": round(rate / bare_rate),
+            },
+            "latency": latencies,
+            "synchronous_commit_off": {
+                "commits_per_s_no_triggers": bare_sync_off.round(),
+                "commits_per_s": max_rate.round(),
+                "lag": max_lags,
+            },
+            "bulk_100k": bulk_small,
+            "bulk_1m": bulk_large,
+            "big_tag": tag,
+            "backlog": drain,
+            "daemon": {
+                "rss_idle_mb": round(idle_kb as f64 / 1024.0),
+                "rss_peak_mb_load": round(peak_kb as f64 / 1024.0),
+                "rss_peak_mb_with_bulk": round(peak_after_bulk_kb as f64 / 1024.0),
+                "cpu_s_per_100k_events": round((cpu_after - cpu_before) / events as f64 * 100_000.0),
+            },
+        }));
+    }
+    let report = json!({
+        "commit": commit,
+        "machine": format!("{} cores, {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines()
+                .find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("").trim()),
+        "quick": quick,
+        "products": products,
+        "results": results,
+    });
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/evictd-bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    print_table(&report);
+    eprintln!("\nwrote {}", path.display());
+}
+
+fn print_table(report: &Value) {
+    println!("\nevictd benchmark — commit {}, {}", report["commit"].as_str().unwrap_or(""), report["machine"].as_str().unwrap_or(""));
+    for r in report["results"].as_array().unwrap() {
+        println!("\n== {} ({})", r["setting"].as_str().unwrap(), r["description"].as_str().unwrap());
+        let w = &r["writer"];
+        println!("  writers (4 clients, single-row UPDATE): {} commits/s vs {} without triggers = {:.0}%",
+            w["commits_per_s_with_triggers"], w["commits_per_s_no_triggers"], w["ratio"].as_f64().unwrap_or(0.0) * 100.0);
+        for rate in ["500", "2000"] {
+            let l = &r["latency"][rate];
+            println!("  latency @{rate}/s (achieved {}): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, missing {}",
+                l["achieved_per_s"], l["lag"]["p50_ms"], l["lag"]["p90_ms"], l["lag"]["p99_ms"], l["lag"]["max_ms"], l["lag"]["missing"]);
+        }
+        let s = &r["synchronous_commit_off"];
+        println!("  synchronous_commit=off: {} commits/s (bare {}), lag p50 {} ms, p99 {} ms, max {} ms",
+            s["commits_per_s"], s["commits_per_s_no_triggers"], s["lag"]["p50_ms"], s["lag"]["p99_ms"], s["lag"]["max_ms"]);
+        for key in ["bulk_100k", "bulk_1m"] {
+            let b = &r[key];
+            if b.is_null() { continue; }
+            println!("  UPDATE {} rows: {} s bare, {} s with triggers (+{}%), {} events, last key gone {} s after commit, precise: {}",
+                b["rows"], b["statement_s_bare"], b["statement_s_with_triggers"], b["overhead_pct"], b["events"], b["commit_to_last_key_gone_s"], b["precise"]);
+        }
+        let t = &r["big_tag"];
+        println!("  tag of {} members: {} s, worst PING meanwhile {} ms", t["members"], t["total_s"], t["worst_ping_ms"]);
+        if !r["backlog"].is_null() {
+            let b = &r["backlog"];
+            println!("  backlog of {} events drained in {} s = {} events/s (peak RSS {} MB, {} CPU s per 100k)",
+                b["events"], b["drain_s"], b["events_per_s"], b["daemon_peak_rss_mb"], b["cpu_s_per_100k_events"]);
+        }
+        let d = &r["daemon"];
+        println!("  daemon: RSS idle {} MB, peak {} MB under load, {} MB with bulk; {} CPU s per 100k events",
+            d["rss_idle_mb"], d["rss_peak_mb_load"], d["rss_peak_mb_with_bulk"], d["cpu_s_per_100k_events"]);
+    }
+}

@@ -94,33 +94,33 @@ $do$;
 CREATE OR REPLACE FUNCTION evictd.capture__public__products() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    head text := '{"v":1,"op":"' || TG_OP || '","table":"public.products","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
     n bigint;
     body text;
+    head text;
+    payload text;
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        PERFORM evictd.emit(head || '}');
-        RETURN NULL;
+    IF TG_OP = 'INSERT' THEN
+        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows LIMIT 150001) s;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*) INTO n FROM (SELECT 1 FROM old_rows LIMIT 250001) s;
-    ELSE
-        SELECT count(*) INTO n FROM (SELECT 1 FROM new_rows LIMIT 250001) s;
+        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows LIMIT 150001) s;
+    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT count(*) / 2, string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM ((SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows LIMIT 150001)
+                  UNION ALL (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows LIMIT 150001)) s;
     END IF;
     IF n = 0 THEN
         RETURN NULL;
-    ELSIF n > 250000 THEN
-        PERFORM evictd.emit(head || ',"wide":true}');
-        RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' THEN
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT DISTINCT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows) s;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT DISTINCT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows) s;
+    head := '{"v":1,"op":"' || TG_OP || '","table":"public.products","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    IF TG_OP = 'TRUNCATE' OR n > 150000 THEN
+        payload := head || ',"wide":true}';
     ELSE
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows UNION SELECT "client_id"::text, "id"::text FROM new_rows) s;
+        payload := head || ',"cols":["client_id","id"],"rows":[' || body || ']}';
     END IF;
-    body := head || ',"cols":["client_id","id"],"rows":[' || coalesce(body, '') || ']}';
-    PERFORM evictd.emit(body);
+    INSERT INTO evictd.outbox (payload) VALUES (payload);
+    PERFORM pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -138,33 +138,33 @@ CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."products"
 CREATE OR REPLACE FUNCTION evictd.capture__public__job_readiness_expert_sessions() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    head text := '{"v":1,"op":"' || TG_OP || '","table":"public.job_readiness_expert_sessions","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
     n bigint;
     body text;
+    head text;
+    payload text;
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        PERFORM evictd.emit(head || '}');
-        RETURN NULL;
+    IF TG_OP = 'INSERT' THEN
+        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows LIMIT 150001) s;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*) INTO n FROM (SELECT 1 FROM old_rows LIMIT 250001) s;
-    ELSE
-        SELECT count(*) INTO n FROM (SELECT 1 FROM new_rows LIMIT 250001) s;
+        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows LIMIT 150001) s;
+    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT count(*) / 2, string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM ((SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows LIMIT 150001)
+                  UNION ALL (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows LIMIT 150001)) s;
     END IF;
     IF n = 0 THEN
         RETURN NULL;
-    ELSIF n > 250000 THEN
-        PERFORM evictd.emit(head || ',"wide":true}');
-        RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' THEN
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT DISTINCT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) s;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT DISTINCT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows) s;
+    head := '{"v":1,"op":"' || TG_OP || '","table":"public.job_readiness_expert_sessions","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    IF TG_OP = 'TRUNCATE' OR n > 150000 THEN
+        payload := head || ',"wide":true}';
     ELSE
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows UNION SELECT "id"::text, "product_id"::text FROM new_rows) s;
+        payload := head || ',"cols":["id","product_id"],"rows":[' || body || ']}';
     END IF;
-    body := head || ',"cols":["id","product_id"],"rows":[' || coalesce(body, '') || ']}';
-    PERFORM evictd.emit(body);
+    INSERT INTO evictd.outbox (payload) VALUES (payload);
+    PERFORM pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -182,33 +182,33 @@ CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."job_readin
 CREATE OR REPLACE FUNCTION evictd.capture__public__modules() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    head text := '{"v":1,"op":"' || TG_OP || '","table":"public.modules","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
     n bigint;
     body text;
+    head text;
+    payload text;
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        PERFORM evictd.emit(head || '}');
-        RETURN NULL;
+    IF TG_OP = 'INSERT' THEN
+        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows LIMIT 150001) s;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*) INTO n FROM (SELECT 1 FROM old_rows LIMIT 250001) s;
-    ELSE
-        SELECT count(*) INTO n FROM (SELECT 1 FROM new_rows LIMIT 250001) s;
+        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows LIMIT 150001) s;
+    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT count(*) / 2, string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
+            FROM ((SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows LIMIT 150001)
+                  UNION ALL (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows LIMIT 150001)) s;
     END IF;
     IF n = 0 THEN
         RETURN NULL;
-    ELSIF n > 250000 THEN
-        PERFORM evictd.emit(head || ',"wide":true}');
-        RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' THEN
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT DISTINCT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) s;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT DISTINCT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows) s;
+    head := '{"v":1,"op":"' || TG_OP || '","table":"public.modules","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    IF TG_OP = 'TRUNCATE' OR n > 150000 THEN
+        payload := head || ',"wide":true}';
     ELSE
-        SELECT string_agg(json_build_array(c0, c1)::text, ',') INTO body FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows UNION SELECT "id"::text, "product_id"::text FROM new_rows) s;
+        payload := head || ',"cols":["id","product_id"],"rows":[' || body || ']}';
     END IF;
-    body := head || ',"cols":["id","product_id"],"rows":[' || coalesce(body, '') || ']}';
-    PERFORM evictd.emit(body);
+    INSERT INTO evictd.outbox (payload) VALUES (payload);
+    PERFORM pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -226,33 +226,33 @@ CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."modules"
 CREATE OR REPLACE FUNCTION evictd.capture__public__clients() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    head text := '{"v":1,"op":"' || TG_OP || '","table":"public.clients","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
     n bigint;
     body text;
+    head text;
+    payload text;
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        PERFORM evictd.emit(head || '}');
-        RETURN NULL;
+    IF TG_OP = 'INSERT' THEN
+        SELECT count(*), string_agg(DISTINCT json_build_array(c0)::text, ',') INTO n, body
+            FROM (SELECT "id"::text AS c0 FROM new_rows LIMIT 150001) s;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*) INTO n FROM (SELECT 1 FROM old_rows LIMIT 250001) s;
-    ELSE
-        SELECT count(*) INTO n FROM (SELECT 1 FROM new_rows LIMIT 250001) s;
+        SELECT count(*), string_agg(DISTINCT json_build_array(c0)::text, ',') INTO n, body
+            FROM (SELECT "id"::text AS c0 FROM old_rows LIMIT 150001) s;
+    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT count(*) / 2, string_agg(DISTINCT json_build_array(c0)::text, ',') INTO n, body
+            FROM ((SELECT "id"::text AS c0 FROM old_rows LIMIT 150001)
+                  UNION ALL (SELECT "id"::text AS c0 FROM new_rows LIMIT 150001)) s;
     END IF;
     IF n = 0 THEN
         RETURN NULL;
-    ELSIF n > 250000 THEN
-        PERFORM evictd.emit(head || ',"wide":true}');
-        RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' THEN
-        SELECT string_agg(json_build_array(c0)::text, ',') INTO body FROM (SELECT DISTINCT "id"::text AS c0 FROM new_rows) s;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT string_agg(json_build_array(c0)::text, ',') INTO body FROM (SELECT DISTINCT "id"::text AS c0 FROM old_rows) s;
+    head := '{"v":1,"op":"' || TG_OP || '","table":"public.clients","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    IF TG_OP = 'TRUNCATE' OR n > 150000 THEN
+        payload := head || ',"wide":true}';
     ELSE
-        SELECT string_agg(json_build_array(c0)::text, ',') INTO body FROM (SELECT "id"::text AS c0 FROM old_rows UNION SELECT "id"::text FROM new_rows) s;
+        payload := head || ',"cols":["id"],"rows":[' || body || ']}';
     END IF;
-    body := head || ',"cols":["id"],"rows":[' || coalesce(body, '') || ']}';
-    PERFORM evictd.emit(body);
+    INSERT INTO evictd.outbox (payload) VALUES (payload);
+    PERFORM pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;

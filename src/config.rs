@@ -355,7 +355,7 @@ impl Settings {
             "wide_row_threshold",
             raw.wide_row_threshold
                 .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
-            250_000,
+            150_000,
         )? as u64;
 
         let health_interval_ms = positive(

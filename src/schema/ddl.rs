@@ -83,7 +83,13 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
             Delivery::Outbox => settings.wide_row_threshold,
             Delivery::Notify => settings.wide_row_threshold.min(NOTIFY_ROW_LIMIT),
         };
-        sql.push_str(&capture_function(rule, delivery, limit));
+        sql.push_str(&capture_function(
+            rule,
+            delivery,
+            settings.outbox_wakeup,
+            channel,
+            limit,
+        ));
         sql.push_str(&triggers(rule));
     }
     sql
@@ -203,79 +209,87 @@ fn qualified(table: &TableName) -> String {
 /// The statement-level capture function of one table. It carries only the referenced columns,
 /// de-duplicated over old and new rows, and goes table-wide above `row_limit` rows (and, in
 /// notify mode, when the payload would not fit).
-fn capture_function(rule: &TableRule, delivery: Delivery, row_limit: u64) -> String {
+///
+/// It is on every writer's path, so it does the least work that can be done: one query that
+/// both counts (reading at most `row_limit + 1` rows) and aggregates, and the event emitted
+/// inline rather than through `evictd.emit`.
+fn capture_function(
+    rule: &TableRule,
+    delivery: Delivery,
+    wakeup: Wakeup,
+    channel: &str,
+    row_limit: u64,
+) -> String {
     let name = capture_function_name(&rule.table);
     let table = rule.table.to_string();
     let cols_json = serde_json::to_string(&rule.columns).unwrap_or_else(|_| "[]".into());
-    let text_cols: Vec<String> = rule
+    let aliased: Vec<String> = rule
         .columns
         .iter()
-        .map(|c| format!("{}::text", ident(c)))
+        .enumerate()
+        .map(|(i, c)| format!("{}::text AS c{i}", ident(c)))
         .collect();
+    let aliased = aliased.join(", ");
     let aliases: Vec<String> = (0..rule.columns.len()).map(|i| format!("c{i}")).collect();
-    let aliased: Vec<String> = text_cols
-        .iter()
-        .zip(&aliases)
-        .map(|(c, a)| format!("{c} AS {a}"))
-        .collect();
     let row_json = format!("json_build_array({})::text", aliases.join(", "));
-    let single = |transition: &str| {
+    let probe = row_limit + 1;
+    let one_side = |transition: &str| {
         format!(
-            "SELECT string_agg({row_json}, ',') INTO body FROM (SELECT DISTINCT {} FROM {transition}) s;",
-            aliased.join(", ")
+            "SELECT count(*), string_agg(DISTINCT {row_json}, ',') INTO n, body\n            FROM (SELECT {aliased} FROM {transition} LIMIT {probe}) s;"
         )
     };
-    let both = format!(
-        "SELECT string_agg({row_json}, ',') INTO body FROM (SELECT {} FROM old_rows UNION SELECT {} FROM new_rows) s;",
-        aliased.join(", "),
-        text_cols.join(", ")
+    let both_sides = format!(
+        "SELECT count(*) / 2, string_agg(DISTINCT {row_json}, ',') INTO n, body\n            FROM ((SELECT {aliased} FROM old_rows LIMIT {probe})\n                  UNION ALL (SELECT {aliased} FROM new_rows LIMIT {probe})) s;"
     );
     let size_check = match delivery {
         Delivery::Notify => format!(
-            "\n    IF octet_length(body) > {NOTIFY_PAYLOAD_LIMIT} THEN\n        body := head || ',\"wide\":true}}';\n    END IF;"
+            "\n        IF octet_length(payload) > {NOTIFY_PAYLOAD_LIMIT} THEN\n            payload := head || ',\"wide\":true}}';\n        END IF;"
         ),
         Delivery::Outbox => String::new(),
     };
-    let probe = row_limit + 1;
+    let emit = match (delivery, wakeup) {
+        (Delivery::Notify, _) => format!("PERFORM pg_notify('{channel}', payload);"),
+        (Delivery::Outbox, Wakeup::Poll) => {
+            "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string()
+        }
+        (Delivery::Outbox, Wakeup::Notify) => format!(
+            "INSERT INTO evictd.outbox (payload) VALUES (payload);\n    PERFORM pg_notify('{channel}', '');"
+        ),
+    };
     format!(
         r#"CREATE OR REPLACE FUNCTION evictd.{name}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    head text := '{{"v":1,"op":"' || TG_OP || '","table":"{table}","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
     n bigint;
     body text;
+    head text;
+    payload text;
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        PERFORM evictd.emit(head || '}}');
-        RETURN NULL;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*) INTO n FROM (SELECT 1 FROM old_rows LIMIT {probe}) s;
-    ELSE
-        SELECT count(*) INTO n FROM (SELECT 1 FROM new_rows LIMIT {probe}) s;
-    END IF;
-    IF n = 0 THEN
-        RETURN NULL;
-    ELSIF n > {row_limit} THEN
-        PERFORM evictd.emit(head || ',"wide":true}}');
-        RETURN NULL;
-    END IF;
     IF TG_OP = 'INSERT' THEN
         {insert}
     ELSIF TG_OP = 'DELETE' THEN
         {delete}
-    ELSE
-        {both}
+    ELSIF TG_OP = 'UPDATE' THEN
+        {both_sides}
     END IF;
-    body := head || ',"cols":{cols_json},"rows":[' || coalesce(body, '') || ']}}';{size_check}
-    PERFORM evictd.emit(body);
+    IF n = 0 THEN
+        RETURN NULL;
+    END IF;
+    head := '{{"v":1,"op":"' || TG_OP || '","table":"{table}","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    IF TG_OP = 'TRUNCATE' OR n > {row_limit} THEN
+        payload := head || ',"wide":true}}';
+    ELSE
+        payload := head || ',"cols":{cols_json},"rows":[' || body || ']}}';{size_check}
+    END IF;
+    {emit}
     RETURN NULL;
 END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
 
 "#,
-        insert = single("new_rows"),
-        delete = single("old_rows"),
+        insert = one_side("new_rows"),
+        delete = one_side("old_rows"),
     )
 }
 
@@ -327,11 +341,11 @@ mod tests {
         let mut settings = Settings::defaults();
         settings.delivery = Delivery::Notify;
         let notify = render(&settings);
-        assert!(notify.contains("octet_length(body) > 7900"));
+        assert!(notify.contains("octet_length(payload) > 7900"));
         assert!(notify.contains("n > 2000"));
         settings.delivery = Delivery::Outbox;
         let outbox = render(&settings);
-        assert!(!outbox.contains("octet_length(body)"));
+        assert!(!outbox.contains("octet_length(payload)"));
         assert!(outbox.contains("INSERT INTO evictd.outbox"));
     }
 }

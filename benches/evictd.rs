@@ -36,9 +36,24 @@ struct Setting {
 }
 
 const SETTINGS: [Setting; 3] = [
-    Setting { name: "outbox-notify", delivery: "outbox", wakeup: "notify", what: "outbox, NOTIFY wake-up (default; low latency)" },
-    Setting { name: "outbox-poll", delivery: "outbox", wakeup: "poll", what: "outbox, adaptive poll (low writer overhead)" },
-    Setting { name: "notify", delivery: "notify", wakeup: "notify", what: "NOTIFY payloads only" },
+    Setting {
+        name: "outbox-notify",
+        delivery: "outbox",
+        wakeup: "notify",
+        what: "outbox, NOTIFY wake-up (default; low latency)",
+    },
+    Setting {
+        name: "outbox-poll",
+        delivery: "outbox",
+        wakeup: "poll",
+        what: "outbox, adaptive poll (low writer overhead)",
+    },
+    Setting {
+        name: "notify",
+        delivery: "notify",
+        wakeup: "notify",
+        what: "NOTIFY payloads only",
+    },
 ];
 
 fn product_id(i: usize) -> String {
@@ -54,7 +69,11 @@ struct Lab {
 
 impl Lab {
     fn phase(&self) -> Duration {
-        if self.quick { Duration::from_secs(2) } else { Duration::from_secs(5) }
+        if self.quick {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(5)
+        }
     }
 
     fn url(&self, db: &str) -> String {
@@ -62,18 +81,31 @@ impl Lab {
     }
 
     async fn client(&self, db: &str) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         client
     }
 
     async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+        redis::Client::open(self.redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
     }
 
     fn evictd(&self, db: &str, setting: &Setting, args: &[&str]) -> std::process::Command {
         let config = self.dir.path().join(format!("{}.toml", setting.name));
-        std::fs::write(&config, format!("outbox_wakeup = \"{}\"\nsweep_interval_secs = 0\n", setting.wakeup)).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "outbox_wakeup = \"{}\"\nsweep_interval_secs = 0\n",
+                setting.wakeup
+            ),
+        )
+        .unwrap();
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"));
         command
             .args(args)
@@ -89,7 +121,8 @@ impl Lab {
     }
 
     async fn start_daemon(&self, db: &str, setting: &Setting) -> Daemon {
-        let daemon = Daemon::spawn(self.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
+        let daemon =
+            Daemon::spawn(self.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
         daemon.wait_ready().await;
         daemon
     }
@@ -97,8 +130,14 @@ impl Lab {
     /// A database with the example schema and PRODUCTS products, evictd installed per `setting`.
     async fn database(&self, name: &str, setting: Option<&Setting>) {
         let admin = self.client("postgres").await;
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await.unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE bench_template")).await.unwrap();
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE bench_template"))
+            .await
+            .unwrap();
         if let Some(setting) = setting {
             let output = support::finish(self.evictd(name, setting, &["migrate"]));
             assert!(output.status.success(), "{}", support::text(&output));
@@ -115,11 +154,26 @@ struct Deletions {
 impl Deletions {
     async fn subscribe(lab: &Lab) -> Deletions {
         let mut conn = lab.redis().await;
-        let () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("Kg").query_async(&mut conn).await.unwrap();
-        let () = redis::cmd("CONFIG").arg("SET").arg("client-output-buffer-limit").arg("pubsub 0 0 0").query_async(&mut conn).await.unwrap();
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("Kg")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("client-output-buffer-limit")
+            .arg("pubsub 0 0 0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         let client = redis::Client::open(lab.redis.url()).unwrap();
         let mut pubsub = client.get_async_pubsub().await.unwrap();
-        pubsub.psubscribe("__keyspace@0__:cache:bench:*").await.unwrap();
+        pubsub
+            .psubscribe("__keyspace@0__:cache:bench:*")
+            .await
+            .unwrap();
         let seen = Arc::new(Mutex::new(HashMap::new()));
         let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (s, c) = (seen.clone(), count.clone());
@@ -131,7 +185,10 @@ impl Deletions {
                 if payload != "del" {
                     continue;
                 }
-                let key = msg.get_channel_name().trim_start_matches("__keyspace@0__:").to_string();
+                let key = msg
+                    .get_channel_name()
+                    .trim_start_matches("__keyspace@0__:")
+                    .to_string();
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 s.lock().await.insert(key, at);
             }
@@ -169,7 +226,10 @@ async fn cache_entries(lab: &Lab, range: std::ops::Range<usize>) {
         for &i in chunk {
             let key = format!("cache:bench:e:{i}");
             pipe.cmd("SET").arg(&key).arg("v").ignore();
-            pipe.cmd("SADD").arg(format!("cache:tag:products:id:{}", product_id(i))).arg(&key).ignore();
+            pipe.cmd("SADD")
+                .arg(format!("cache:tag:products:id:{}", product_id(i)))
+                .arg(&key)
+                .ignore();
         }
         let () = pipe.query_async(&mut conn).await.unwrap();
     }
@@ -206,7 +266,9 @@ async fn writer_rate(lab: &Lab, db: &str) -> f64 {
         let client = lab.client(db).await;
         tasks.push(tokio::spawn(async move {
             let statement = client
-                .prepare("UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid")
+                .prepare(
+                    "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
+                )
                 .await
                 .unwrap();
             let mut n = 0u64;
@@ -229,14 +291,21 @@ async fn writer_rate(lab: &Lab, db: &str) -> f64 {
 
 /// Open loop at `rate` commits/s (or closed loop when `rate` is None), one fresh product per
 /// commit, each with its cache entry; returns the achieved rate and lag percentiles.
-async fn latency(lab: &Lab, db: &str, deletions: &Deletions, rate: Option<f64>, first: usize) -> (f64, Value, usize) {
+async fn latency(
+    lab: &Lab,
+    db: &str,
+    deletions: &Deletions,
+    rate: Option<f64>,
+    first: usize,
+) -> (f64, Value, usize) {
     let planned = match rate {
         Some(r) => (r * lab.phase().as_secs_f64()) as usize,
         None => 80_000,
     };
     cache_entries(lab, first..first + planned).await;
     deletions.clear().await;
-    let commits: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::new(Mutex::new(Vec::with_capacity(planned)));
+    let commits: Arc<Mutex<Vec<(usize, Instant)>>> =
+        Arc::new(Mutex::new(Vec::with_capacity(planned)));
     let start = Instant::now() + Duration::from_millis(50);
     let deadline = start + lab.phase();
     let mut tasks = Vec::new();
@@ -245,7 +314,9 @@ async fn latency(lab: &Lab, db: &str, deletions: &Deletions, rate: Option<f64>, 
         let commits = commits.clone();
         tasks.push(tokio::spawn(async move {
             let statement = client
-                .prepare("UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid")
+                .prepare(
+                    "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
+                )
                 .await
                 .unwrap();
             let mut k = w;
@@ -268,7 +339,9 @@ async fn latency(lab: &Lab, db: &str, deletions: &Deletions, rate: Option<f64>, 
     }
     let took = start.elapsed().as_secs_f64();
     let commits = commits.lock().await.clone();
-    let _ = deletions.wait_count(commits.len() as u64, Duration::from_secs(30)).await;
+    let _ = deletions
+        .wait_count(commits.len() as u64, Duration::from_secs(30))
+        .await;
     let seen = deletions.seen.lock().await;
     let mut lags = Vec::with_capacity(commits.len());
     let mut missing = 0;
@@ -278,7 +351,11 @@ async fn latency(lab: &Lab, db: &str, deletions: &Deletions, rate: Option<f64>, 
             None => missing += 1,
         }
     }
-    (commits.len() as f64 / took, summary(lags, missing), commits.len())
+    (
+        commits.len() as f64 / took,
+        summary(lags, missing),
+        commits.len(),
+    )
 }
 
 /// The daemon's resident memory now and at its peak (kB), and CPU seconds used so far.
@@ -293,10 +370,21 @@ fn process_stats(pid: u32) -> (u64, u64, f64) {
             .unwrap_or(0)
     };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(") ")
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let ticks = 100.0; // USER_HZ on Linux
-    let cpu = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let cpu = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
     (field("VmRSS:"), field("VmHWM:"), cpu / ticks)
 }
 
@@ -308,11 +396,17 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
         "UPDATE products SET price_cents = price_cents + 1 WHERE id <= '{}'::uuid",
         product_id(rows - 1)
     );
-    client.batch_execute("ALTER TABLE products DISABLE TRIGGER USER").await.unwrap();
+    client
+        .batch_execute("ALTER TABLE products DISABLE TRIGGER USER")
+        .await
+        .unwrap();
     let t = Instant::now();
     client.batch_execute(&sql).await.unwrap();
     let bare = t.elapsed().as_secs_f64();
-    client.batch_execute("ALTER TABLE products ENABLE TRIGGER USER").await.unwrap();
+    client
+        .batch_execute("ALTER TABLE products ENABLE TRIGGER USER")
+        .await
+        .unwrap();
     client.batch_execute("VACUUM products").await.unwrap();
 
     // Entries for (up to) 100,000 of the updated rows, and one for a row it does not touch.
@@ -320,12 +414,15 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
     cache_entries(lab, 0..watched).await;
     cache_entries(lab, rows..rows + 1).await;
     deletions.clear().await;
+    let sequence = "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM evictd.outbox_id_seq";
     let outbox_before: i64 = if setting.delivery == "outbox" {
-        client.query_one("SELECT coalesce(max(id), 0) FROM evictd.outbox", &[]).await.unwrap().get(0)
+        client.query_one(sequence, &[]).await.unwrap().get(0)
     } else {
         0
     };
-    let (listener, mut conn) = tokio_postgres::connect(&lab.url(db), tokio_postgres::NoTls).await.unwrap();
+    let (listener, mut conn) = tokio_postgres::connect(&lab.url(db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -335,14 +432,32 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
             }
         }
     });
-    listener.batch_execute("LISTEN cache_invalidation").await.unwrap();
+    listener
+        .batch_execute("LISTEN cache_invalidation")
+        .await
+        .unwrap();
 
+    // Every tenth watched entry and the last one: EXISTS over them is cheap enough to poll
+    // every few milliseconds without slowing Redis down.
+    let mut sample: Vec<String> = (0..watched)
+        .step_by(10)
+        .map(|i| format!("cache:bench:e:{i}"))
+        .collect();
+    sample.push(format!("cache:bench:e:{}", watched - 1));
+    let mut poll = lab.redis().await;
     let t = Instant::now();
     client.batch_execute(&sql).await.unwrap();
     let with_triggers = t.elapsed().as_secs_f64();
     let committed = Instant::now();
-    let done = deletions.wait_count(watched as u64, Duration::from_secs(60)).await;
-    let gone_after = done.map(|d| d.duration_since(committed).as_secs_f64());
+    let mut gone_after = None;
+    while committed.elapsed() < Duration::from_secs(60) {
+        let left: u64 = poll.exists(&sample).await.unwrap();
+        if left == 0 {
+            gone_after = Some(committed.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut notifications = Vec::new();
     while let Ok(p) = rx.try_recv() {
@@ -351,11 +466,7 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
     let (events, wide) = if setting.delivery == "outbox" {
         // The daemon may already have consumed the rows: count what the statement wrote via
         // the identity sequence instead.
-        let after: i64 = client
-            .query_one("SELECT last_value FROM evictd.outbox_id_seq", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let after: i64 = client.query_one(sequence, &[]).await.unwrap().get(0);
         let events = after - outbox_before;
         let kept: i64 = client
             .query_one("SELECT count(*) FROM evictd.outbox", &[])
@@ -385,13 +496,18 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
 /// Invalidates one tag of `members` members while another client PINGs in a loop.
 async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
     let mut conn = lab.redis().await;
-    let keys: Vec<String> = (0..members).map(|i| format!("cache:bench:big:{i}")).collect();
+    let keys: Vec<String> = (0..members)
+        .map(|i| format!("cache:bench:big:{i}"))
+        .collect();
     for chunk in keys.chunks(20_000) {
         let mut pipe = redis::pipe();
         for key in chunk {
             pipe.cmd("SET").arg(key).arg("v").ignore();
         }
-        pipe.cmd("SADD").arg("cache:tag:bench:big").arg(chunk).ignore();
+        pipe.cmd("SADD")
+            .arg("cache:tag:bench:big")
+            .arg(chunk)
+            .ignore();
         let () = pipe.query_async(&mut conn).await.unwrap();
     }
     let before: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
@@ -404,7 +520,10 @@ async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let t = Instant::now();
-                let _: String = redis::cmd("PING").query_async(&mut ping_conn).await.unwrap();
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut ping_conn)
+                    .await
+                    .unwrap();
                 worst = worst.max(t.elapsed());
                 n += 1;
             }
@@ -413,7 +532,10 @@ async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
     };
     let client = lab.client(db).await;
     let t = Instant::now();
-    client.batch_execute("SELECT evictd.invalidate_tags('bench:big')").await.unwrap();
+    client
+        .batch_execute("SELECT evictd.invalidate_tags('bench:big')")
+        .await
+        .unwrap();
     loop {
         let size: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
         if size + members as u64 <= before || t.elapsed() > Duration::from_secs(120) {
@@ -448,7 +570,11 @@ async fn backlog(lab: &Lab, db: &str, setting: &Setting, events: usize) -> Value
     let daemon = Daemon::spawn(lab.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
     daemon.wait_ready().await;
     let took = t.elapsed().as_secs_f64();
-    let left: i64 = client.query_one("SELECT count(*) FROM evictd.outbox", &[]).await.unwrap().get(0);
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM evictd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
     let (_, peak_kb, cpu) = process_stats(daemon.child.id());
     json!({
         "events": events,
@@ -464,16 +590,25 @@ async fn backlog(lab: &Lab, db: &str, setting: &Setting, events: usize) -> Value
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let lab = Lab {
-        pg: Postgres::start_with(&["fsync=on", "full_page_writes=on", "max_wal_size=4GB", "shared_buffers=256MB"])
-            .unwrap_or_else(|e| panic!("{e:#}")),
+        pg: Postgres::start_with(&[
+            "fsync=on",
+            "full_page_writes=on",
+            "max_wal_size=4GB",
+            "shared_buffers=256MB",
+        ])
+        .unwrap_or_else(|e| panic!("{e:#}")),
         redis: Redis::start().unwrap_or_else(|e| panic!("{e:#}")),
         quick,
         dir: tempfile::tempdir().unwrap(),
     };
     let products = if quick { 200_000 } else { PRODUCTS };
     eprintln!("seeding {products} products…");
-    lab.pg.psql("postgres", &["-c", "CREATE DATABASE bench_template"]).unwrap();
-    lab.pg.psql("bench_template", &["-c", support::EXAMPLE_SCHEMA]).unwrap();
+    lab.pg
+        .psql("postgres", &["-c", "CREATE DATABASE bench_template"])
+        .unwrap();
+    lab.pg
+        .psql("bench_template", &["-c", support::EXAMPLE_SCHEMA])
+        .unwrap();
     lab.pg
         .psql(
             "bench_template",
@@ -488,15 +623,21 @@ async fn main() {
         )
         .unwrap();
     let deletions = Deletions::subscribe(&lab).await;
-    let commit = std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
 
     eprintln!("baseline: no triggers…");
     lab.database("bench_bare", None).await;
     let bare_rate = writer_rate(&lab, "bench_bare").await;
     let bare_sync_off = {
         let c = lab.client("postgres").await;
-        c.batch_execute("ALTER DATABASE bench_bare SET synchronous_commit = off").await.unwrap();
+        c.batch_execute("ALTER DATABASE bench_bare SET synchronous_commit = off")
+            .await
+            .unwrap();
         writer_rate(&lab, "bench_bare").await
     };
 
@@ -517,17 +658,30 @@ async fn main() {
             let (achieved, lags, n) = latency(&lab, &db, &deletions, Some(target), next).await;
             next += n;
             events += n;
-            latencies.insert(format!("{target}"), json!({ "achieved_per_s": achieved.round(), "lag": lags }));
+            latencies.insert(
+                format!("{target}"),
+                json!({ "achieved_per_s": achieved.round(), "lag": lags }),
+            );
         }
         let admin = lab.client("postgres").await;
-        admin.batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = off")).await.unwrap();
+        admin
+            .batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = off"))
+            .await
+            .unwrap();
         let (max_rate, max_lags, n) = latency(&lab, &db, &deletions, None, next).await;
         events += n;
-        admin.batch_execute(&format!("ALTER DATABASE {db} RESET synchronous_commit")).await.unwrap();
+        admin
+            .batch_execute(&format!("ALTER DATABASE {db} RESET synchronous_commit"))
+            .await
+            .unwrap();
         let (_, peak_kb, cpu_after) = process_stats(pid);
 
         let bulk_small = bulk(&lab, &db, setting, &deletions, 100_000.min(products / 2)).await;
-        let bulk_large = if quick { Value::Null } else { bulk(&lab, &db, setting, &deletions, products).await };
+        let bulk_large = if quick {
+            Value::Null
+        } else {
+            bulk(&lab, &db, setting, &deletions, products).await
+        };
         let tag = big_tag(&lab, &db, if quick { 200_000 } else { 1_000_000 }).await;
         let (_, peak_after_bulk_kb, _) = process_stats(pid);
         drop(daemon);
@@ -578,35 +732,84 @@ async fn main() {
 }
 
 fn print_table(report: &Value) {
-    println!("\nevictd benchmark — commit {}, {}", report["commit"].as_str().unwrap_or(""), report["machine"].as_str().unwrap_or(""));
+    println!(
+        "\nevictd benchmark — commit {}, {}",
+        report["commit"].as_str().unwrap_or(""),
+        report["machine"].as_str().unwrap_or("")
+    );
     for r in report["results"].as_array().unwrap() {
-        println!("\n== {} ({})", r["setting"].as_str().unwrap(), r["description"].as_str().unwrap());
+        println!(
+            "\n== {} ({})",
+            r["setting"].as_str().unwrap(),
+            r["description"].as_str().unwrap()
+        );
         let w = &r["writer"];
-        println!("  writers (4 clients, single-row UPDATE): {} commits/s vs {} without triggers = {:.0}%",
-            w["commits_per_s_with_triggers"], w["commits_per_s_no_triggers"], w["ratio"].as_f64().unwrap_or(0.0) * 100.0);
+        println!(
+            "  writers (4 clients, single-row UPDATE): {} commits/s vs {} without triggers = {:.0}%",
+            w["commits_per_s_with_triggers"],
+            w["commits_per_s_no_triggers"],
+            w["ratio"].as_f64().unwrap_or(0.0) * 100.0
+        );
         for rate in ["500", "2000"] {
             let l = &r["latency"][rate];
-            println!("  latency @{rate}/s (achieved {}): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, missing {}",
-                l["achieved_per_s"], l["lag"]["p50_ms"], l["lag"]["p90_ms"], l["lag"]["p99_ms"], l["lag"]["max_ms"], l["lag"]["missing"]);
+            println!(
+                "  latency @{rate}/s (achieved {}): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, missing {}",
+                l["achieved_per_s"],
+                l["lag"]["p50_ms"],
+                l["lag"]["p90_ms"],
+                l["lag"]["p99_ms"],
+                l["lag"]["max_ms"],
+                l["lag"]["missing"]
+            );
         }
         let s = &r["synchronous_commit_off"];
-        println!("  synchronous_commit=off: {} commits/s (bare {}), lag p50 {} ms, p99 {} ms, max {} ms",
-            s["commits_per_s"], s["commits_per_s_no_triggers"], s["lag"]["p50_ms"], s["lag"]["p99_ms"], s["lag"]["max_ms"]);
+        println!(
+            "  synchronous_commit=off: {} commits/s (bare {}), lag p50 {} ms, p99 {} ms, max {} ms",
+            s["commits_per_s"],
+            s["commits_per_s_no_triggers"],
+            s["lag"]["p50_ms"],
+            s["lag"]["p99_ms"],
+            s["lag"]["max_ms"]
+        );
         for key in ["bulk_100k", "bulk_1m"] {
             let b = &r[key];
-            if b.is_null() { continue; }
-            println!("  UPDATE {} rows: {} s bare, {} s with triggers (+{}%), {} events, last key gone {} s after commit, precise: {}",
-                b["rows"], b["statement_s_bare"], b["statement_s_with_triggers"], b["overhead_pct"], b["events"], b["commit_to_last_key_gone_s"], b["precise"]);
+            if b.is_null() {
+                continue;
+            }
+            println!(
+                "  UPDATE {} rows: {} s bare, {} s with triggers (+{}%), {} events, last key gone {} s after commit, precise: {}",
+                b["rows"],
+                b["statement_s_bare"],
+                b["statement_s_with_triggers"],
+                b["overhead_pct"],
+                b["events"],
+                b["commit_to_last_key_gone_s"],
+                b["precise"]
+            );
         }
         let t = &r["big_tag"];
-        println!("  tag of {} members: {} s, worst PING meanwhile {} ms", t["members"], t["total_s"], t["worst_ping_ms"]);
+        println!(
+            "  tag of {} members: {} s, worst PING meanwhile {} ms",
+            t["members"], t["total_s"], t["worst_ping_ms"]
+        );
         if !r["backlog"].is_null() {
             let b = &r["backlog"];
-            println!("  backlog of {} events drained in {} s = {} events/s (peak RSS {} MB, {} CPU s per 100k)",
-                b["events"], b["drain_s"], b["events_per_s"], b["daemon_peak_rss_mb"], b["cpu_s_per_100k_events"]);
+            println!(
+                "  backlog of {} events drained in {} s = {} events/s (peak RSS {} MB, {} CPU s per 100k)",
+                b["events"],
+                b["drain_s"],
+                b["events_per_s"],
+                b["daemon_peak_rss_mb"],
+                b["cpu_s_per_100k_events"]
+            );
         }
         let d = &r["daemon"];
-        println!("  daemon: RSS idle {} MB, peak {} MB under load, {} MB with bulk; {} CPU s per 100k events",
-            d["rss_idle_mb"], d["rss_peak_mb_load"], d["rss_peak_mb_with_bulk"], d["cpu_s_per_100k_events"]);
+        println!(
+            "  daemon: RSS idle {} MB, peak {} MB under load, {} MB with bulk; {} CPU s per 100k events",
+            d["rss_idle_mb"],
+            d["rss_peak_mb_load"],
+            d["rss_peak_mb_with_bulk"],
+            d["cpu_s_per_100k_events"]
+        );
     }
 }

@@ -56,7 +56,11 @@ impl Batch {
                         let mut values: Vec<Option<&str>> = Vec::with_capacity(positions.len());
                         for row in rows {
                             values.clear();
-                            values.extend(positions.iter().map(|&i| row[i].as_deref()));
+                            values.extend(
+                                positions
+                                    .iter()
+                                    .map(|&i| row[i].as_ref().map(|t| t.as_str())),
+                            );
                             rule.row_targets(&values, &mut self.targets);
                         }
                     }

@@ -30,10 +30,16 @@ use crate::schema::SchemaError;
 use crate::sink::{RedisSink, Report, SinkError, SinkOptions};
 use crate::source::{Session, SourceError, outbox};
 
+/// A many-row event is folded into batches this many rows at a time…
+const ROWS_PER_PART: usize = 5_000;
+/// …and a batch is invalidated once it holds this many tags, so memory stays bounded whatever
+/// the size of a statement.
+const FLUSH_TAGS: usize = 20_000;
 /// Safety poll of the outbox even without a wake-up NOTIFY.
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
-/// The poll interval in `poll` wake-up mode while the outbox has rows.
-const OUTBOX_POLL_BUSY: Duration = Duration::from_millis(1);
+/// The poll interval in `poll` wake-up mode while the outbox has rows: long enough that each
+/// claim takes a batch worth the round trips, short enough to stay far under 100 ms of lag.
+const OUTBOX_POLL_BUSY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Error)]
 enum SessionError {
@@ -261,12 +267,15 @@ impl Daemon {
             });
         match result {
             Ok(()) => None,
-            Err((kind, reason)) => {
-                self.observed.metrics.rejected(kind);
-                warn!(reason = %reason, payload = %truncate(payload, 200), "event skipped");
-                Some(reason)
-            }
+            Err((kind, reason)) => Some(self.reject(kind, reason, payload)),
         }
+    }
+
+    /// Logs and counts a rejected event; returns the reason.
+    fn reject(&self, kind: &str, reason: String, payload: &str) -> String {
+        self.observed.metrics.rejected(kind);
+        warn!(reason = %reason, payload = %truncate(payload, 200), "event skipped");
+        reason
     }
 
     /// Invalidates `batch` in Redis, retrying with backoff while Redis is unreachable (not
@@ -404,34 +413,60 @@ impl Daemon {
             let mut batch = Batch::default();
             let mut poison = Vec::new();
             for row in &claim.rows {
-                if let Some(reason) = self.add_payload(&mut batch, &row.payload) {
-                    poison.push((row.id, reason));
-                }
-            }
-            // On a Redis error the claim is dropped: the rows go back, untouched, for the retry.
-            let started = Instant::now();
-            let span = batch_span(&batch);
-            match sink
-                .invalidate(&batch.targets)
-                .instrument(span.clone())
-                .await
-            {
-                Ok(report) => {
-                    claim.ack(&poison).await.map_err(SourceError::from)?;
-                    if let Some(delay) = self.settings.second_pass {
-                        self.schedule_second_pass(delay, &batch.targets);
+                let payload = row.payload();
+                let event = match ChangeEvent::parse(payload) {
+                    Ok(event) => event,
+                    Err(e) => {
+                        poison.push((row.id(), self.reject("malformed", e.to_string(), payload)));
+                        continue;
                     }
-                    span.in_scope(|| self.record(&batch, report, started.elapsed()));
-                }
-                Err(e) => {
-                    drop(claim);
-                    return Err(e.into());
+                };
+                // A statement of many rows is invalidated in pieces, bounding memory; its row is
+                // acknowledged with the rest of the claim, after every piece succeeded.
+                for part in event.split(ROWS_PER_PART) {
+                    if let Err(e) = batch.add(&self.settings.rules, &part) {
+                        poison.push((
+                            row.id(),
+                            self.reject("unknown_table", e.to_string(), payload),
+                        ));
+                        break;
+                    }
+                    if batch.targets.tags.len() >= FLUSH_TAGS {
+                        let full = std::mem::take(&mut batch);
+                        // On a Redis error the claim is dropped: its rows go back, untouched.
+                        self.invalidate_claimed(sink, full).await?;
+                    }
                 }
             }
+            self.invalidate_claimed(sink, batch).await?;
+            claim.ack(&poison).await.map_err(SourceError::from)?;
             if claimed < limit as usize {
                 return Ok(total);
             }
         }
+    }
+
+    /// Invalidates a batch drawn from claimed outbox rows (not yet acknowledged), records it and
+    /// schedules its second pass.
+    async fn invalidate_claimed(
+        &mut self,
+        sink: &RedisSink,
+        batch: Batch,
+    ) -> Result<(), SessionError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let span = batch_span(&batch);
+        let report = sink
+            .invalidate(&batch.targets)
+            .instrument(span.clone())
+            .await?;
+        if let Some(delay) = self.settings.second_pass {
+            self.schedule_second_pass(delay, &batch.targets);
+        }
+        span.in_scope(|| self.record(&batch, report, started.elapsed()));
+        Ok(())
     }
 
     async fn health_check(

@@ -16,7 +16,11 @@
 //! `rows` holds the distinct combinations of the referenced columns over old and new rows, as
 //! PostgreSQL text (`null` for NULL). `ts` is the statement's clock time in Unix milliseconds.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use serde::Deserialize;
+use serde::de::{Deserializer, Visitor};
 use thiserror::Error;
 
 /// The kind of statement that produced an event.
@@ -53,13 +57,52 @@ impl Op {
     }
 }
 
+/// A row value as PostgreSQL text, borrowed from the payload when it has no JSON escapes: a
+/// 100,000-row event then costs no allocation per value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+impl Text<'_> {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'a> From<&'a str> for Text<'a> {
+    fn from(text: &'a str) -> Self {
+        Text(Cow::Borrowed(text))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor).map(Text)
+    }
+}
+
 /// What changed, as far as invalidation cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub enum Change<'a> {
     /// Distinct values of `columns` over the statement's old and new rows.
     Rows {
         columns: Vec<String>,
-        rows: Vec<Vec<Option<String>>>,
+        rows: Vec<Vec<Option<Text<'a>>>>,
     },
     /// Too many rows to list, or TRUNCATE: everything the table's rule can produce.
     TableWide,
@@ -68,13 +111,13 @@ pub enum Change {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangeEvent {
+pub struct ChangeEvent<'a> {
     pub op: Op,
     /// `schema.table`; `None` for explicit tags.
     pub table: Option<String>,
     /// When the statement ran (Unix ms, database clock), for the lag metric.
     pub ts_ms: Option<i64>,
-    pub change: Change,
+    pub change: Change<'a>,
 }
 
 /// Why a payload was rejected. The daemon logs it, counts it and moves on.
@@ -102,7 +145,7 @@ pub enum EventError {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Wire {
+struct Wire<'a> {
     v: u32,
     op: String,
     #[serde(default)]
@@ -111,17 +154,17 @@ struct Wire {
     ts: Option<i64>,
     #[serde(default)]
     cols: Vec<String>,
-    #[serde(default)]
-    rows: Vec<Vec<Option<String>>>,
+    #[serde(default, borrow)]
+    rows: Vec<Vec<Option<Text<'a>>>>,
     #[serde(default)]
     wide: bool,
     #[serde(default)]
     tags: Vec<String>,
 }
 
-impl ChangeEvent {
-    /// Parses one payload. Never panics, whatever the input.
-    pub fn parse(payload: &str) -> Result<Self, EventError> {
+impl<'a> ChangeEvent<'a> {
+    /// Parses one payload, borrowing row values from it. Never panics, whatever the input.
+    pub fn parse(payload: &'a str) -> Result<Self, EventError> {
         let wire: Wire =
             serde_json::from_str(payload).map_err(|e| EventError::Json(e.to_string()))?;
         if wire.v != 1 {
@@ -165,6 +208,46 @@ impl ChangeEvent {
             ts_ms: wire.ts,
             change,
         })
+    }
+}
+
+impl<'a> ChangeEvent<'a> {
+    /// Splits a many-row event into events of at most `rows_per_part` rows, so the daemon can
+    /// invalidate a huge statement in bounded pieces. Other events come back whole.
+    pub fn split(self, rows_per_part: usize) -> Vec<ChangeEvent<'a>> {
+        let ChangeEvent {
+            op,
+            table,
+            ts_ms,
+            change,
+        } = self;
+        match change {
+            Change::Rows { columns, rows } if rows.len() > rows_per_part.max(1) => {
+                let mut parts = Vec::with_capacity(rows.len() / rows_per_part + 1);
+                let mut rows = rows.into_iter();
+                loop {
+                    let part: Vec<_> = rows.by_ref().take(rows_per_part).collect();
+                    if part.is_empty() {
+                        return parts;
+                    }
+                    parts.push(ChangeEvent {
+                        op,
+                        table: table.clone(),
+                        ts_ms,
+                        change: Change::Rows {
+                            columns: columns.clone(),
+                            rows: part,
+                        },
+                    });
+                }
+            }
+            change => vec![ChangeEvent {
+                op,
+                table,
+                ts_ms,
+                change,
+            }],
+        }
     }
 }
 
@@ -247,6 +330,49 @@ mod tests {
             let err = ChangeEvent::parse(payload).unwrap_err();
             assert!(expected(&err), "{payload}: {err}");
         }
+    }
+
+    /// Values without escapes are borrowed from the payload; escaped ones are unescaped.
+    #[test]
+    fn values_are_borrowed_unless_escaped() {
+        let e = ChangeEvent::parse(
+            r#"{"v":1,"op":"INSERT","table":"t","cols":["id"],"rows":[["plain"],["a\"b"]]}"#,
+        )
+        .unwrap();
+        let Change::Rows { rows, .. } = e.change else {
+            panic!("rows expected")
+        };
+        assert!(matches!(
+            rows[0][0].as_ref().unwrap().0,
+            Cow::Borrowed("plain")
+        ));
+        assert_eq!(rows[1][0].as_ref().unwrap().as_str(), "a\"b");
+    }
+
+    #[test]
+    fn split_keeps_every_row_once() {
+        let e = ChangeEvent::parse(
+            r#"{"v":1,"op":"UPDATE","table":"t","ts":3,"cols":["id"],"rows":[["1"],["2"],["3"],["4"],["5"]]}"#,
+        )
+        .unwrap();
+        let parts = e.split(2);
+        assert_eq!(parts.len(), 3);
+        let ids: Vec<String> = parts
+            .iter()
+            .flat_map(|p| match &p.change {
+                Change::Rows { rows, .. } => rows
+                    .iter()
+                    .map(|r| r[0].as_ref().unwrap().as_str().to_string())
+                    .collect::<Vec<_>>(),
+                _ => vec![],
+            })
+            .collect();
+        assert_eq!(ids, ["1", "2", "3", "4", "5"]);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.ts_ms == Some(3) && p.op == Op::Update)
+        );
     }
 
     #[test]

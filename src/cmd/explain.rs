@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::batch::Batch;
 use crate::cli::ExplainArgs;
 use crate::config::{ConfigError, Settings};
-use crate::event::{Change, ChangeEvent, Op};
+use crate::event::{Change, ChangeEvent, Op, Text};
 use crate::sink::{RedisSink, SinkOptions};
 
 /// Keys listed per tag or pattern; the count is always complete.
@@ -34,7 +34,7 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
     let old = parse_pairs(&args.old).map_err(usage)?;
     let new = parse_pairs(&args.new).map_err(usage)?;
 
-    let row = |pairs: &[(String, Option<String>)]| -> Vec<Option<String>> {
+    let row = |pairs: &[(String, Option<String>)]| -> Vec<Option<Text<'static>>> {
         rule.columns
             .iter()
             .map(|c| {
@@ -42,6 +42,7 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
                     .iter()
                     .find(|(k, _)| k == c)
                     .and_then(|(_, v)| v.clone())
+                    .map(|v| Text(v.into()))
             })
             .collect()
     };

@@ -13,7 +13,7 @@ mod sweep;
 
 pub use inspect::{CacheStats, ServerInfo};
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -25,6 +25,8 @@ use crate::rules::{Targets, glob_escape};
 
 /// Tags handed to one DETACH call at most (it may stop earlier, on its member budget).
 const TAGS_PER_CALL: usize = 200;
+/// DETACH calls sent before waiting for their answers.
+const CALLS_IN_FLIGHT: usize = 4;
 /// Keys asked for per SCAN step and UNLINKed per command when removing by pattern.
 const SCAN_COUNT: usize = 1_000;
 
@@ -306,42 +308,64 @@ impl RedisSink {
             tags: tags.len() as u64,
             keys: 0,
         };
-        let tags: Vec<&String> = tags.iter().collect();
         let nonce: u64 = rand::random();
-        let mut conn = self.conn.clone();
-        let mut at = 0;
+        let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+        let mut pending: VecDeque<&[&str]> = tags.chunks(TAGS_PER_CALL).collect();
         let mut detached = Vec::new();
-        while at < tags.len() {
-            let run = &tags[at..tags.len().min(at + TAGS_PER_CALL)];
-            let mut call = self.detach.prepare_invoke();
-            for tag in run {
-                call.key(self.tag_key(tag))
-                    .key(self.tagts_key(tag))
-                    .key(format!(
-                        "{}drain:{nonce:016x}:{tag}",
-                        self.options.key_prefix
-                    ));
-            }
-            call.arg(self.options.drain_chunk)
-                .arg(self.options.tagts_ttl.as_millis() as u64);
-            let out: Vec<u64> = call.invoke_async(&mut conn).await?;
-            let processed = out.first().copied().unwrap_or(0) as usize;
-            report.keys += out.get(1).copied().unwrap_or(0);
-            for (i, flag) in out.iter().skip(2).enumerate().take(processed) {
-                if *flag == 1 {
-                    detached.push(format!(
-                        "{}drain:{nonce:016x}:{}",
-                        self.options.key_prefix, run[i]
-                    ));
+        while !pending.is_empty() {
+            // A few calls in flight at once: the multiplexed connection pipelines them, and
+            // Redis still runs each script alone, each of bounded work.
+            let wave: Vec<&[&str]> = pending
+                .drain(..pending.len().min(CALLS_IN_FLIGHT))
+                .collect();
+            let outcomes = futures_util::future::try_join_all(
+                wave.iter().map(|run| self.detach_run(run, nonce)),
+            )
+            .await?;
+            for (run, (processed, keys, drains)) in wave.into_iter().zip(outcomes).rev() {
+                report.keys += keys;
+                detached.extend(drains);
+                // A script stops early when its member budget is spent; it always processes at
+                // least one tag, so this terminates.
+                if processed < run.len() {
+                    pending.push_front(&run[processed..]);
                 }
             }
-            // A script that processed nothing would loop forever; it always processes one.
-            at += processed.max(1);
         }
         for key in detached {
             report.keys += self.drain_detached(&key).await?;
         }
         Ok(report)
+    }
+
+    /// One DETACH call over `run`: (tags processed, keys removed, drain keys left to empty).
+    async fn detach_run(
+        &self,
+        run: &[&str],
+        nonce: u64,
+    ) -> Result<(usize, u64, Vec<String>), SinkError> {
+        let drain_key = |tag: &str| format!("{}drain:{nonce:016x}:{tag}", self.options.key_prefix);
+        let mut call = self.detach.prepare_invoke();
+        for tag in run {
+            call.key(self.tag_key(tag))
+                .key(self.tagts_key(tag))
+                .key(drain_key(tag));
+        }
+        call.arg(self.options.drain_chunk)
+            .arg(self.options.tagts_ttl.as_millis() as u64);
+        let mut conn = self.conn.clone();
+        let out: Vec<u64> = call.invoke_async(&mut conn).await?;
+        let processed = (out.first().copied().unwrap_or(0) as usize).min(run.len());
+        let keys = out.get(1).copied().unwrap_or(0);
+        let drains = out
+            .iter()
+            .skip(2)
+            .zip(run)
+            .take(processed)
+            .filter(|(flag, _)| **flag == 1)
+            .map(|(_, tag)| drain_key(tag))
+            .collect();
+        Ok((processed, keys, drains))
     }
 
     /// Empties one detached tag set, `drain_chunk` members per call.

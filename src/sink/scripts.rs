@@ -14,38 +14,48 @@
 pub const DETACH: &str = r#"
 local clock = redis.call('TIME')
 local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
-local budget = tonumber(ARGV[1])
+local chunk = tonumber(ARGV[1])
+local budget = chunk
 local ttl = ARGV[2]
-local processed, removed = 0, 0
+local processed, removed, tag_sets = 0, 0, 0
 local flags = {}
+local doomed = {}
 for i = 1, #KEYS, 3 do
   local tag = KEYS[i]
-  local kind = redis.call('TYPE', tag)['ok']
-  local size = 0
-  if kind == 'set' then
-    size = redis.call('SCARD', tag)
-  elseif kind == 'zset' then
-    size = redis.call('ZCARD', tag)
-  end
-  if size > budget and size <= tonumber(ARGV[1]) and processed > 0 then
-    break
-  end
-  local detached = 0
-  if size > budget then
-    redis.call('RENAME', tag, KEYS[i + 2])
-    detached = 1
-  elseif size > 0 then
-    local members
-    if kind == 'set' then
-      members = redis.call('SMEMBERS', tag)
+  -- One SSCAN answers for a missing key, a small set (all members, cursor back at 0) and a
+  -- big one (cursor not 0): no SCARD needed. A sorted set makes SSCAN fail.
+  local members
+  local scan = redis.pcall('SSCAN', tag, '0', 'COUNT', chunk)
+  if scan['err'] == nil then
+    if scan[1] == '0' then
+      members = scan[2]
+    else
+      members = false
+    end
+  else
+    local size = redis.pcall('ZCARD', tag)
+    if type(size) ~= 'number' then
+      members = {}
+    elseif size > chunk then
+      members = false
     else
       members = redis.call('ZRANGE', tag, 0, -1)
     end
-    for j = 1, #members, 500 do
-      removed = removed + redis.call('UNLINK', unpack(members, j, math.min(j + 499, #members)))
+  end
+  if members ~= false and #members > budget and processed > 0 then
+    break
+  end
+  local detached = 0
+  if members == false then
+    redis.call('RENAME', tag, KEYS[i + 2])
+    detached = 1
+  elseif #members > 0 then
+    for _, m in ipairs(members) do
+      doomed[#doomed + 1] = m
     end
-    redis.call('UNLINK', tag)
-    budget = budget - size
+    doomed[#doomed + 1] = tag
+    tag_sets = tag_sets + 1
+    budget = budget - #members
   end
   redis.call('SET', KEYS[i + 1], now, 'PX', ttl)
   processed = processed + 1
@@ -54,7 +64,10 @@ for i = 1, #KEYS, 3 do
     break
   end
 end
-local out = {processed, removed}
+for j = 1, #doomed, 500 do
+  removed = removed + redis.call('UNLINK', unpack(doomed, j, math.min(j + 499, #doomed)))
+end
+local out = {processed, removed - tag_sets}
 for i = 1, processed do
   out[#out + 1] = flags[i]
 end

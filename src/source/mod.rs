@@ -61,9 +61,15 @@ impl Session {
                 wanted: schema::ddl::SCHEMA_VERSION,
             });
         }
+        // The daemon's own commits only acknowledge outbox rows. Losing the last few acks in a
+        // PostgreSQL crash means invalidating those events again (at-least-once holds); not
+        // waiting for their WAL flush keeps the daemon off the writers' commit path.
         connection
             .client
-            .batch_execute(&format!("LISTEN {}", db::quote_ident(&installed.channel)))
+            .batch_execute(&format!(
+                "SET synchronous_commit = off; LISTEN {}",
+                db::quote_ident(&installed.channel)
+            ))
             .await?;
         Ok(Self {
             connection,

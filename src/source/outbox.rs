@@ -5,10 +5,18 @@
 
 use tokio_postgres::{Client, Transaction};
 
-/// One claimed outbox row.
-pub struct OutboxRow {
-    pub id: i64,
-    pub payload: String,
+/// One claimed outbox row. The payload stays in the row's own buffer (a statement of 100,000
+/// rows is a payload of megabytes; it is not copied).
+pub struct OutboxRow(tokio_postgres::Row);
+
+impl OutboxRow {
+    pub fn id(&self) -> i64 {
+        self.0.get(0)
+    }
+
+    pub fn payload(&self) -> &str {
+        self.0.get(1)
+    }
 }
 
 /// A claimed batch: the rows stay locked (invisible to other daemons) until the transaction
@@ -28,10 +36,7 @@ pub async fn claim(client: &mut Client, limit: i64) -> Result<Claim<'_>, tokio_p
         )
         .await?
         .into_iter()
-        .map(|r| OutboxRow {
-            id: r.get(0),
-            payload: r.get(1),
-        })
+        .map(OutboxRow)
         .collect();
     Ok(Claim { tx, rows })
 }
@@ -53,7 +58,7 @@ impl Claim<'_> {
                 )
                 .await?;
         }
-        let ids: Vec<i64> = self.rows.iter().map(|r| r.id).collect();
+        let ids: Vec<i64> = self.rows.iter().map(OutboxRow::id).collect();
         self.tx
             .execute("DELETE FROM evictd.outbox WHERE id = ANY($1)", &[&ids])
             .await?;

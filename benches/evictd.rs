@@ -9,7 +9,6 @@
 //! (keyspace notification) that the entry tagged with the changed row was deleted.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::collections::HashMap;
@@ -143,6 +142,19 @@ impl Lab {
             assert!(output.status.success(), "{}", support::text(&output));
         }
     }
+}
+
+/// Turns Redis keyspace notifications on (for per-commit latency) or off (for bulk phases,
+/// where publishing a notification per deleted key would slow Redis down and skew the figure).
+async fn keyspace_events(lab: &Lab, on: bool) {
+    let mut conn = lab.redis().await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(if on { "Kg" } else { "" })
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }
 
 /// Records when Redis deleted each `cache:bench:*` key (keyspace notifications).
@@ -632,7 +644,6 @@ async fn main() {
 
     eprintln!("baseline: no triggers…");
     lab.database("bench_bare", None).await;
-    let bare_rate = writer_rate(&lab, "bench_bare").await;
     let bare_sync_off = {
         let c = lab.client("postgres").await;
         c.batch_execute("ALTER DATABASE bench_bare SET synchronous_commit = off")
@@ -650,6 +661,8 @@ async fn main() {
         let pid = daemon.child.id();
         let (idle_kb, _, cpu_before) = process_stats(pid);
 
+        // The no-trigger baseline right before, so both see the same machine.
+        let bare_rate = writer_rate(&lab, "bench_bare").await;
         let rate = writer_rate(&lab, &db).await;
         let mut next = 0;
         let mut events = 0;
@@ -676,6 +689,7 @@ async fn main() {
             .unwrap();
         let (_, peak_kb, cpu_after) = process_stats(pid);
 
+        keyspace_events(&lab, false).await;
         let bulk_small = bulk(&lab, &db, setting, &deletions, 100_000.min(products / 2)).await;
         let bulk_large = if quick {
             Value::Null
@@ -683,6 +697,7 @@ async fn main() {
             bulk(&lab, &db, setting, &deletions, products).await
         };
         let tag = big_tag(&lab, &db, if quick { 200_000 } else { 1_000_000 }).await;
+        keyspace_events(&lab, true).await;
         let (_, peak_after_bulk_kb, _) = process_stats(pid);
         drop(daemon);
         let drain = if setting.delivery == "outbox" {

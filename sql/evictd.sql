@@ -100,15 +100,23 @@ DECLARE
     payload text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows LIMIT 150001) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows LIMIT 150001) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
     ELSIF TG_OP = 'UPDATE' THEN
-        SELECT count(*) / 2, string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM ((SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows LIMIT 150001)
-                  UNION ALL (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows LIMIT 150001)) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows UNION ALL SELECT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
     IF n = 0 THEN
         RETURN NULL;
@@ -144,15 +152,23 @@ DECLARE
     payload text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows LIMIT 150001) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows LIMIT 150001) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
     ELSIF TG_OP = 'UPDATE' THEN
-        SELECT count(*) / 2, string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM ((SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows LIMIT 150001)
-                  UNION ALL (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows LIMIT 150001)) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows UNION ALL SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
     IF n = 0 THEN
         RETURN NULL;
@@ -188,15 +204,23 @@ DECLARE
     payload text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows LIMIT 150001) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*), string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows LIMIT 150001) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
     ELSIF TG_OP = 'UPDATE' THEN
-        SELECT count(*) / 2, string_agg(DISTINCT json_build_array(c0, c1)::text, ',') INTO n, body
-            FROM ((SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows LIMIT 150001)
-                  UNION ALL (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows LIMIT 150001)) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows UNION ALL SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
     IF n = 0 THEN
         RETURN NULL;
@@ -232,15 +256,23 @@ DECLARE
     payload text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT count(*), string_agg(DISTINCT json_build_array(c0)::text, ',') INTO n, body
-            FROM (SELECT "id"::text AS c0 FROM new_rows LIMIT 150001) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0 FROM new_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT count(*), string_agg(DISTINCT json_build_array(c0)::text, ',') INTO n, body
-            FROM (SELECT "id"::text AS c0 FROM old_rows LIMIT 150001) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0 FROM old_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
     ELSIF TG_OP = 'UPDATE' THEN
-        SELECT count(*) / 2, string_agg(DISTINCT json_build_array(c0)::text, ',') INTO n, body
-            FROM ((SELECT "id"::text AS c0 FROM old_rows LIMIT 150001)
-                  UNION ALL (SELECT "id"::text AS c0 FROM new_rows LIMIT 150001)) s;
+        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
+                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0 FROM old_rows UNION ALL SELECT "id"::text AS c0 FROM new_rows) u) d) END
+            INTO n, body
+            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
     IF n = 0 THEN
         RETURN NULL;

@@ -84,7 +84,7 @@ impl Batch {
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> ChangeEvent {
+    fn parse(json: &str) -> ChangeEvent<'_> {
         ChangeEvent::parse(json).unwrap()
     }
 

@@ -211,8 +211,9 @@ fn qualified(table: &TableName) -> String {
 /// notify mode, when the payload would not fit).
 ///
 /// It is on every writer's path, so it does the least work that can be done: one query that
-/// both counts (reading at most `row_limit + 1` rows) and aggregates, and the event emitted
-/// inline rather than through `evictd.emit`.
+/// counts (reading at most `row_limit + 1` rows) and, only for a statement small enough,
+/// aggregates the distinct values; the event is emitted inline rather than through
+/// `evictd.emit`.
 fn capture_function(
     rule: &TableRule,
     delivery: Delivery,
@@ -223,24 +224,31 @@ fn capture_function(
     let name = capture_function_name(&rule.table);
     let table = rule.table.to_string();
     let cols_json = serde_json::to_string(&rule.columns).unwrap_or_else(|_| "[]".into());
-    let aliased: Vec<String> = rule
+    let columns: Vec<String> = rule
         .columns
         .iter()
         .enumerate()
         .map(|(i, c)| format!("{}::text AS c{i}", ident(c)))
         .collect();
-    let aliased = aliased.join(", ");
-    let aliases: Vec<String> = (0..rule.columns.len()).map(|i| format!("c{i}")).collect();
-    let row_json = format!("json_build_array({})::text", aliases.join(", "));
+    let columns = columns.join(", ");
+    // Each row as a JSON array of PostgreSQL text values: `["a","b"]`, `null` for NULL.
+    let values: Vec<String> = (0..rule.columns.len())
+        .map(|i| format!("coalesce(to_json(c{i})::text, 'null')"))
+        .collect();
+    let row_json = format!("'[' || {} || ']'", values.join(" || ',' || "));
     let probe = row_limit + 1;
-    let one_side = |transition: &str| {
+    // One query: count the statement's rows (reading at most `probe` of them), and only when
+    // they are few enough, aggregate their distinct values (hash de-duplication).
+    let capture = |counted: &str, sources: &[&str]| {
+        let distinct: Vec<String> = sources
+            .iter()
+            .map(|t| format!("SELECT {columns} FROM {t}"))
+            .collect();
         format!(
-            "SELECT count(*), string_agg(DISTINCT {row_json}, ',') INTO n, body\n            FROM (SELECT {aliased} FROM {transition} LIMIT {probe}) s;"
+            "SELECT c.n, CASE WHEN c.n <= {row_limit} THEN (\n                SELECT string_agg({row_json}, ',')\n                FROM (SELECT DISTINCT * FROM ({}) u) d) END\n            INTO n, body\n            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM {counted} LIMIT {probe}) x) c;",
+            distinct.join(" UNION ALL ")
         )
     };
-    let both_sides = format!(
-        "SELECT count(*) / 2, string_agg(DISTINCT {row_json}, ',') INTO n, body\n            FROM ((SELECT {aliased} FROM old_rows LIMIT {probe})\n                  UNION ALL (SELECT {aliased} FROM new_rows LIMIT {probe})) s;"
-    );
     let size_check = match delivery {
         Delivery::Notify => format!(
             "\n        IF octet_length(payload) > {NOTIFY_PAYLOAD_LIMIT} THEN\n            payload := head || ',\"wide\":true}}';\n        END IF;"
@@ -288,8 +296,9 @@ $fn$;
 REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
 
 "#,
-        insert = one_side("new_rows"),
-        delete = one_side("old_rows"),
+        insert = capture("new_rows", &["new_rows"]),
+        delete = capture("old_rows", &["old_rows"]),
+        both_sides = capture("new_rows", &["old_rows", "new_rows"]),
     )
 }
 

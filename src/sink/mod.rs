@@ -191,11 +191,29 @@ impl RedisSink {
 
     /// Invalidates everything in `targets`. Idempotent: safe to retry after an error.
     pub async fn invalidate(&self, targets: &Targets) -> Result<Report, SinkError> {
-        let mut tags: BTreeSet<String> = targets.tags.clone();
+        let tags = &targets.tags;
+        let mut report = self.invalidate_tags(tags).await?;
+        // Table-wide: invalidate each SCAN page of matching tags as it comes, so memory stays
+        // bounded by a page however many tags a table has.
+        let prefix = format!("{}tag:", self.options.key_prefix);
         for glob in &targets.tag_globs {
-            tags.extend(self.existing_tags(glob).await?);
+            let pattern = format!("{}{glob}", glob_escape(&prefix));
+            let mut cursor = 0;
+            loop {
+                let (next, keys) = self.scan_page(&pattern, cursor).await?;
+                let page: BTreeSet<String> = keys
+                    .iter()
+                    .filter_map(|k| k.strip_prefix(&prefix))
+                    .filter(|t| !tags.contains(*t))
+                    .map(str::to_string)
+                    .collect();
+                report.add(self.invalidate_tags(&page).await?);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
         }
-        let mut report = self.invalidate_tags(&tags).await?;
         for glob in &targets.key_globs {
             report.keys += self.unlink_matching(glob).await?;
         }
@@ -208,7 +226,7 @@ impl RedisSink {
             self.stamp_markers(&markers).await?;
         }
         if let Some(channel) = &self.options.publish_channel
-            && !tags.is_empty()
+            && !(tags.is_empty() && targets.wide_tables.is_empty())
         {
             let message = serde_json::json!({
                 "tags": tags,
@@ -260,18 +278,10 @@ impl RedisSink {
     /// Every key matching `pattern`, by SCAN (never KEYS). SCAN may repeat a key; the result is
     /// de-duplicated.
     pub async fn scan(&self, pattern: &str) -> Result<Vec<String>, SinkError> {
-        let mut conn = self.conn.clone();
         let mut cursor: u64 = 0;
         let mut found = BTreeSet::new();
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await?;
+            let (next, keys) = self.scan_page(pattern, cursor).await?;
             found.extend(keys);
             if next == 0 {
                 return Ok(found.into_iter().collect());
@@ -280,15 +290,35 @@ impl RedisSink {
         }
     }
 
+    /// One SCAN step: the next cursor (0 at the end) and the keys of this page.
+    async fn scan_page(&self, pattern: &str, cursor: u64) -> Result<(u64, Vec<String>), SinkError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// UNLINKs every key matching `pattern`, a SCAN page at a time.
     async fn unlink_matching(&self, pattern: &str) -> Result<u64, SinkError> {
-        let keys = self.scan(pattern).await?;
         let mut conn = self.conn.clone();
         let mut removed = 0;
-        for chunk in keys.chunks(SCAN_COUNT) {
-            let n: u64 = conn.unlink(chunk).await?;
-            removed += n;
+        let mut cursor = 0;
+        loop {
+            let (next, keys) = self.scan_page(pattern, cursor).await?;
+            if !keys.is_empty() {
+                let n: u64 = conn.unlink(&keys).await?;
+                removed += n;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
         }
-        Ok(removed)
     }
 
     async fn stamp_markers(&self, keys: &[String]) -> Result<(), SinkError> {

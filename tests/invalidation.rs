@@ -717,3 +717,43 @@ async fn sorted_set_index_and_bigint_ids() {
         .unwrap();
     assert_eq!(left, 0, "the sorted-set index itself is removed");
 }
+
+/// With `publish_channel`, each batch's tags are PUBLISHed as JSON for in-process caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_tags_are_published() {
+    let env = Env::with_config(
+        Delivery::Outbox,
+        "publish_channel = \"{prefix}invalidated\"\n",
+    )
+    .await;
+    env.sql(&seed_sql()).await;
+    let client = redis::Client::open(env.redis_url.clone()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}invalidated", env.prefix))
+        .await
+        .unwrap();
+    let _daemon = env.start_daemon().await;
+    env.sql(&format!("UPDATE clients SET name = 'p' WHERE id = '{C1}'"))
+        .await;
+    let mut messages = pubsub.on_message();
+    let expected = format!("client_configs:id:{C1}");
+    loop {
+        let message = tokio::time::timeout(support::DEADLINE, messages.next())
+            .await
+            .expect("a published message")
+            .unwrap();
+        let payload: String = message.get_payload().unwrap();
+        let json: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        let tags: Vec<&str> = json["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t.as_str())
+            .collect();
+        if tags.contains(&expected.as_str()) {
+            assert!(tags.contains(&"client_configs:all"), "{payload}");
+            break;
+        }
+    }
+}

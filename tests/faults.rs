@@ -124,13 +124,7 @@ async fn daemon_killed_mid_burst_loses_nothing() {
         true,
     )
     .await;
-    let backlog: i64 = env
-        .pg
-        .query_one("SELECT count(*) FROM evictd.outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(backlog, 0);
+    env.wait_outbox_empty().await;
 }
 
 /// PostgreSQL stopped (fast shutdown, then kill -9) under a running daemon, restarted, edited
@@ -220,13 +214,7 @@ async fn redis_restarts_while_edits_are_committed() {
         false,
     )
     .await;
-    let backlog: i64 = env
-        .pg
-        .query_one("SELECT count(*) FROM evictd.outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(backlog, 0);
+    env.wait_outbox_empty().await;
 }
 
 /// Two daemons share one database's outbox; one is killed mid-burst; together they lose nothing.
@@ -422,13 +410,7 @@ async fn poison_event_is_moved_aside() {
     assert_eq!(dead.len(), 1);
     let error: String = dead[0].get(1);
     assert!(error.contains("EXPLODE"), "{error}");
-    let backlog: i64 = env
-        .pg
-        .query_one("SELECT count(*) FROM evictd.outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(backlog, 0);
+    env.wait_outbox_empty().await;
     let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
     assert!(
         metrics.contains("evictd_events_rejected_total{kind=\"malformed\"} 1"),

@@ -339,6 +339,28 @@ impl Env {
         self.pg = self.connect_pg().await;
     }
 
+    /// Waits until the outbox is empty: acknowledgements follow Redis' confirmation, so an
+    /// entry can be gone a moment before its outbox row is deleted.
+    pub async fn wait_outbox_empty(&self) {
+        let start = Instant::now();
+        loop {
+            let left: i64 = self
+                .pg
+                .query_one("SELECT count(*) FROM evictd.outbox", &[])
+                .await
+                .expect("count the outbox")
+                .get(0);
+            if left == 0 {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{left} events still in the outbox"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// All keys under this test's prefix.
     pub async fn keys(&self) -> Vec<String> {
         let mut conn = self.redis.clone();

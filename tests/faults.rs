@@ -49,16 +49,27 @@ async fn cache_products(env: &Env) -> (Vec<String>, Vec<String>) {
 
 /// Updates products `range`, one transaction each, from a separate connection.
 async fn edit(env: &Env, range: std::ops::Range<usize>) {
-    let client = env.connect_pg().await;
-    for i in range {
-        client
-            .execute(
-                "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
-                &[&product_id(i)],
-            )
+    spawn_edits(env, range).await.expect("edits");
+}
+
+/// Updates products `range` in the background, one transaction each (a burst of edits).
+fn spawn_edits(env: &Env, range: std::ops::Range<usize>) -> tokio::task::JoinHandle<()> {
+    let db_url = env.db_url.clone();
+    tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
             .await
-            .expect("edit");
-    }
+            .expect("connect");
+        tokio::spawn(conn);
+        for i in range {
+            client
+                .execute(
+                    "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
+                    &[&product_id(i)],
+                )
+                .await
+                .expect("edit");
+        }
+    })
 }
 
 /// Edited entries are all gone; the others (when `precise`) and the unrelated ones all stayed.
@@ -91,24 +102,7 @@ async fn daemon_killed_mid_burst_loses_nothing() {
     let mut daemon = env.start_daemon().await;
     let (entries, unrelated) = cache_products(&env).await;
 
-    let burst = {
-        let db_url = env.db_url.clone();
-        tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            for i in 0..200 {
-                client
-                    .execute(
-                        "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
-                        &[&product_id(i)],
-                    )
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let burst = spawn_edits(&env, 0..200);
     // Kill it once the burst is visibly being processed.
     env.wait_gone(&entries[..5]).await;
     daemon.kill9();
@@ -182,24 +176,7 @@ async fn redis_restarts_while_edits_are_committed() {
     let daemon = env.start_daemon().await;
     let (entries, unrelated) = cache_products(&env).await;
 
-    let burst = {
-        let db_url = env.db_url.clone();
-        tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            for i in 0..150 {
-                client
-                    .execute(
-                        "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
-                        &[&product_id(i)],
-                    )
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let burst = spawn_edits(&env, 0..150);
     env.wait_gone(&entries[..3]).await;
     env.own().redis.kill9().unwrap();
     burst.await.unwrap();
@@ -225,24 +202,7 @@ async fn two_daemons_one_killed_mid_burst() {
     let mut first = env.start_daemon().await;
     let _second = env.start_daemon().await;
     let (entries, unrelated) = cache_products(&env).await;
-    let burst = {
-        let db_url = env.db_url.clone();
-        tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            for i in 0..250 {
-                client
-                    .execute(
-                        "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
-                        &[&product_id(i)],
-                    )
-                    .await
-                    .unwrap();
-            }
-        })
-    };
+    let burst = spawn_edits(&env, 0..250);
     env.wait_gone(&entries[..5]).await;
     first.kill9();
     burst.await.unwrap();

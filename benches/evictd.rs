@@ -63,6 +63,8 @@ struct Lab {
     pg: Postgres,
     redis: Redis,
     quick: bool,
+    /// Products seeded (every one exists, so every UPDATE writes).
+    products: usize,
     dir: tempfile::TempDir,
 }
 
@@ -273,6 +275,7 @@ fn round(x: f64) -> f64 {
 /// Closed loop: WRITERS connections updating random products as fast as they can.
 async fn writer_rate(lab: &Lab, db: &str) -> f64 {
     let deadline = Instant::now() + lab.phase();
+    let products = lab.products;
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
         let client = lab.client(db).await;
@@ -286,7 +289,7 @@ async fn writer_rate(lab: &Lab, db: &str) -> f64 {
             let mut n = 0u64;
             let mut i = w * 7919;
             while Instant::now() < deadline {
-                i = (i + 104_729) % PRODUCTS;
+                i = (i + 104_729) % products;
                 client.execute(&statement, &[&product_id(i)]).await.unwrap();
                 n += 1;
             }
@@ -611,9 +614,10 @@ async fn main() {
         .unwrap_or_else(|e| panic!("{e:#}")),
         redis: Redis::start().unwrap_or_else(|e| panic!("{e:#}")),
         quick,
+        products: if quick { 200_000 } else { PRODUCTS },
         dir: tempfile::tempdir().unwrap(),
     };
-    let products = if quick { 200_000 } else { PRODUCTS };
+    let products = lab.products;
     eprintln!("seeding {products} products…");
     lab.pg
         .psql("postgres", &["-c", "CREATE DATABASE bench_template"])
@@ -651,6 +655,32 @@ async fn main() {
             .unwrap();
         writer_rate(&lab, "bench_bare").await
     };
+
+    if std::env::args().any(|a| a == "--writers") {
+        // Writer cost alone, with and without the daemon running, to separate what the
+        // triggers cost from what the daemon's own work costs the writers.
+        for setting in &SETTINGS {
+            let db = format!("bench_{}", setting.name.replace('-', "_"));
+            lab.database(&db, Some(setting)).await;
+            let bare = writer_rate(&lab, "bench_bare").await;
+            let alone = writer_rate(&lab, &db).await;
+            let daemon = lab.start_daemon(&db, setting).await;
+            let bare_again = writer_rate(&lab, "bench_bare").await;
+            let with_daemon = writer_rate(&lab, &db).await;
+            drop(daemon);
+            println!(
+                "{:<14} bare {:>7.0}/s  triggers {:>7.0}/s ({:>3.0} %)  | bare {:>7.0}/s  triggers + daemon {:>7.0}/s ({:>3.0} %)",
+                setting.name,
+                bare,
+                alone,
+                alone / bare * 100.0,
+                bare_again,
+                with_daemon,
+                with_daemon / bare_again * 100.0
+            );
+        }
+        return;
+    }
 
     let mut results = Vec::new();
     for setting in &SETTINGS {

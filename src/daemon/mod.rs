@@ -10,6 +10,10 @@
 //! it: finish interrupted drains; then in `notify` mode invalidate every table table-wide (what
 //! happened while nobody listened is unknown), in `outbox` mode drain the backlog.
 
+mod drain;
+mod report;
+mod sweeper;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +33,8 @@ use crate::rules::Targets;
 use crate::schema::SchemaError;
 use crate::sink::{RedisSink, Report, SinkError, SinkOptions};
 use crate::source::{Session, SourceError, outbox};
+use report::{Summary, batch_span};
+use sweeper::sweep_forever;
 
 /// A many-row event is folded into batches this many rows at a time…
 const ROWS_PER_PART: usize = 5_000;
@@ -384,91 +390,6 @@ impl Daemon {
         Box::pin(self.flush_once(sink, batch)).await
     }
 
-    /// Claims, invalidates and acknowledges outbox rows until none are left.
-    async fn drain_outbox(
-        &mut self,
-        source: &mut Session,
-        sink: &RedisSink,
-    ) -> Result<usize, SessionError> {
-        let limit = self.settings.batch_max_events as i64;
-        let mut total = 0;
-        loop {
-            // Wake-ups that arrived meanwhile are answered by this very drain.
-            while let Some(n) = source.try_next_notification() {
-                if !n.payload().is_empty() {
-                    let mut batch = Batch::default();
-                    self.add_payload(&mut batch, n.payload());
-                    self.flush(sink, batch).await?;
-                }
-            }
-            let claim = outbox::claim(&mut source.connection.client, limit)
-                .await
-                .map_err(SourceError::from)?;
-            let claimed = claim.rows.len();
-            if claimed == 0 {
-                self.observed.metrics.outbox_backlog.set(0);
-                return Ok(total);
-            }
-            total += claimed;
-            let mut batch = Batch::default();
-            let mut poison = Vec::new();
-            for row in &claim.rows {
-                let payload = row.payload();
-                let event = match ChangeEvent::parse(payload) {
-                    Ok(event) => event,
-                    Err(e) => {
-                        poison.push((row.id(), self.reject("malformed", e.to_string(), payload)));
-                        continue;
-                    }
-                };
-                // A statement of many rows is invalidated in pieces, bounding memory; its row is
-                // acknowledged with the rest of the claim, after every piece succeeded.
-                for part in event.split(ROWS_PER_PART) {
-                    if let Err(e) = batch.add(&self.settings.rules, &part) {
-                        poison.push((
-                            row.id(),
-                            self.reject("unknown_table", e.to_string(), payload),
-                        ));
-                        break;
-                    }
-                    if batch.targets.tags.len() >= FLUSH_TAGS {
-                        let full = std::mem::take(&mut batch);
-                        // On a Redis error the claim is dropped: its rows go back, untouched.
-                        self.invalidate_claimed(sink, full).await?;
-                    }
-                }
-            }
-            self.invalidate_claimed(sink, batch).await?;
-            claim.ack(&poison).await.map_err(SourceError::from)?;
-            if claimed < limit as usize {
-                return Ok(total);
-            }
-        }
-    }
-
-    /// Invalidates a batch drawn from claimed outbox rows (not yet acknowledged), records it and
-    /// schedules its second pass.
-    async fn invalidate_claimed(
-        &mut self,
-        sink: &RedisSink,
-        batch: Batch,
-    ) -> Result<(), SessionError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let span = batch_span(&batch);
-        let report = sink
-            .invalidate(&batch.targets)
-            .instrument(span.clone())
-            .await?;
-        if let Some(delay) = self.settings.second_pass {
-            self.schedule_second_pass(delay, &batch.targets);
-        }
-        span.in_scope(|| self.record(&batch, report, started.elapsed()));
-        Ok(())
-    }
-
     async fn health_check(
         &mut self,
         source: &Session,
@@ -496,7 +417,7 @@ impl Daemon {
                 if sd_notify::watchdog_enabled().is_some() {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }
-                if self.summary.batches > 0 {
+                if self.summary.has_news() {
                     self.summary.maybe_log();
                 }
             }
@@ -527,54 +448,6 @@ impl Daemon {
     }
 }
 
-/// The tag-set hygiene sweep: one paced pass every `interval`, on its own connection, until
-/// shutdown. Failures are logged and retried at the next interval.
-async fn sweep_forever(
-    settings: Settings,
-    interval: Duration,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let sink = match RedisSink::connect(&settings.redis_url, SinkOptions::from(&settings)).await
-        {
-            Ok(sink) => sink,
-            Err(e) => {
-                warn!(error = %e, "tag-set sweep skipped");
-                continue;
-            }
-        };
-        match sink.sweep_tag_sets(settings.sweep_rate, &shutdown).await {
-            Ok(removed) => {
-                metrics.swept.inc_by(removed);
-                if removed > 0 {
-                    info!(
-                        removed,
-                        "tag-set sweep removed members whose entries expired"
-                    );
-                }
-            }
-            Err(e) => warn!(error = %e, "tag-set sweep failed"),
-        }
-    }
-}
-
-/// The span every log line about one batch carries.
-fn batch_span(batch: &Batch) -> tracing::Span {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    tracing::info_span!(
-        "batch",
-        id = NEXT.fetch_add(1, Ordering::Relaxed),
-        events = batch.event_count(),
-        tags = batch.targets.tags.len(),
-        table_wide = batch.targets.wide_tables.len(),
-    )
-}
-
 /// Resolves when the oldest scheduled second pass is due; never when none is scheduled.
 async fn second_pass_due(queue: &VecDeque<(Instant, Targets)>) {
     match queue.front() {
@@ -587,43 +460,4 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The info-level summary: at most one line a second, however many batches.
-#[derive(Default)]
-struct Summary {
-    batches: u64,
-    events: u64,
-    tags: u64,
-    keys: u64,
-    last: Option<Instant>,
-}
-
-impl Summary {
-    fn add(&mut self, events: u64, report: Report) {
-        self.batches += 1;
-        self.events += events;
-        self.tags += report.tags;
-        self.keys += report.keys;
-    }
-
-    fn maybe_log(&mut self) {
-        if self
-            .last
-            .is_some_and(|l| l.elapsed() < Duration::from_secs(1))
-        {
-            return;
-        }
-        info!(
-            batches = self.batches,
-            events = self.events,
-            tags = self.tags,
-            keys = self.keys,
-            "invalidated"
-        );
-        *self = Summary {
-            last: Some(Instant::now()),
-            ..Summary::default()
-        };
-    }
 }

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use evictd::config::Delivery;
-use support::{DEADLINE, Env};
+use support::{DEADLINE, Daemon, Env};
 
 const P1: &str = "00000000-0000-0000-0000-0000000000a1";
 
@@ -219,4 +219,78 @@ async fn passwords_never_appear_in_logs_or_errors() {
         assert_eq!(output.status.code(), Some(1), "{text}");
         assert!(!text.contains(secret), "{text}");
     }
+}
+
+/// README's first command: `evictd dev` with no URLs starts throwaway servers with the example
+/// schema, and the edit it suggests invalidates the entry it names while others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_command_runs_the_newcomer_path() {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"));
+    command
+        .args(["dev", "--http-addr", "127.0.0.1:0"])
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("EVICTD_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let dev = Daemon::spawn(command);
+    dev.wait_ready().await;
+    let log = dev.log();
+    let db_url = log
+        .split("PostgreSQL at ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the PostgreSQL URL")
+        .to_string();
+    let redis_port = log
+        .split("redis-cli -p ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the Redis port")
+        .to_string();
+    let mut redis = redis::Client::open(format!("redis://127.0.0.1:{redis_port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let listed = "cache:v1:products:list:00000000-0000-0000-0000-0000000000c1";
+    let clients = "cache:v1:clients:all";
+    let exists = |n: u64| n == 1;
+    let n: u64 = redis::cmd("EXISTS")
+        .arg(listed)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(exists(n), "the demo entry is there before the edit");
+
+    let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute("UPDATE products SET price_cents = price_cents + 1 WHERE client_id = '00000000-0000-0000-0000-0000000000c1'")
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let n: u64 = redis::cmd("EXISTS")
+            .arg(listed)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if !exists(n) {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the edit did not invalidate {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let n: u64 = redis::cmd("EXISTS")
+        .arg(clients)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(exists(n), "{clients} is not about products and stays");
 }

@@ -204,3 +204,41 @@ async fn run_before_migrate_waits_and_says_why() {
     env.migrate().await;
     daemon.wait_ready().await;
 }
+
+/// `migrate` never queues behind a long transaction (which would make the application's own
+/// queries queue behind it): it gives up each lock attempt after its lock timeout, says so,
+/// retries, and succeeds once the table is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_retries_behind_a_long_transaction() {
+    let env = Env::bare(Delivery::Outbox, "").await;
+    let holder = env.connect_pg().await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut command = env.command(&["migrate"]);
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut migrate = support::Daemon::spawn(command);
+    migrate.wait_log("retrying").await;
+    // While migrate waits between attempts, nobody queues behind it.
+    env.sql("SELECT count(*) FROM clients").await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = migrate.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < support::DEADLINE, "migrate still waiting");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{}", migrate.log());
+    let installed: bool = env
+        .pg
+        .query_one("SELECT to_regclass('evictd.outbox') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(installed);
+}

@@ -1,6 +1,7 @@
 //! `evictd dev`: the newcomer's path. Starts throwaway PostgreSQL and Redis (for whichever URL
-//! was not given), loads the example schema and a few rows, writes a few tagged cache entries,
-//! installs evictd and runs it, printing what to try.
+//! was not given); a throwaway PostgreSQL gets the example schema and a few rows, a throwaway
+//! Redis a few tagged cache entries; then it installs evictd and runs it, printing what to try.
+//! Servers you name are used as they are (evictd is installed in the database, nothing else).
 
 use anyhow::Context as _;
 
@@ -63,11 +64,12 @@ pub async fn dev(mut settings: Settings, args: &RunArgs) -> anyhow::Result<()> {
         None,
     )
     .await?;
-    conn.client
-        .batch_execute(EXAMPLE_SCHEMA)
-        .await
-        .context("cannot load the example schema")?;
+    // A database you named keeps its own tables and rows; only a throwaway one gets the example.
     if postgres.is_some() {
+        conn.client
+            .batch_execute(EXAMPLE_SCHEMA)
+            .await
+            .context("cannot load the example schema")?;
         conn.client
             .batch_execute(EXAMPLE_SEED)
             .await
@@ -75,7 +77,9 @@ pub async fn dev(mut settings: Settings, args: &RunArgs) -> anyhow::Result<()> {
     }
     schema::migrate(&mut conn.client, &settings).await?;
     drop(conn);
-    seed_cache(&settings).await?;
+    if redis.is_some() {
+        seed_cache(&settings).await?;
+    }
 
     let db_url = &settings.database_url;
     let redis_port = settings

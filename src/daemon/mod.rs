@@ -122,8 +122,8 @@ struct Daemon {
     observed: Observed,
     shutdown: CancellationToken,
     summary: Summary,
-    /// Redis `run_id` last seen: a change means Redis restarted and may have brought back
-    /// entries already invalidated.
+    /// Redis `run_id` and role last seen: a change means Redis restarted or failed over and
+    /// may have brought back entries already invalidated.
     redis_run_id: Option<String>,
     /// Targets to invalidate once more, when due (the `second_pass` setting), oldest first.
     second_passes: VecDeque<(Instant, Targets)>,
@@ -430,20 +430,13 @@ impl Daemon {
         Ok(())
     }
 
-    /// Records Redis' `run_id`; true when it changed since the last look.
+    /// Records Redis' identity (`run_id` and role); true when it changed since the last look:
+    /// a restarted or failed-over Redis may have brought back entries already invalidated.
     async fn check_redis_restart(&mut self, sink: &RedisSink) -> Result<bool, SessionError> {
-        let mut conn = sink.connection();
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .map_err(SinkError::from)?;
-        let run_id = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|s| s.trim().to_string());
-        let changed = matches!((&self.redis_run_id, &run_id), (Some(old), Some(new)) if old != new);
-        self.redis_run_id = run_id;
+        let info = sink.server_info().await?;
+        let identity = Some(format!("{} {}", info.run_id, info.role));
+        let changed = self.redis_run_id.is_some() && self.redis_run_id != identity;
+        self.redis_run_id = identity;
         Ok(changed)
     }
 }

@@ -150,10 +150,6 @@ impl RedisSink {
         format!("{}tag:{tag}", self.options.key_prefix)
     }
 
-    fn tagts_key(&self, tag: &str) -> String {
-        format!("{}tagts:{tag}", self.options.key_prefix)
-    }
-
     fn drain_pattern(&self) -> String {
         format!("{}drain:*", glob_escape(&self.options.key_prefix))
     }
@@ -376,13 +372,13 @@ impl RedisSink {
     ) -> Result<(usize, u64, Vec<String>), SinkError> {
         let drain_key = |tag: &str| format!("{}drain:{nonce:016x}:{tag}", self.options.key_prefix);
         let mut call = self.detach.prepare_invoke();
-        for tag in run {
-            call.key(self.tag_key(tag))
-                .key(self.tagts_key(tag))
-                .key(drain_key(tag));
-        }
         call.arg(self.options.drain_chunk)
-            .arg(self.options.tagts_ttl.as_millis() as u64);
+            .arg(self.options.tagts_ttl.as_millis() as u64)
+            .arg(&self.options.key_prefix)
+            .arg(format!("{nonce:016x}"));
+        for tag in run {
+            call.arg(*tag);
+        }
         let mut conn = self.conn.clone();
         let out: Vec<u64> = call.invoke_async(&mut conn).await?;
         let processed = (out.first().copied().unwrap_or(0) as usize).min(run.len());

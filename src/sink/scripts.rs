@@ -1,8 +1,10 @@
 //! The Lua scripts evictd runs in Redis. Each does a bounded amount of work per call, so no
 //! command of ours blocks other Redis clients for long, whatever the size of a tag.
 
-/// Invalidates a run of tags. KEYS come in triples `(tag set, tagts marker, drain key)`;
-/// ARGV = `[member budget, tagts ttl ms]`.
+/// Invalidates a run of tags. ARGV = `[member budget, tagts ttl ms, key prefix, drain nonce,
+/// tag…]`; the script builds each tag's keys (`{prefix}tag:T`, `{prefix}tagts:T`,
+/// `{prefix}drain:{nonce}:T`) itself, which sends a third of the bytes a KEYS list would.
+/// (evictd targets a standalone Redis: scripts touch keys they were not handed.)
 ///
 /// A tag whose set fits the remaining budget is removed right here: members and set UNLINKed
 /// atomically. A larger one is *detached*: RENAMEd to its drain key, so entries tagged from now
@@ -17,11 +19,14 @@ local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 10
 local chunk = tonumber(ARGV[1])
 local budget = chunk
 local ttl = ARGV[2]
+local prefix = ARGV[3]
+local nonce = ARGV[4]
 local processed, removed, tag_sets = 0, 0, 0
 local flags = {}
 local doomed = {}
-for i = 1, #KEYS, 3 do
-  local tag = KEYS[i]
+for i = 5, #ARGV do
+  local name = ARGV[i]
+  local tag = prefix .. 'tag:' .. name
   -- One SSCAN answers for a missing key, a small set (all members, cursor back at 0) and a
   -- big one (cursor not 0): no SCARD needed. A sorted set makes SSCAN fail.
   local members
@@ -47,7 +52,7 @@ for i = 1, #KEYS, 3 do
   end
   local detached = 0
   if members == false then
-    redis.call('RENAME', tag, KEYS[i + 2])
+    redis.call('RENAME', tag, prefix .. 'drain:' .. nonce .. ':' .. name)
     detached = 1
   elseif #members > 0 then
     for _, m in ipairs(members) do
@@ -57,7 +62,7 @@ for i = 1, #KEYS, 3 do
     tag_sets = tag_sets + 1
     budget = budget - #members
   end
-  redis.call('SET', KEYS[i + 1], now, 'PX', ttl)
+  redis.call('SET', prefix .. 'tagts:' .. name, now, 'PX', ttl)
   processed = processed + 1
   flags[processed] = detached
   if budget <= 0 then

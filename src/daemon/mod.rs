@@ -247,7 +247,10 @@ impl Daemon {
                 None
             };
         }
-        if source.take_overflow() {
+        // In outbox mode notifications are only wake-ups (the events are in the table), so a
+        // dropped one costs nothing: the drain below reads everything.
+        let overflowed = source.take_overflow();
+        if overflowed && source.delivery == Delivery::Notify {
             warn!(
                 buffer = self.settings.notify_buffer,
                 "notifications arrived faster than Redis took them and some were dropped; invalidating every table"
@@ -255,7 +258,7 @@ impl Daemon {
             batch.targets.merge(self.settings.rules.all_table_wide());
         }
         self.flush(sink, batch).await?;
-        if wake && source.delivery == Delivery::Outbox {
+        if source.delivery == Delivery::Outbox && (wake || overflowed) {
             self.drain_outbox(source, sink).await?;
         }
         Ok(())

@@ -123,6 +123,19 @@ fn wait_for_text(path: &Path, needle: &str, deadline: Duration, child: &mut Chil
     }
 }
 
+/// Calls `launch` until it succeeds, for at most `patience`: a killed server's port can take a
+/// moment to be free again.
+fn relaunch(patience: Duration, mut launch: impl FnMut() -> Result<()>) -> Result<()> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match launch() {
+            Ok(()) => return Ok(()),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -314,17 +327,8 @@ impl Postgres {
 
     /// Starts the server again on the same port and data directory.
     pub fn restart(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.launch() {
-                Ok(()) => return Ok(()),
-                // After a kill -9 the old backends may still hold the port or shared memory.
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        // After a kill -9 the old backends may still hold the port or shared memory.
+        relaunch(Duration::from_secs(60), || self.launch())
     }
 
     /// Runs a `psql` file or command against `database` (as the caller would in a shell).
@@ -476,18 +480,9 @@ impl Redis {
         Ok(())
     }
 
-    /// Starts it again on the same port (empty: nothing is persisted).
+    /// Starts it again on the same port (empty unless persistence was asked for).
     pub fn restart(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.launch() {
-                Ok(()) => return Ok(()),
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        relaunch(Duration::from_secs(30), || self.launch())
     }
 }
 

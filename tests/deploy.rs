@@ -40,6 +40,27 @@ fn shipped_configuration_is_valid() {
     assert_eq!(settings.http_addr.port(), 9750);
 }
 
+/// The configuration example in README.md is a valid configuration file.
+#[test]
+fn readme_configuration_example_is_valid() {
+    let readme = read("README.md");
+    let example = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a ```toml block in README.md");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evictd.toml");
+    std::fs::write(&path, example).unwrap();
+    let settings = Settings::load(&Overrides {
+        config: Some(path),
+        ..Overrides::default()
+    })
+    .unwrap_or_else(|e| panic!("README's example: {e}"));
+    assert_eq!(settings.rules.tables().len(), 1);
+    assert_eq!(settings.sweep_rate, 5000);
+}
+
 /// `systemd-analyze verify` accepts the unit (with paths pointed at this build), and it is a
 /// notify service with a watchdog.
 #[test]

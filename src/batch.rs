@@ -54,7 +54,7 @@ impl Batch {
                             .filter_map(|c| columns.iter().position(|e| e == c))
                             .collect();
                         let mut values: Vec<Option<&str>> = Vec::with_capacity(positions.len());
-                        for row in rows {
+                        for row in rows.iter() {
                             values.clear();
                             values.extend(
                                 positions

@@ -96,13 +96,127 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
+/// The rows of an event, stored flat (`width` values per row) so that a statement of 100,000
+/// rows costs one allocation, not one per row.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rows<'a> {
+    width: usize,
+    count: usize,
+    values: Vec<Option<Text<'a>>>,
+    /// The first row whose width differs from the first row's: (index, width).
+    ragged: Option<(usize, usize)>,
+}
+
+impl<'a> Rows<'a> {
+    /// Rows built from nested vectors (all of the same width).
+    pub fn from_nested(rows: Vec<Vec<Option<Text<'a>>>>) -> Self {
+        let width = rows.first().map_or(0, Vec::len);
+        let count = rows.len();
+        Self {
+            width,
+            count,
+            values: rows.into_iter().flatten().collect(),
+            ragged: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Each row as a slice of `width` values.
+    pub fn iter(&self) -> impl Iterator<Item = &[Option<Text<'a>>]> {
+        let width = self.width;
+        (0..self.count).map(move |i| &self.values[i * width..(i + 1) * width])
+    }
+
+    /// Consecutive parts of at most `per_part` rows each.
+    fn split(self, per_part: usize) -> Vec<Rows<'a>> {
+        let per_part = per_part.max(1);
+        let mut values = self.values.into_iter();
+        let mut left = self.count;
+        let mut parts = Vec::with_capacity(self.count / per_part + 1);
+        while left > 0 {
+            let rows = left.min(per_part);
+            parts.push(Rows {
+                width: self.width,
+                count: rows,
+                values: values.by_ref().take(rows * self.width).collect(),
+                ragged: None,
+            });
+            left -= rows;
+        }
+        parts
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Rows<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RowsVisitor;
+        impl<'de> Visitor<'de> for RowsVisitor {
+            type Value = Rows<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of arrays of strings or nulls")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut rows = Rows::default();
+                while let Some(row) = seq.next_element_seed(RowSeed(&mut rows.values))? {
+                    if rows.count == 0 {
+                        rows.width = row;
+                    } else if row != rows.width && rows.ragged.is_none() {
+                        rows.ragged = Some((rows.count, row));
+                    }
+                    rows.count += 1;
+                }
+                Ok(rows)
+            }
+        }
+        deserializer.deserialize_seq(RowsVisitor)
+    }
+}
+
+/// Appends one row's values to the flat vector; yields the row's width.
+struct RowSeed<'v, 'a>(&'v mut Vec<Option<Text<'a>>>);
+
+impl<'de: 'a, 'a> serde::de::DeserializeSeed<'de> for RowSeed<'_, 'a> {
+    type Value = usize;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
+        struct RowVisitor<'v, 'a>(&'v mut Vec<Option<Text<'a>>>);
+        impl<'de: 'a, 'a> Visitor<'de> for RowVisitor<'_, 'a> {
+            type Value = usize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of strings or nulls")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<usize, A::Error> {
+                let mut width = 0;
+                while let Some(value) = seq.next_element::<Option<Text<'de>>>()? {
+                    self.0.push(value);
+                    width += 1;
+                }
+                Ok(width)
+            }
+        }
+        deserializer.deserialize_seq(RowVisitor(self.0))
+    }
+}
+
 /// What changed, as far as invalidation cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change<'a> {
     /// Distinct values of `columns` over the statement's old and new rows.
     Rows {
         columns: Vec<String>,
-        rows: Vec<Vec<Option<Text<'a>>>>,
+        rows: Rows<'a>,
     },
     /// Too many rows to list, or TRUNCATE: everything the table's rule can produce.
     TableWide,
@@ -155,7 +269,7 @@ struct Wire<'a> {
     #[serde(default)]
     cols: Vec<String>,
     #[serde(default, borrow)]
-    rows: Vec<Vec<Option<Text<'a>>>>,
+    rows: Rows<'a>,
     #[serde(default)]
     wide: bool,
     #[serde(default)]
@@ -184,14 +298,20 @@ impl<'a> ChangeEvent<'a> {
             Op::Truncate => Change::TableWide,
             Op::Insert | Op::Update | Op::Delete if wire.wide => Change::TableWide,
             Op::Insert | Op::Update | Op::Delete => {
-                for (index, row) in wire.rows.iter().enumerate() {
-                    if row.len() != wire.cols.len() {
-                        return Err(EventError::RowWidth {
-                            index,
-                            got: row.len(),
-                            expected: wire.cols.len(),
-                        });
-                    }
+                let expected = wire.cols.len();
+                if let Some((index, got)) = wire.rows.ragged {
+                    return Err(EventError::RowWidth {
+                        index,
+                        got,
+                        expected,
+                    });
+                }
+                if !wire.rows.is_empty() && wire.rows.width != expected {
+                    return Err(EventError::RowWidth {
+                        index: 0,
+                        got: wire.rows.width,
+                        expected,
+                    });
                 }
                 Change::Rows {
                     columns: wire.cols,
@@ -222,25 +342,19 @@ impl<'a> ChangeEvent<'a> {
             change,
         } = self;
         match change {
-            Change::Rows { columns, rows } if rows.len() > rows_per_part.max(1) => {
-                let mut parts = Vec::with_capacity(rows.len() / rows_per_part + 1);
-                let mut rows = rows.into_iter();
-                loop {
-                    let part: Vec<_> = rows.by_ref().take(rows_per_part).collect();
-                    if part.is_empty() {
-                        return parts;
-                    }
-                    parts.push(ChangeEvent {
-                        op,
-                        table: table.clone(),
-                        ts_ms,
-                        change: Change::Rows {
-                            columns: columns.clone(),
-                            rows: part,
-                        },
-                    });
-                }
-            }
+            Change::Rows { columns, rows } if rows.len() > rows_per_part.max(1) => rows
+                .split(rows_per_part)
+                .into_iter()
+                .map(|part| ChangeEvent {
+                    op,
+                    table: table.clone(),
+                    ts_ms,
+                    change: Change::Rows {
+                        columns: columns.clone(),
+                        rows: part,
+                    },
+                })
+                .collect(),
             change => vec![ChangeEvent {
                 op,
                 table,
@@ -275,10 +389,10 @@ mod tests {
             e.change,
             Change::Rows {
                 columns: vec!["client_id".into(), "id".into()],
-                rows: vec![
+                rows: Rows::from_nested(vec![
                     vec![Some("c1".into()), Some("p1".into())],
                     vec![None, Some("p1".into())]
-                ],
+                ]),
             }
         );
     }
@@ -342,6 +456,7 @@ mod tests {
         let Change::Rows { rows, .. } = e.change else {
             panic!("rows expected")
         };
+        let rows: Vec<&[Option<Text>]> = rows.iter().collect();
         assert!(matches!(
             rows[0][0].as_ref().unwrap().0,
             Cow::Borrowed("plain")
@@ -362,7 +477,7 @@ mod tests {
             .flat_map(|p| match &p.change {
                 Change::Rows { rows, .. } => rows
                     .iter()
-                    .map(|r| r[0].as_ref().unwrap().as_str().to_string())
+                    .map(|r: &[Option<Text>]| r[0].as_ref().unwrap().as_str().to_string())
                     .collect::<Vec<_>>(),
                 _ => vec![],
             })

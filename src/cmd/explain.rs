@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::batch::Batch;
 use crate::cli::ExplainArgs;
 use crate::config::{ConfigError, Settings};
-use crate::event::{Change, ChangeEvent, Op, Text};
+use crate::event::{Change, ChangeEvent, Op, Rows, Text};
 use crate::sink::{RedisSink, SinkOptions};
 
 /// Keys listed per tag or pattern; the count is always complete.
@@ -58,7 +58,7 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
     } else {
         Change::Rows {
             columns: rule.columns.clone(),
-            rows,
+            rows: Rows::from_nested(rows),
         }
     };
     let given: Vec<&String> = old.iter().chain(&new).map(|(k, _)| k).collect();

@@ -37,6 +37,16 @@ impl Batch {
 
     /// Folds one event in. An event of a table without a rule is skipped, and says why.
     pub fn add(&mut self, rules: &Rules, event: &ChangeEvent) -> Result<(), Skip> {
+        self.add_part(rules, event, true)
+    }
+
+    /// Folds in one piece of a split event; only the first piece (`first`) counts as an event.
+    pub fn add_part(
+        &mut self,
+        rules: &Rules,
+        event: &ChangeEvent,
+        first: bool,
+    ) -> Result<(), Skip> {
         let table_label = event.table.clone().unwrap_or_else(|| "-".to_string());
         match &event.change {
             Change::Tags(tags) => self.targets.tags.extend(tags.iter().cloned()),
@@ -72,7 +82,9 @@ impl Batch {
                 }
             }
         }
-        *self.events.entry((table_label, event.op)).or_default() += 1;
+        if first {
+            *self.events.entry((table_label, event.op)).or_default() += 1;
+        }
         if let Some(ts) = event.ts_ms {
             self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
         }
@@ -147,6 +159,29 @@ mod tests {
             .unwrap();
         assert_eq!(batch.widened, 1);
         assert!(batch.targets.tag_globs.contains("products:client:*"));
+    }
+
+    /// A statement split into pieces is still one event, and every row counts.
+    #[test]
+    fn pieces_of_one_event_count_once() {
+        let rules = Rules::defaults();
+        let mut batch = Batch::default();
+        let event = parse(
+            r#"{"v":1,"op":"DELETE","table":"public.clients","cols":["id"],"rows":[["a"],["b"],["c"]]}"#,
+        );
+        for (i, part) in event.split(2).into_iter().enumerate() {
+            batch.add_part(&rules, &part, i == 0).unwrap();
+        }
+        assert_eq!(batch.event_count(), 1);
+        assert_eq!(
+            tags(&batch),
+            [
+                "client_configs:all",
+                "client_configs:id:a",
+                "client_configs:id:b",
+                "client_configs:id:c"
+            ]
+        );
     }
 
     #[test]

@@ -53,8 +53,8 @@ impl Daemon {
                 };
                 // A statement of many rows is invalidated in pieces, bounding memory; its row is
                 // acknowledged with the rest of the claim, after every piece succeeded.
-                for part in event.split(ROWS_PER_PART) {
-                    if let Err(e) = batch.add(&self.settings.rules, &part) {
+                for (i, part) in event.split(ROWS_PER_PART).into_iter().enumerate() {
+                    if let Err(e) = batch.add_part(&self.settings.rules, &part, i == 0) {
                         poison.push((
                             row.id(),
                             self.reject("unknown_table", e.to_string(), payload),

@@ -81,7 +81,7 @@ pub async fn run(
         observed,
         shutdown,
         summary: Summary::default(),
-        redis_run_id: None,
+        redis_identity: None,
         second_passes: VecDeque::new(),
     };
     if let Some(interval) = daemon.settings.sweep_interval {
@@ -124,7 +124,7 @@ struct Daemon {
     summary: Summary,
     /// Redis `run_id` and role last seen: a change means Redis restarted or failed over and
     /// may have brought back entries already invalidated.
-    redis_run_id: Option<String>,
+    redis_identity: Option<String>,
     /// Targets to invalidate once more, when due (the `second_pass` setting), oldest first.
     second_passes: VecDeque<(Instant, Targets)>,
 }
@@ -438,8 +438,8 @@ impl Daemon {
     async fn check_redis_restart(&mut self, sink: &RedisSink) -> Result<bool, SessionError> {
         let info = sink.server_info().await?;
         let identity = Some(format!("{} {}", info.run_id, info.role));
-        let changed = self.redis_run_id.is_some() && self.redis_run_id != identity;
-        self.redis_run_id = identity;
+        let changed = self.redis_identity.is_some() && self.redis_identity != identity;
+        self.redis_identity = identity;
         Ok(changed)
     }
 }

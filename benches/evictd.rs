@@ -25,6 +25,8 @@ use tokio::sync::Mutex;
 const PRODUCTS: usize = 1_000_000;
 const CLIENTS: usize = 1_000;
 const WRITERS: usize = 4;
+/// The writers' statement: a single-row UPDATE of one product.
+const EDIT: &str = "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid";
 
 #[derive(Clone, Copy)]
 struct Setting {
@@ -280,12 +282,7 @@ async fn writer_rate(lab: &Lab, db: &str) -> f64 {
     for w in 0..WRITERS {
         let client = lab.client(db).await;
         tasks.push(tokio::spawn(async move {
-            let statement = client
-                .prepare(
-                    "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
-                )
-                .await
-                .unwrap();
+            let statement = client.prepare(EDIT).await.unwrap();
             let mut n = 0u64;
             let mut i = w * 7919;
             while Instant::now() < deadline {
@@ -328,12 +325,7 @@ async fn latency(
         let client = lab.client(db).await;
         let commits = commits.clone();
         tasks.push(tokio::spawn(async move {
-            let statement = client
-                .prepare(
-                    "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1::text::uuid",
-                )
-                .await
-                .unwrap();
+            let statement = client.prepare(EDIT).await.unwrap();
             let mut k = w;
             while k < planned {
                 if let Some(rate) = rate {

@@ -92,43 +92,43 @@ END
 $do$;
 
 CREATE OR REPLACE FUNCTION evictd.capture__public__products() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 DECLARE
     n bigint;
-    body text;
-    head text;
-    payload text;
+    body pg_catalog.text;
+    head pg_catalog.text;
+    payload pg_catalog.text;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows) u) d) END
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows) u) d) END
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
-    ELSIF TG_OP = 'UPDATE' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::text AS c0, "id"::text AS c1 FROM old_rows UNION ALL SELECT "client_id"::text AS c0, "id"::text AS c1 FROM new_rows) u) d) END
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
-    IF n = 0 THEN
+    IF n OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;
     END IF;
-    head := '{"v":1,"op":"' || TG_OP || '","table":"public.products","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
-    IF TG_OP = 'TRUNCATE' OR n > 150000 THEN
-        payload := head || ',"wide":true}';
+    head := '{"v":1,"op":"' OPERATOR(pg_catalog.||) TG_OP OPERATOR(pg_catalog.||) '","table":"public.products","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint;
+    IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' OR n OPERATOR(pg_catalog.>) 150000 THEN
+        payload := head OPERATOR(pg_catalog.||) ',"wide":true}';
     ELSE
-        payload := head || ',"cols":["client_id","id"],"rows":[' || body || ']}';
+        payload := head OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) body OPERATOR(pg_catalog.||) ']}';
     END IF;
     INSERT INTO evictd.outbox (payload) VALUES (payload);
-    PERFORM pg_notify('cache_invalidation', '');
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -144,43 +144,43 @@ CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."products"
     FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products();
 
 CREATE OR REPLACE FUNCTION evictd.capture__public__job_readiness_expert_sessions() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 DECLARE
     n bigint;
-    body text;
-    head text;
-    payload text;
+    body pg_catalog.text;
+    head pg_catalog.text;
+    payload pg_catalog.text;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) u) d) END
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows) u) d) END
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
-    ELSIF TG_OP = 'UPDATE' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows UNION ALL SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) u) d) END
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
-    IF n = 0 THEN
+    IF n OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;
     END IF;
-    head := '{"v":1,"op":"' || TG_OP || '","table":"public.job_readiness_expert_sessions","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
-    IF TG_OP = 'TRUNCATE' OR n > 150000 THEN
-        payload := head || ',"wide":true}';
+    head := '{"v":1,"op":"' OPERATOR(pg_catalog.||) TG_OP OPERATOR(pg_catalog.||) '","table":"public.job_readiness_expert_sessions","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint;
+    IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' OR n OPERATOR(pg_catalog.>) 150000 THEN
+        payload := head OPERATOR(pg_catalog.||) ',"wide":true}';
     ELSE
-        payload := head || ',"cols":["id","product_id"],"rows":[' || body || ']}';
+        payload := head OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) body OPERATOR(pg_catalog.||) ']}';
     END IF;
     INSERT INTO evictd.outbox (payload) VALUES (payload);
-    PERFORM pg_notify('cache_invalidation', '');
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -196,43 +196,43 @@ CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."job_readin
     FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions();
 
 CREATE OR REPLACE FUNCTION evictd.capture__public__modules() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 DECLARE
     n bigint;
-    body text;
-    head text;
-    payload text;
+    body pg_catalog.text;
+    head pg_catalog.text;
+    payload pg_catalog.text;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) u) d) END
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows) u) d) END
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
-    ELSIF TG_OP = 'UPDATE' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ',' || coalesce(to_json(c1)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0, "product_id"::text AS c1 FROM old_rows UNION ALL SELECT "id"::text AS c0, "product_id"::text AS c1 FROM new_rows) u) d) END
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
-    IF n = 0 THEN
+    IF n OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;
     END IF;
-    head := '{"v":1,"op":"' || TG_OP || '","table":"public.modules","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
-    IF TG_OP = 'TRUNCATE' OR n > 150000 THEN
-        payload := head || ',"wide":true}';
+    head := '{"v":1,"op":"' OPERATOR(pg_catalog.||) TG_OP OPERATOR(pg_catalog.||) '","table":"public.modules","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint;
+    IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' OR n OPERATOR(pg_catalog.>) 150000 THEN
+        payload := head OPERATOR(pg_catalog.||) ',"wide":true}';
     ELSE
-        payload := head || ',"cols":["id","product_id"],"rows":[' || body || ']}';
+        payload := head OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) body OPERATOR(pg_catalog.||) ']}';
     END IF;
     INSERT INTO evictd.outbox (payload) VALUES (payload);
-    PERFORM pg_notify('cache_invalidation', '');
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -248,43 +248,43 @@ CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."modules"
     FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules();
 
 CREATE OR REPLACE FUNCTION evictd.capture__public__clients() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 DECLARE
     n bigint;
-    body text;
-    head text;
-    payload text;
+    body pg_catalog.text;
+    head pg_catalog.text;
+    payload pg_catalog.text;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0 FROM new_rows) u) d) END
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0 FROM new_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0 FROM old_rows) u) d) END
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
-    ELSIF TG_OP = 'UPDATE' THEN
-        SELECT c.n, CASE WHEN c.n <= 150000 THEN (
-                SELECT string_agg('[' || coalesce(to_json(c0)::text, 'null') || ']', ',')
-                FROM (SELECT DISTINCT * FROM (SELECT "id"::text AS c0 FROM old_rows UNION ALL SELECT "id"::text AS c0 FROM new_rows) u) d) END
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.string_agg('[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',')
+                FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0 FROM new_rows) u) d) END
             INTO n, body
-            FROM (SELECT count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
-    IF n = 0 THEN
+    IF n OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;
     END IF;
-    head := '{"v":1,"op":"' || TG_OP || '","table":"public.clients","ts":' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
-    IF TG_OP = 'TRUNCATE' OR n > 150000 THEN
-        payload := head || ',"wide":true}';
+    head := '{"v":1,"op":"' OPERATOR(pg_catalog.||) TG_OP OPERATOR(pg_catalog.||) '","table":"public.clients","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint;
+    IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' OR n OPERATOR(pg_catalog.>) 150000 THEN
+        payload := head OPERATOR(pg_catalog.||) ',"wide":true}';
     ELSE
-        payload := head || ',"cols":["id"],"rows":[' || body || ']}';
+        payload := head OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) body OPERATOR(pg_catalog.||) ']}';
     END IF;
     INSERT INTO evictd.outbox (payload) VALUES (payload);
-    PERFORM pg_notify('cache_invalidation', '');
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;

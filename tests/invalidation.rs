@@ -259,6 +259,62 @@ async fn update_moving_product_invalidates_both_clients() {
     .await;
 }
 
+/// A writer with no privilege on evictd's objects and a hostile search path (its own schema
+/// first, shadowing `text`, `to_json`, `||` and `=` with functions that fail) still gets its
+/// UPDATE through and invalidated: the capture function, which runs as its owner, never
+/// resolves a name through the caller's search path. And the writer still cannot touch the
+/// outbox directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_with_hostile_search_path_cannot_hijack_the_trigger() {
+    let env = Env::new(Delivery::Outbox).await;
+    env.sql(&seed_sql()).await;
+    let role = format!("writer_{}", env.name);
+    env.sql(&format!(
+        r#"CREATE ROLE {role} NOLOGIN;
+        GRANT SELECT, UPDATE ON products TO {role};
+        CREATE SCHEMA hostile AUTHORIZATION {role};
+        SET ROLE {role};
+        CREATE FUNCTION hostile.trap(a text, b text) RETURNS boolean LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'hijacked: ran the caller''s operator'; END $$;
+        CREATE FUNCTION hostile.trap_cat(a text, b text) RETURNS text LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'hijacked: ran the caller''s ||'; END $$;
+        CREATE FUNCTION hostile.to_json(a text) RETURNS json LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'hijacked: ran the caller''s to_json'; END $$;
+        CREATE OPERATOR hostile.= (LEFTARG = text, RIGHTARG = text, FUNCTION = hostile.trap);
+        CREATE OPERATOR hostile.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = hostile.trap_cat);
+        CREATE DOMAIN hostile.text AS integer;
+        RESET ROLE;"#
+    ))
+    .await;
+    let _daemon = env.start_daemon().await;
+    check(
+        &env,
+        &format!(
+            "BEGIN; SET LOCAL ROLE {role}; SET LOCAL search_path = hostile, public, pg_catalog;
+             UPDATE products SET name = 'renamed' WHERE id = '{P1}'; COMMIT;"
+        ),
+        &tags(&[
+            "products:all",
+            &format!("products:client:{C1}"),
+            &format!("products:id:{P1}"),
+        ]),
+    )
+    .await;
+    let denied = env
+        .pg
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL ROLE {role}; INSERT INTO evictd.outbox (payload) VALUES ('x'); COMMIT;"
+        ))
+        .await
+        .expect_err("the writer role must not write the outbox directly");
+    assert!(
+        denied.to_string().contains("permission denied")
+            || format!("{denied:?}").contains("permission denied"),
+        "{denied:?}"
+    );
+    env.sql("ROLLBACK").await;
+}
+
 /// TRUNCATE invalidates everything the table's rule can produce, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_is_table_wide() {

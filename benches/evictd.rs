@@ -116,7 +116,10 @@ impl Lab {
             .env("REDIS_URL", self.redis.url())
             .env("EVICTD_CONFIG", &config)
             .env("EVICTD_DELIVERY", setting.delivery)
-            .env("EVICTD_LOG", "warn,evictd=info")
+            .env(
+                "EVICTD_LOG",
+                std::env::var("EVICTD_BENCH_LOG").unwrap_or_else(|_| "warn,evictd=info".into()),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
@@ -444,26 +447,49 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
         .await
         .unwrap();
 
-    // Every tenth watched entry and the last one: EXISTS over them is cheap enough to poll
-    // every few milliseconds without slowing Redis down.
-    let mut sample: Vec<String> = (0..watched)
-        .step_by(10)
+    // A 1 % sample is polled every few milliseconds (cheap enough not to slow Redis down);
+    // once it is gone, every watched entry is checked, and the clock stops only when none is
+    // left.
+    let sample: Vec<String> = (0..watched)
+        .step_by(100)
+        .chain([watched - 1])
         .map(|i| format!("cache:bench:e:{i}"))
         .collect();
-    sample.push(format!("cache:bench:e:{}", watched - 1));
+    let everything: Vec<String> = (0..watched).map(|i| format!("cache:bench:e:{i}")).collect();
     let mut poll = lab.redis().await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut poll)
+        .await
+        .unwrap();
+    let cpu_before = redis_cpu_s(&mut poll).await;
     let t = Instant::now();
     client.batch_execute(&sql).await.unwrap();
     let with_triggers = t.elapsed().as_secs_f64();
     let committed = Instant::now();
     let mut gone_after = None;
     while committed.elapsed() < Duration::from_secs(60) {
-        let left: u64 = poll.exists(&sample).await.unwrap();
+        let mut left: u64 = poll.exists(&sample).await.unwrap();
         if left == 0 {
-            gone_after = Some(committed.elapsed().as_secs_f64());
-            break;
+            let at = committed.elapsed().as_secs_f64();
+            for chunk in everything.chunks(10_000) {
+                left += poll.exists::<_, u64>(chunk).await.unwrap();
+            }
+            if left == 0 {
+                gone_after = Some(at);
+                break;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let redis_cpu_s = redis_cpu_s(&mut poll).await - cpu_before;
+    if std::env::var_os("EVICTD_BENCH_LOG").is_some() {
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut poll)
+            .await
+            .unwrap();
+        eprintln!("{stats}");
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut notifications = Vec::new();
@@ -496,8 +522,22 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
         "overhead_pct": round((with_triggers / bare - 1.0) * 100.0),
         "events": events,
         "commit_to_last_key_gone_s": gone_after.map(|s| round(s * 1000.0) / 1000.0),
+        "redis_cpu_s": round(redis_cpu_s * 1000.0) / 1000.0,
         "precise": wide.map_or(untouched, |w| !w && untouched),
     })
+}
+
+/// Redis' own CPU time so far (user + system), in seconds.
+async fn redis_cpu_s(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .sum()
 }
 
 /// Invalidates one tag of `members` members while another client PINGs in a loop.
@@ -652,6 +692,23 @@ async fn main() {
             .unwrap();
         rate
     };
+
+    if std::env::args().any(|a| a == "--bulk") {
+        // The 100,000-row UPDATE alone, for each setting: the figure to iterate on.
+        keyspace_events(&lab, false).await;
+        for setting in &SETTINGS {
+            let db = format!("bench_{}", setting.name.replace('-', "_"));
+            lab.database(&db, Some(setting)).await;
+            let daemon = lab.start_daemon(&db, setting).await;
+            let result = bulk(&lab, &db, setting, &deletions, 100_000.min(products / 2)).await;
+            if std::env::var_os("EVICTD_BENCH_LOG").is_some() {
+                eprintln!("{}", daemon.log());
+            }
+            drop(daemon);
+            println!("{:<14} {result}", setting.name);
+        }
+        return;
+    }
 
     if std::env::args().any(|a| a == "--writers") {
         // Writer cost alone, with and without the daemon running, to separate what the

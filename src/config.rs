@@ -24,6 +24,10 @@ pub enum Delivery {
     Outbox,
     /// Events travel in NOTIFY payloads only; after any gap the daemon resyncs table-wide.
     Notify,
+    /// No triggers: the daemon reads committed changes from the WAL through a logical
+    /// replication slot (`pgoutput`, publication `evictd`). Nothing is lost while the daemon is
+    /// down (the slot keeps the WAL), and writers pay nothing but a little more WAL.
+    Logical,
 }
 
 impl Delivery {
@@ -31,6 +35,7 @@ impl Delivery {
         match self {
             Delivery::Outbox => "outbox",
             Delivery::Notify => "notify",
+            Delivery::Logical => "logical",
         }
     }
 }
@@ -41,8 +46,9 @@ impl FromStr for Delivery {
         match s {
             "outbox" => Ok(Delivery::Outbox),
             "notify" => Ok(Delivery::Notify),
+            "logical" => Ok(Delivery::Logical),
             other => Err(format!(
-                "unknown delivery mode `{other}` (use outbox or notify)"
+                "unknown delivery mode `{other}` (use outbox, notify or logical)"
             )),
         }
     }

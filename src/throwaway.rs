@@ -272,7 +272,16 @@ impl Postgres {
                 "-c",
                 "max_connections=300",
             ])
-            .args(["-c", "shared_buffers=64MB"]);
+            .args(["-c", "shared_buffers=64MB"])
+            // `logical` delivery streams from a replication slot, one per database.
+            .args([
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "max_replication_slots=100",
+                "-c",
+                "max_wal_senders=100",
+            ]);
         for setting in &self.settings {
             command.args(["-c", setting]);
         }

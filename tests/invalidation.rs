@@ -225,6 +225,11 @@ async fn each_table_and_operation_outbox_polled() {
 
 /// In poll wake-up mode the writers send no NOTIFY at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_table_and_operation_logical() {
+    table_matrix(Delivery::Logical, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_wakeup_sends_no_notify() {
     let env = Env::with_config(Delivery::Outbox, "outbox_wakeup = \"poll\"\n").await;
     let ddl: String = env

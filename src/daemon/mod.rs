@@ -11,6 +11,7 @@
 //! happened while nobody listened is unknown), in `outbox` mode drain the backlog.
 
 mod drain;
+mod follow;
 mod report;
 mod sweeper;
 
@@ -171,7 +172,12 @@ impl Daemon {
             Delivery::Outbox => {
                 self.drain_outbox(&mut source, &sink).await?;
             }
+            Delivery::Logical => {}
         }
+        let mut stream = match source.delivery {
+            Delivery::Logical => Some(self.start_logical(&source, &sink, redis_restarted).await?),
+            _ => None,
+        };
         self.set_ready(true);
         backoff.reset();
         info!(
@@ -220,6 +226,11 @@ impl Daemon {
                 notification = source.next_notification() => {
                     let first = notification?;
                     self.on_notifications(first, &mut source, &sink).await?;
+                }
+                event = follow::next_event(&mut stream) => {
+                    if let Some(stream) = stream.as_mut() {
+                        self.on_logical(event?, stream, &sink, None).await?;
+                    }
                 }
             }
         }

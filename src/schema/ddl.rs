@@ -77,11 +77,20 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
     ));
     sql.push_str(&emit_function(delivery, settings.outbox_wakeup, channel));
     sql.push_str(&invalidate_tags_function());
+    if delivery == Delivery::Logical {
+        // The WAL is the source: no capture triggers at all.
+        sql.push_str(&drop_stale_captures(&[]));
+        sql.push_str(&publication(settings.rules.tables()));
+        return sql;
+    }
+    sql.push_str(
+        "-- Only `logical` delivery publishes the tables.\nDROP PUBLICATION IF EXISTS evictd;\n\n",
+    );
     sql.push_str(&drop_stale_captures(settings.rules.tables()));
     for rule in settings.rules.tables() {
         let limit = match delivery {
-            Delivery::Outbox => settings.wide_row_threshold,
             Delivery::Notify => settings.wide_row_threshold.min(NOTIFY_ROW_LIMIT),
+            Delivery::Outbox | Delivery::Logical => settings.wide_row_threshold,
         };
         sql.push_str(&capture_function(
             rule,
@@ -95,9 +104,72 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
     sql
 }
 
+/// The replication slot of `logical` delivery, as an SQL expression: one per database (slot
+/// names are cluster-wide), `evictd_` and the database name folded to `[a-z0-9_]`.
+pub const SLOT_NAME_SQL: &str =
+    "left('evictd_' || regexp_replace(lower(current_database()), '[^a-z0-9_]', '_', 'g'), 63)";
+
+/// `logical` delivery: publication `evictd` over the configured tables, and for each table
+/// whose rules reference a column outside its primary key (or that has none), replica identity
+/// FULL, so that UPDATEs and DELETEs carry the old row's values (an UPDATE moving a product to
+/// another client must invalidate the old client's tags too).
+fn publication(rules: &[TableRule]) -> String {
+    let tables: Vec<String> = rules.iter().map(|r| qualified(&r.table)).collect();
+    let mut sql = format!(
+        r#"-- Logical delivery: the daemon streams these tables' committed changes from slot
+-- `evictd_<database>` (created by `evictd migrate`, or by the daemon when missing).
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'evictd') THEN
+        CREATE PUBLICATION evictd;
+    END IF;
+END
+$do$;
+ALTER PUBLICATION evictd SET TABLE {};
+INSERT INTO evictd.settings (key, value) VALUES ('slot', {SLOT_NAME_SQL})
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+
+"#,
+        tables.join(", ")
+    );
+    for rule in rules {
+        let table = qualified(&rule.table);
+        let columns: Vec<String> = rule
+            .columns
+            .iter()
+            .map(|c| format!("'{}'", c.replace('\'', "''")))
+            .collect();
+        let _ = write!(
+            sql,
+            r#"DO $do$
+BEGIN
+    IF EXISTS (
+        SELECT FROM unnest(ARRAY[{columns}]::text[]) AS c(name)
+        WHERE c.name NOT IN (
+            SELECT a.attname FROM pg_index i
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+            WHERE i.indrelid = '{table_literal}'::regclass AND i.indisprimary)
+    ) AND (SELECT relreplident FROM pg_class WHERE oid = '{table_literal}'::regclass) <> 'f' THEN
+        ALTER TABLE {table} REPLICA IDENTITY FULL;
+    END IF;
+END
+$do$;
+"#,
+            columns = columns.join(", "),
+            table_literal = table.replace('\'', "''"),
+        );
+    }
+    sql.push('\n');
+    sql
+}
+
 /// `evictd.emit(payload)`: the one place that knows how an event leaves the transaction.
 fn emit_function(delivery: Delivery, wakeup: Wakeup, channel: &str) -> String {
     let body = match (delivery, wakeup) {
+        // A transactional logical decoding message: decoded at COMMIT, never after ROLLBACK.
+        (Delivery::Logical, _) => {
+            "    PERFORM pg_catalog.pg_logical_emit_message(true, 'evictd', payload);".to_string()
+        }
         (Delivery::Notify, _) => format!("    PERFORM pg_notify('{channel}', payload);"),
         // No NOTIFY, so no commit-time lock: the daemon polls.
         (Delivery::Outbox, Wakeup::Poll) => {
@@ -275,10 +347,13 @@ fn capture_function(
         Delivery::Notify => format!(
             "\n        IF pg_catalog.octet_length(payload) OPERATOR(pg_catalog.>) {NOTIFY_PAYLOAD_LIMIT} THEN\n            payload := {wide_payload};\n        END IF;"
         ),
-        Delivery::Outbox => String::new(),
+        Delivery::Outbox | Delivery::Logical => String::new(),
     };
     let emit = match (delivery, wakeup) {
         (Delivery::Notify, _) => format!("PERFORM pg_catalog.pg_notify('{channel}', payload);"),
+        (Delivery::Logical, _) => {
+            "PERFORM pg_catalog.pg_logical_emit_message(true, 'evictd', payload);".to_string()
+        }
         (Delivery::Outbox, Wakeup::Poll) => {
             "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string()
         }

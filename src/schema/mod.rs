@@ -140,6 +140,7 @@ pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrate
     if let Some(installed) = installed(&*client).await?
         && installed.ddl_hash.as_deref() == Some(hash.as_str())
     {
+        sync_slot(client, settings.delivery).await?;
         return Ok(Migrated::UpToDate);
     }
     for attempt in 1..=LOCK_ATTEMPTS {
@@ -157,6 +158,7 @@ pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrate
                 )
                 .await?;
                 tx.commit().await?;
+                sync_slot(client, settings.delivery).await?;
                 return Ok(Migrated::Applied);
             }
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
@@ -175,15 +177,42 @@ pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrate
     })
 }
 
-/// Removes schema `evictd` with its triggers, functions and outbox. Returns whether anything
-/// was installed.
+/// `logical` delivery needs its replication slot; any other mode must not leave one behind
+/// (an unread slot keeps WAL forever). Slots are not transactional, so this runs after the DDL
+/// committed.
+async fn sync_slot(client: &Client, delivery: Delivery) -> Result<(), SchemaError> {
+    let slot: String = client
+        .query_one(&format!("SELECT {}", ddl::SLOT_NAME_SQL), &[])
+        .await?
+        .get(0);
+    if delivery == Delivery::Logical {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
+                 WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await?;
+    } else if crate::source::logical::drop_slot(client, &slot).await? {
+        tracing::info!(
+            slot,
+            "dropped the replication slot of the former logical delivery"
+        );
+    }
+    Ok(())
+}
+
+/// Removes schema `evictd` with its triggers, functions and outbox, and the publication and
+/// replication slot of `logical` delivery. Returns whether anything was installed.
 pub async fn uninstall(client: &mut Client) -> Result<bool, SchemaError> {
     let was_installed = installed(&*client).await?.is_some();
     let tx = client.transaction().await?;
     tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; DROP SCHEMA IF EXISTS evictd CASCADE;"
+        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; DROP SCHEMA IF EXISTS evictd CASCADE; \
+         DROP PUBLICATION IF EXISTS evictd;"
     ))
     .await?;
     tx.commit().await?;
+    sync_slot(client, Delivery::Outbox).await?;
     Ok(was_installed)
 }

@@ -2,7 +2,9 @@
 //! mode, the outbox table it drains. Connection loss surfaces as an error; the daemon's
 //! supervisor reconnects.
 
+pub mod logical;
 pub mod outbox;
+pub mod pgoutput;
 
 use std::sync::atomic::Ordering;
 
@@ -29,6 +31,8 @@ pub enum SourceError {
     Version { installed: u32, wanted: u32 },
     #[error("the postgresql connection ended")]
     Closed,
+    #[error("logical replication: {0}")]
+    Logical(String),
 }
 
 /// A listening PostgreSQL session and what is installed in its database.

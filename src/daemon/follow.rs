@@ -1,0 +1,123 @@
+//! `logical` delivery: following the replication stream. Changes are folded into a batch until
+//! the stream has nothing more waiting (or the batch is full), invalidated, and only then is
+//! the end of the last complete transaction confirmed to PostgreSQL.
+
+use pgwire_replication::ReplicationEvent;
+use tracing::info;
+
+use super::{Daemon, FLUSH_TAGS, SessionError};
+use crate::batch::Batch;
+use crate::sink::RedisSink;
+use crate::source::logical::{self, LogicalStream, SlotState};
+use crate::source::{Session, SourceError};
+
+/// Prefix of the marker the daemon writes into the WAL to know when it has caught up.
+const CAUGHT_UP_PREFIX: &str = "evictd-caught-up";
+
+/// The next event of `stream`; never resolves when there is no stream (other deliveries).
+pub(super) async fn next_event(
+    stream: &mut Option<LogicalStream>,
+) -> Result<ReplicationEvent, SourceError> {
+    match stream {
+        Some(stream) => stream.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Daemon {
+    /// Makes sure the slot exists (a new one means what happened before is unknown: resync),
+    /// starts streaming, and follows the stream until it has delivered everything committed
+    /// before this call, so that readiness means caught up, as in outbox mode.
+    pub(super) async fn start_logical(
+        &mut self,
+        source: &Session,
+        sink: &RedisSink,
+        redis_restarted: bool,
+    ) -> Result<LogicalStream, SessionError> {
+        let client = &source.connection.client;
+        let slot = logical::slot_name(client).await?;
+        let state = logical::ensure_slot(client, &slot).await?;
+        if state == SlotState::Created {
+            self.resync(sink, "new replication slot: earlier changes are unknown")
+                .await?;
+        } else if redis_restarted {
+            self.resync(sink, "redis restarted or failed over").await?;
+        }
+        let mut stream = LogicalStream::start(&self.settings, &slot).await?;
+        // A non-transactional message is decoded at its place in the WAL: when it comes back,
+        // every transaction committed before it has been delivered.
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        client
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1, $2)",
+                &[&CAUGHT_UP_PREFIX, &nonce],
+            )
+            .await
+            .map_err(SourceError::from)?;
+        loop {
+            let event = tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(SessionError::Shutdown),
+                event = stream.recv() => event?,
+            };
+            if self
+                .on_logical(event, &mut stream, sink, Some(&nonce))
+                .await?
+            {
+                break;
+            }
+        }
+        info!(slot, "caught up with the replication slot");
+        Ok(stream)
+    }
+
+    /// Folds `first` and every event already waiting into one batch, invalidates it, then
+    /// confirms the last complete transaction. Returns whether the caught-up marker carrying
+    /// `marker` went by (it ends the batch).
+    pub(super) async fn on_logical(
+        &mut self,
+        first: ReplicationEvent,
+        stream: &mut LogicalStream,
+        sink: &RedisSink,
+        marker: Option<&str>,
+    ) -> Result<bool, SessionError> {
+        let mut marker_seen = false;
+        let threshold = self.settings.wide_row_threshold;
+        let mut batch = Batch::default();
+        let mut next = Some(first);
+        let mut events = 0usize;
+        while let Some(event) = next {
+            if let ReplicationEvent::Message {
+                prefix, content, ..
+            } = &event
+                && prefix == CAUGHT_UP_PREFIX
+            {
+                if marker.is_some_and(|m| content.as_ref() == m.as_bytes()) {
+                    marker_seen = true;
+                    break;
+                }
+                next = stream.try_recv().await?;
+                continue;
+            }
+            if let Err(reason) = stream.fold(&event, &self.settings.rules, threshold, &mut batch) {
+                self.reject("malformed", reason, "logical replication message");
+            }
+            events += 1;
+            if batch.targets.tags.len() >= FLUSH_TAGS {
+                // Changes arrive only once committed, so part of a transaction can go early;
+                // only its end is confirmed late.
+                let full = std::mem::take(&mut batch);
+                self.flush(sink, full).await?;
+            }
+            next = if events < self.settings.batch_max_events {
+                stream.try_recv().await?
+            } else {
+                None
+            };
+        }
+        self.flush(sink, batch).await?;
+        if let Some(lsn) = stream.last_commit_end {
+            stream.confirm(lsn);
+        }
+        Ok(marker_seen)
+    }
+}

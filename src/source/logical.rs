@@ -1,0 +1,369 @@
+//! `logical` delivery: committed changes streamed from a logical replication slot (`pgoutput`,
+//! publication `evictd`) instead of written by triggers, so writers pay nothing but a little
+//! more WAL.
+//!
+//! The slot is the durable queue: PostgreSQL keeps the WAL from the last position we confirmed,
+//! and we confirm a transaction's end only after Redis confirmed its invalidation
+//! (at-least-once, as in outbox mode). Changes arrive only after their transaction committed,
+//! in commit order; a transaction touching more than `wide_row_threshold` rows of a table
+//! invalidates that table table-wide, as the triggers would.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+};
+use tokio_postgres::Client;
+use tokio_postgres::config::Host;
+
+use super::SourceError;
+use super::pgoutput::{self, Message, Relation, Value};
+use crate::batch::Batch;
+use crate::config::Settings;
+use crate::event::{ChangeEvent, Op};
+use crate::rules::Rules;
+use crate::schema::ddl::SLOT_NAME_SQL;
+
+/// Milliseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_UNIX_MS: i64 = 946_684_800_000;
+
+/// What [`ensure_slot`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// The slot was there: everything since our last confirmed position is still in the WAL.
+    Kept,
+    /// The slot had to be created (or re-created, its WAL lost): changes before now are
+    /// unknown.
+    Created,
+}
+
+/// The slot name installed in `evictd.settings`, or the one `migrate` would install.
+pub async fn slot_name(client: &Client) -> Result<String, SourceError> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT coalesce((SELECT value FROM evictd.settings WHERE key = 'slot'), {SLOT_NAME_SQL})"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Makes sure slot `slot` exists and still has its WAL.
+pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    match row.map(|r| r.get::<_, String>(0)) {
+        Some(status) if status != "lost" => return Ok(SlotState::Kept),
+        Some(_) => {
+            tracing::warn!(
+                slot,
+                "the replication slot lost its WAL (max_slot_wal_keep_size); re-creating it"
+            );
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await?;
+        }
+        None => {}
+    }
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await?;
+    Ok(SlotState::Created)
+}
+
+/// Drops slot `slot` if it exists and no daemon streams from it.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, tokio_postgres::Error> {
+    let dropped = client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND NOT active",
+            &[&slot],
+        )
+        .await?;
+    Ok(dropped > 0)
+}
+
+/// The WAL position now: once the stream has passed it, everything committed before has been
+/// seen.
+pub async fn current_lsn(client: &Client) -> Result<Lsn, SourceError> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    Lsn::parse(&text).map_err(|e| SourceError::Logical(format!("bad LSN `{text}`: {e}")))
+}
+
+/// The replication connection for `settings.database_url`: same host, credentials and TLS.
+fn replication_config(settings: &Settings, slot: &str) -> Result<ReplicationConfig, SourceError> {
+    let tls = crate::tls::pg_tls(&settings.database_url);
+    let config = crate::db::parse_config(&tls.url)?;
+    let mut replication = ReplicationConfig::new(
+        "localhost",
+        config.get_user().unwrap_or("postgres"),
+        config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default(),
+        config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or("postgres"),
+        slot,
+        "evictd",
+    )
+    .with_start_lsn(Lsn::ZERO)
+    .with_status_interval(Duration::from_secs(1))
+    .with_wakeup_interval(Duration::from_secs(5))
+    .with_application_name("evictd-logical")
+    .with_tls(if tls.tls {
+        TlsConfig::verify_full(tls.ca_file.clone().or_else(|| settings.tls_ca_file.clone()))
+    } else {
+        TlsConfig::disabled()
+    });
+    match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => replication.host = host.clone(),
+        Some(Host::Unix(dir)) => replication.host = dir.display().to_string(),
+        None => replication.host = "localhost".to_string(),
+    }
+    if let Some(port) = config.get_ports().first() {
+        replication.port = *port;
+    }
+    Ok(replication)
+}
+
+/// The change stream of one session, and what it has folded so far.
+pub struct LogicalStream {
+    client: ReplicationClient,
+    relations: HashMap<u32, Known>,
+    /// Rows seen per table in the transaction being read, and the tables already widened.
+    rows_in_tx: HashMap<u32, u64>,
+    wide_in_tx: HashSet<u32>,
+    counted_in_tx: HashSet<(u32, Op)>,
+    /// End of the last transaction read completely: what may be confirmed once its batch is
+    /// in Redis.
+    pub last_commit_end: Option<Lsn>,
+    /// Highest WAL position the server said it has sent (commits and keepalives).
+    pub seen: Lsn,
+}
+
+impl LogicalStream {
+    /// Starts streaming from the slot's confirmed position.
+    pub async fn start(settings: &Settings, slot: &str) -> Result<Self, SourceError> {
+        let config = replication_config(settings, slot)?;
+        let client = ReplicationClient::connect(config)
+            .await
+            .map_err(logical_error)?;
+        Ok(Self {
+            client,
+            relations: HashMap::new(),
+            rows_in_tx: HashMap::new(),
+            wide_in_tx: HashSet::new(),
+            counted_in_tx: HashSet::new(),
+            last_commit_end: None,
+            seen: Lsn::ZERO,
+        })
+    }
+
+    /// The next event; `Err` when the stream ended (connection loss included).
+    pub async fn recv(&mut self) -> Result<ReplicationEvent, SourceError> {
+        match self.client.recv().await {
+            Ok(Some(event)) => Ok(event),
+            Ok(None) => Err(SourceError::Closed),
+            Err(e) => Err(logical_error(e)),
+        }
+    }
+
+    /// An event already received, without waiting.
+    pub async fn try_recv(&mut self) -> Result<Option<ReplicationEvent>, SourceError> {
+        match tokio::time::timeout(Duration::ZERO, self.client.recv()).await {
+            Err(_) => Ok(None),
+            Ok(Ok(Some(event))) => Ok(Some(event)),
+            Ok(Ok(None)) => Err(SourceError::Closed),
+            Ok(Err(e)) => Err(logical_error(e)),
+        }
+    }
+
+    /// Tells PostgreSQL everything up to `lsn` is done: the slot may release that WAL.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.client.update_applied_lsn(lsn);
+    }
+
+    pub fn stop(&self) {
+        self.client.stop();
+    }
+
+    /// Folds one event into `batch`. A bad message or a table without a rule is returned as the
+    /// reason (the caller logs and counts it); the stream goes on.
+    pub fn fold(
+        &mut self,
+        event: &ReplicationEvent,
+        rules: &Rules,
+        wide_threshold: u64,
+        batch: &mut Batch,
+    ) -> Result<(), String> {
+        match event {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => {
+                self.rows_in_tx.clear();
+                self.wide_in_tx.clear();
+                self.counted_in_tx.clear();
+                let ts = commit_time_micros / 1_000 + PG_EPOCH_UNIX_MS;
+                batch.oldest_ts_ms = Some(batch.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.last_commit_end = Some(*end_lsn);
+                self.seen = self.seen.max(*end_lsn);
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => self.seen = self.seen.max(*wal_end),
+            ReplicationEvent::Message {
+                prefix, content, ..
+            } if prefix == "evictd" => {
+                let text = String::from_utf8_lossy(content);
+                let event = ChangeEvent::parse(&text).map_err(|e| e.to_string())?;
+                batch.add(rules, &event).map_err(|e| e.to_string())?;
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let message = pgoutput::decode(data).map_err(|e| e.to_string())?;
+                self.fold_change(message, rules, wide_threshold, batch)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn fold_change(
+        &mut self,
+        message: Message<'_>,
+        rules: &Rules,
+        wide_threshold: u64,
+        batch: &mut Batch,
+    ) -> Result<(), String> {
+        let (relation, op, rows) = match message {
+            Message::Relation(relation) => {
+                self.relations
+                    .insert(relation.id, Known::new(relation, rules));
+                return Ok(());
+            }
+            Message::Truncate { relations } => {
+                for id in relations {
+                    self.count(id, Op::Truncate, batch)?;
+                    self.widen(id, rules, batch)?;
+                }
+                return Ok(());
+            }
+            Message::Insert { relation, new } => (relation, Op::Insert, vec![new]),
+            Message::Update { relation, old, new } => {
+                let mut rows = vec![new];
+                rows.extend(old);
+                (relation, Op::Update, rows)
+            }
+            Message::Delete { relation, old } => (relation, Op::Delete, vec![old]),
+            Message::Other => return Ok(()),
+        };
+        self.count(relation, op, batch)?;
+        if self.wide_in_tx.contains(&relation) {
+            return Ok(());
+        }
+        let seen = self.rows_in_tx.entry(relation).or_default();
+        *seen += 1;
+        if *seen > wide_threshold {
+            return self.widen(relation, rules, batch);
+        }
+        let known = self.known(relation)?;
+        let rule = rules
+            .find(&known.table)
+            .ok_or_else(|| format!("table `{}` has no rule in this configuration", known.table))?;
+        let Some(positions) = &known.positions else {
+            // The table lacks a column the rules reference: everything it could make stale.
+            return self.widen(relation, rules, batch);
+        };
+        let mut values: Vec<Option<&str>> = Vec::with_capacity(positions.len());
+        let mut unknown = false;
+        for row in &rows {
+            values.clear();
+            for &i in positions {
+                match row.get(i) {
+                    Some(Value::Text(text)) => values.push(Some(text)),
+                    Some(Value::Null) | None => values.push(None),
+                    // A TOASTed value the stream does not carry: the tag cannot be rendered.
+                    Some(Value::Unchanged) => unknown = true,
+                }
+            }
+            if unknown {
+                break;
+            }
+            rule.row_targets(&values, &mut batch.targets);
+        }
+        if unknown {
+            return self.widen(relation, rules, batch);
+        }
+        Ok(())
+    }
+
+    /// Counts one event per table and operation per transaction, like one statement trigger.
+    fn count(&mut self, relation: u32, op: Op, batch: &mut Batch) -> Result<(), String> {
+        if !self.counted_in_tx.contains(&(relation, op)) {
+            let table = self.known(relation)?.table.clone();
+            self.counted_in_tx.insert((relation, op));
+            *batch.events.entry((table, op)).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Invalidates everything `relation`'s rule can produce, once per transaction.
+    fn widen(&mut self, relation: u32, rules: &Rules, batch: &mut Batch) -> Result<(), String> {
+        if self.wide_in_tx.contains(&relation) {
+            return Ok(());
+        }
+        let known = self.known(relation)?;
+        let rule = rules
+            .find(&known.table)
+            .ok_or_else(|| format!("table `{}` has no rule in this configuration", known.table))?;
+        rule.table_wide_targets(&mut batch.targets);
+        self.wide_in_tx.insert(relation);
+        Ok(())
+    }
+
+    fn known(&self, relation: u32) -> Result<&Known, String> {
+        self.relations
+            .get(&relation)
+            .ok_or_else(|| format!("change of relation {relation} before its description"))
+    }
+}
+
+/// A relation the stream described, with where each of its rule's columns sits in its rows.
+struct Known {
+    table: String,
+    /// Column index of each rule column; `None` when a rule column is missing.
+    positions: Option<Vec<usize>>,
+}
+
+impl Known {
+    fn new(relation: Relation, rules: &Rules) -> Self {
+        let positions = rules.find(&relation.table).and_then(|rule| {
+            rule.columns
+                .iter()
+                .map(|c| relation.columns.iter().position(|e| e == c))
+                .collect()
+        });
+        Self {
+            table: relation.table,
+            positions,
+        }
+    }
+}
+
+fn logical_error(e: PgWireError) -> SourceError {
+    SourceError::Logical(crate::redact::redact_url(&e.to_string()))
+}

@@ -76,6 +76,9 @@ $fn$;
 REVOKE ALL ON FUNCTION evictd.invalidate_tags(text[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION evictd.invalidate_tags(text[]) TO PUBLIC;
 
+-- Only `logical` delivery publishes the tables.
+DROP PUBLICATION IF EXISTS evictd;
+
 -- Tables no longer configured lose their triggers.
 DO $do$
 DECLARE

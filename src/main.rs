@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     init_logging(settings.log_format, cli.global.log.as_deref());
     // The redis crate builds its TLS configuration from rustls' process-wide default provider;
     // ring is the only one compiled in. An error means one was installed already: fine.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    evictd::tls::install_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

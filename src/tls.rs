@@ -23,6 +23,13 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
+/// Makes ring the process-wide rustls provider (idempotent). Libraries that build their own
+/// rustls configuration (redis, the replication client) use the process default, and with more
+/// than one provider compiled in (a dependency enables aws-lc-rs) rustls cannot pick one.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The certificates in PEM file `path`.
 pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let error = |detail: String| TlsError::CaFile {

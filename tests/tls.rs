@@ -117,6 +117,8 @@ fn make_certs() -> Certs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_postgres_and_rediss_with_a_test_ca() {
+    // This test's own redis client builds its TLS configuration from the process default.
+    evictd::tls::install_provider();
     let certs = make_certs();
     let pg = Postgres::start_with(&[
         "ssl=on",

@@ -95,6 +95,7 @@ impl RedisSink {
     /// Connects to `url`. The connection manager reconnects by itself; a command in flight when
     /// the connection drops fails, and callers retry (every operation here is idempotent).
     pub async fn connect(url: &str, options: SinkOptions) -> Result<Self, SinkError> {
+        crate::tls::install_provider();
         let open_error = |source| SinkError::Open {
             url: redact_url(url),
             source,

@@ -122,7 +122,8 @@ fn replication_config(settings: &Settings, slot: &str) -> Result<ReplicationConf
         "evictd",
     )
     .with_start_lsn(Lsn::ZERO)
-    .with_status_interval(Duration::from_secs(1))
+    // A confirmed position reaches PostgreSQL within this: what a kill -9 can make us replay.
+    .with_status_interval(Duration::from_millis(20))
     .with_wakeup_interval(Duration::from_secs(5))
     .with_application_name("evictd-logical")
     .with_tls(if tls.tls {
@@ -159,6 +160,7 @@ pub struct LogicalStream {
 impl LogicalStream {
     /// Starts streaming from the slot's confirmed position.
     pub async fn start(settings: &Settings, slot: &str) -> Result<Self, SourceError> {
+        crate::tls::install_provider();
         let config = replication_config(settings, slot)?;
         let client = ReplicationClient::connect(config)
             .await

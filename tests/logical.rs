@@ -1,0 +1,185 @@
+//! `logical` delivery: what differs from the trigger-based modes. No triggers on the writers'
+//! tables; old values through replica identity FULL; a large transaction goes table-wide; the
+//! slot is created, kept, and removed with the installation. (The per-table matrix is in
+//! `invalidation.rs`, the kill -9 tests in `faults.rs`.)
+
+mod support;
+
+use evictd::config::Delivery;
+use support::Env;
+
+const C1: &str = "00000000-0000-0000-0000-0000000000c1";
+const C2: &str = "00000000-0000-0000-0000-0000000000c2";
+const P1: &str = "00000000-0000-0000-0000-0000000000a1";
+const P2: &str = "00000000-0000-0000-0000-0000000000a2";
+
+async fn seeded(toml: &str) -> Env {
+    let env = Env::with_config(Delivery::Logical, toml).await;
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES ('{C1}', 'c1'), ('{C2}', 'c2');
+         INSERT INTO products (id, client_id, name) VALUES ('{P1}', '{C1}', 'p1'), ('{P2}', '{C2}', 'p2');"
+    ))
+    .await;
+    env
+}
+
+async fn query_strings(env: &Env, sql: &str) -> Vec<String> {
+    env.pg
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}
+
+/// Writers pay no trigger: none is installed. Tables whose rules need a non-key column log
+/// their old rows in full; `clients` (rules on its primary key only) keeps the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_triggers_and_replica_identity_only_where_needed() {
+    let env = seeded("").await;
+    let triggers = query_strings(
+        &env,
+        "SELECT tgname::text FROM pg_trigger WHERE tgname LIKE 'evictd%'",
+    )
+    .await;
+    assert!(triggers.is_empty(), "{triggers:?}");
+    let published = query_strings(
+        &env,
+        "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'evictd' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        published,
+        [
+            "clients",
+            "job_readiness_expert_sessions",
+            "modules",
+            "products"
+        ]
+    );
+    let identities = query_strings(
+        &env,
+        "SELECT relname::text || '=' || relreplident::text FROM pg_class \
+         WHERE relname IN ('clients', 'products') ORDER BY 1",
+    )
+    .await;
+    assert_eq!(identities, ["clients=d", "products=f"]);
+    let slots = query_strings(
+        &env,
+        "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .await;
+    assert_eq!(slots, [format!("evictd_{}", env.name)]);
+}
+
+/// An UPDATE moving a product to another client invalidates both clients' tags: the old
+/// client comes from the old row the WAL carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_a_product_invalidates_both_clients() {
+    let env = seeded("").await;
+    let _daemon = env.start_daemon().await;
+    let old_client = env.cache("old", &[&format!("products:client:{C1}")]).await;
+    let new_client = env.cache("new", &[&format!("products:client:{C2}")]).await;
+    let product = env.cache("p1", &[&format!("products:id:{P1}")]).await;
+    let other = env.cache("p2", &[&format!("products:id:{P2}")]).await;
+    env.sql(&format!(
+        "UPDATE products SET client_id = '{C2}' WHERE id = '{P1}'"
+    ))
+    .await;
+    env.wait_gone(&[old_client, new_client, product]).await;
+    env.barrier().await;
+    env.assert_present(&[other]).await;
+}
+
+/// A transaction touching more rows of a table than `wide_row_threshold` invalidates the table
+/// table-wide; one at the threshold stays precise. A rolled-back one invalidates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transactions_go_table_wide_and_rollbacks_do_nothing() {
+    let env = seeded("wide_row_threshold = 2\n").await;
+    let _daemon = env.start_daemon().await;
+    let p1 = env.cache("p1", &[&format!("products:id:{P1}")]).await;
+    let p2 = env.cache("p2", &[&format!("products:id:{P2}")]).await;
+    let clients = env
+        .cache("client", &[&format!("client_configs:id:{C1}")])
+        .await;
+
+    env.sql(&format!(
+        "BEGIN; UPDATE products SET name = 'x' WHERE id = '{P1}'; ROLLBACK;"
+    ))
+    .await;
+    env.barrier().await;
+    env.assert_present(&[p1.clone(), p2.clone(), clients.clone()])
+        .await;
+
+    // Two rows (at the threshold): precise, so a third product's entry stays.
+    let p3 = env
+        .cache("p3", &["products:id:00000000-0000-0000-0000-0000000000a3"])
+        .await;
+    env.sql("UPDATE products SET name = 'y'").await;
+    env.wait_gone(&[p1.clone(), p2.clone()]).await;
+    env.barrier().await;
+    env.assert_present(&[p3.clone(), clients.clone()]).await;
+
+    // Three rows in one transaction: table-wide, even the entry of a product not touched.
+    env.sql(&format!(
+        "INSERT INTO products (id, client_id, name) VALUES
+            ('00000000-0000-0000-0000-0000000000b1', '{C1}', 'b1'),
+            ('00000000-0000-0000-0000-0000000000b2', '{C1}', 'b2'),
+            ('00000000-0000-0000-0000-0000000000b3', '{C1}', 'b3')"
+    ))
+    .await;
+    env.wait_gone(&[p3]).await;
+    env.barrier().await;
+    env.assert_present(&[clients]).await;
+}
+
+/// `uninstall` removes the publication and the slot (an unread slot would keep WAL forever),
+/// and so does migrating to another delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_goes_with_uninstall_and_with_another_delivery() {
+    let env = seeded("").await;
+    let slots =
+        "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()";
+    assert_eq!(query_strings(&env, slots).await.len(), 1);
+
+    let migrate = env
+        .command(&["migrate"])
+        .env("EVICTD_DELIVERY", "outbox")
+        .output()
+        .expect("run migrate");
+    assert!(migrate.status.success(), "{}", support::text(&migrate));
+    assert!(query_strings(&env, slots).await.is_empty());
+
+    let back = support::finish(env.command(&["migrate"]));
+    assert!(back.status.success(), "{}", support::text(&back));
+    assert_eq!(query_strings(&env, slots).await.len(), 1);
+
+    let uninstall = support::finish(env.command(&["uninstall"]));
+    assert!(uninstall.status.success(), "{}", support::text(&uninstall));
+    assert!(query_strings(&env, slots).await.is_empty());
+    let publications = query_strings(
+        &env,
+        "SELECT pubname::text FROM pg_publication WHERE pubname = 'evictd'",
+    )
+    .await;
+    assert!(publications.is_empty(), "{publications:?}");
+}
+
+/// A slot dropped behind the daemon's back (or never created, as when the SQL was applied by
+/// hand) is created at start, with a table-wide resync: what happened before is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_slot_is_created_with_a_resync() {
+    let env = seeded("").await;
+    env.sql(&format!(
+        "SELECT pg_drop_replication_slot('evictd_{}')",
+        env.name
+    ))
+    .await;
+    let stale = env.cache("p1", &[&format!("products:id:{P1}")]).await;
+    let unrelated = env.cache("other", &["unrelated:thing"]).await;
+    let daemon = env.start_daemon().await;
+    daemon.wait_log("new replication slot").await;
+    env.wait_gone(&[stale]).await;
+    env.assert_present(&[unrelated]).await;
+}

@@ -145,7 +145,17 @@ async fn dashboard_queries_exported_metrics() {
     let daemon = env.start_daemon().await;
     env.sql("INSERT INTO clients (name) VALUES ('m')").await;
     env.barrier().await;
-    let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+    // Counters are recorded just after Redis confirmed, so the barrier's entry can be gone a
+    // moment before the events family exists: wait for it.
+    let started = std::time::Instant::now();
+    let metrics = loop {
+        let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+        if metrics.contains("# TYPE evictd_events counter") || started.elapsed() > support::DEADLINE
+        {
+            break metrics;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let exported: BTreeSet<String> = metrics
         .lines()
         .filter(|l| l.starts_with("# TYPE "))

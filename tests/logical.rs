@@ -71,6 +71,16 @@ async fn no_triggers_and_replica_identity_only_where_needed() {
     )
     .await;
     assert_eq!(slots, [format!("evictd_{}", env.name)]);
+
+    // doctor checks the slot instead of triggers and a LISTEN round trip.
+    let doctor = support::finish(env.command(&["doctor"]));
+    let report = support::text(&doctor);
+    assert!(doctor.status.success(), "{report}");
+    assert!(!report.contains("FAIL"), "{report}");
+    assert!(
+        report.contains(&format!("slot evictd_{}: not in use", env.name)),
+        "{report}"
+    );
 }
 
 /// An UPDATE moving a product to another client invalidates both clients' tags: the old

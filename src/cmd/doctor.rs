@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::config::Settings;
+use crate::config::{Delivery, Settings};
 use crate::db;
 use crate::redact::redact_url;
 use crate::schema::{self, ddl};
@@ -239,12 +239,83 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
             None
         }
     };
+    if installed
+        .as_ref()
+        .is_some_and(|i| i.delivery == Delivery::Logical)
+    {
+        checks.push(slot_check(client).await);
+        return checks;
+    }
     checks.extend(trigger_checks(settings, client).await);
     if let Some(installed) = &installed {
         checks.push(listen_round_trip(settings, &installed.channel).await);
         checks.push(outbox_check(client).await);
     }
     checks
+}
+
+/// WAL a slot nobody reads may hold before it is worth a warning.
+const SLOT_LAG_WARN_BYTES: i64 = 1 << 30;
+
+/// `logical` delivery: `wal_level`, the slot, and how much WAL it holds back.
+async fn slot_check(client: &Client) -> Check {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT current_setting('wal_level'), s.slot_name::text, s.active, s.wal_status,                  pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8                  FROM (SELECT {}) AS want(name)                  LEFT JOIN pg_replication_slots s ON s.slot_name = want.name",
+                ddl::SLOT_NAME_SQL
+            ),
+            &[],
+        )
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => return check("slot", Status::Fail, e.to_string(), None),
+    };
+    let wal_level: String = row.get(0);
+    let slot: Option<String> = row.get(1);
+    let active: Option<bool> = row.get(2);
+    let wal_status: Option<String> = row.get(3);
+    let behind: Option<i64> = row.get(4);
+    if wal_level != "logical" {
+        return check(
+            "slot",
+            Status::Fail,
+            format!("wal_level is {wal_level}; logical delivery needs logical"),
+            Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"),
+        );
+    }
+    let Some(slot) = slot else {
+        return check(
+            "slot",
+            Status::Warn,
+            "the replication slot does not exist".to_string(),
+            Some("`evictd migrate` creates it (the daemon too, with a table-wide resync)"),
+        );
+    };
+    let behind = behind.unwrap_or(0);
+    let message = format!(
+        "slot {slot}: {}, {} MB of WAL behind{}",
+        if active == Some(true) {
+            "streaming"
+        } else {
+            "not in use"
+        },
+        behind / (1 << 20),
+        wal_status.map_or(String::new(), |w| format!(", wal_status {w}"))
+    );
+    if active != Some(true) && behind > SLOT_LAG_WARN_BYTES {
+        check(
+            "slot",
+            Status::Warn,
+            message,
+            Some(
+                "no daemon reads the slot and PostgreSQL keeps its WAL: start `evictd run`, or `evictd uninstall`",
+            ),
+        )
+    } else {
+        check("slot", Status::Ok, message, None)
+    }
 }
 
 async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<Check> {

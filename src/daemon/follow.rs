@@ -115,7 +115,7 @@ impl Daemon {
             };
         }
         self.flush(sink, batch).await?;
-        if let Some(lsn) = stream.last_commit_end {
+        if let Some(lsn) = stream.confirmable {
             stream.confirm(lsn);
         }
         Ok(marker_seen)

@@ -93,16 +93,6 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, tokio_postgr
     Ok(dropped > 0)
 }
 
-/// The WAL position now: once the stream has passed it, everything committed before has been
-/// seen.
-pub async fn current_lsn(client: &Client) -> Result<Lsn, SourceError> {
-    let text: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
-    Lsn::parse(&text).map_err(|e| SourceError::Logical(format!("bad LSN `{text}`: {e}")))
-}
-
 /// The replication connection for `settings.database_url`: same host, credentials and TLS.
 fn replication_config(settings: &Settings, slot: &str) -> Result<ReplicationConfig, SourceError> {
     let tls = crate::tls::pg_tls(&settings.database_url);
@@ -150,11 +140,12 @@ pub struct LogicalStream {
     rows_in_tx: HashMap<u32, u64>,
     wide_in_tx: HashSet<u32>,
     counted_in_tx: HashSet<(u32, Op)>,
-    /// End of the last transaction read completely: what may be confirmed once its batch is
-    /// in Redis.
-    pub last_commit_end: Option<Lsn>,
-    /// Highest WAL position the server said it has sent (commits and keepalives).
-    pub seen: Lsn,
+    /// How far everything read is complete: the end of the last transaction, or a keepalive's
+    /// position between transactions. What may be confirmed once the batch is in Redis.
+    pub confirmable: Option<Lsn>,
+    /// Inside a transaction (between Begin and Commit): a keepalive then says nothing about
+    /// the rest of the transaction, so it moves nothing.
+    in_transaction: bool,
 }
 
 impl LogicalStream {
@@ -171,8 +162,8 @@ impl LogicalStream {
             rows_in_tx: HashMap::new(),
             wide_in_tx: HashSet::new(),
             counted_in_tx: HashSet::new(),
-            last_commit_end: None,
-            seen: Lsn::ZERO,
+            confirmable: None,
+            in_transaction: false,
         })
     }
 
@@ -217,6 +208,7 @@ impl LogicalStream {
             ReplicationEvent::Begin {
                 commit_time_micros, ..
             } => {
+                self.in_transaction = true;
                 self.rows_in_tx.clear();
                 self.wide_in_tx.clear();
                 self.counted_in_tx.clear();
@@ -224,10 +216,14 @@ impl LogicalStream {
                 batch.oldest_ts_ms = Some(batch.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
-                self.last_commit_end = Some(*end_lsn);
-                self.seen = self.seen.max(*end_lsn);
+                self.in_transaction = false;
+                self.advance(*end_lsn);
             }
-            ReplicationEvent::KeepAlive { wal_end, .. } => self.seen = self.seen.max(*wal_end),
+            // Between transactions a keepalive's position is complete too: confirming it lets
+            // the slot release WAL while only other tables are written.
+            ReplicationEvent::KeepAlive { wal_end, .. } if !self.in_transaction => {
+                self.advance(*wal_end);
+            }
             ReplicationEvent::Message {
                 prefix, content, ..
             } if prefix == "evictd" => {
@@ -242,6 +238,10 @@ impl LogicalStream {
             _ => {}
         }
         Ok(())
+    }
+
+    fn advance(&mut self, lsn: Lsn) {
+        self.confirmable = Some(self.confirmable.map_or(lsn, |c| c.max(lsn)));
     }
 
     fn fold_change(

@@ -193,3 +193,30 @@ async fn missing_slot_is_created_with_a_resync() {
     env.wait_gone(&[stale]).await;
     env.assert_present(&[unrelated]).await;
 }
+
+/// Two daemons on one database: the second waits while the first holds the slot; when the
+/// first is killed (-9), the second takes the slot over and what was committed meanwhile is
+/// invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_daemon_takes_over_the_slot() {
+    let env = seeded("").await;
+    let mut first = env.start_daemon().await;
+    let second = env.spawn_daemon(&[]);
+    second.wait_log("not serving; retrying").await;
+    assert!(
+        !second.log().contains("evictd is ready"),
+        "{}",
+        second.log()
+    );
+    first.kill9();
+    let entry = env.cache("p1", &[&format!("products:id:{P1}")]).await;
+    let other = env.cache("p2", &[&format!("products:id:{P2}")]).await;
+    env.sql(&format!(
+        "UPDATE products SET name = 'while nobody streamed' WHERE id = '{P1}'"
+    ))
+    .await;
+    second.wait_ready().await;
+    env.wait_gone(&[entry]).await;
+    env.barrier().await;
+    env.assert_present(&[other]).await;
+}

@@ -172,39 +172,29 @@ async fn verify_full_postgres_and_rediss_with_a_test_ca() {
     )
     .unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let () = redis::pipe()
-        .cmd("SET")
-        .arg("cache:entry")
-        .arg("v")
-        .ignore()
-        .cmd("SADD")
-        .arg("cache:tag:client_configs:all")
-        .arg("cache:entry")
-        .ignore()
-        .query_async(&mut conn)
-        .await
+    insert_and_wait_gone(&pg, &mut conn).await;
+    drop(daemon);
+
+    // `logical` delivery: the replication connection is verified and encrypted too.
+    let migrated = finish({
+        let mut c = evictd(&["migrate"]);
+        c.env("EVICTD_DELIVERY", "logical");
+        c
+    });
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    let mut command = evictd(&["run", "--http-addr", "127.0.0.1:0"]);
+    command.stderr(std::process::Stdio::piped());
+    let daemon = Daemon::spawn(command);
+    daemon.wait_ready().await;
+    let ssl = pg
+        .psql(
+            "postgres",
+            &["-At", "-c", "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'evictd-logical'"],
+        )
         .unwrap();
-    pg.psql(
-        "postgres",
-        &["-c", "INSERT INTO clients (name) VALUES ('tls')"],
-    )
-    .unwrap();
-    let start = std::time::Instant::now();
-    loop {
-        let exists: u64 = redis::cmd("EXISTS")
-            .arg("cache:entry")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if exists == 0 {
-            break;
-        }
-        assert!(
-            start.elapsed() < support::DEADLINE,
-            "entry not invalidated over TLS"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    assert_eq!(ssl.trim(), "t", "{}", daemon.log());
+    insert_and_wait_gone(&pg, &mut conn).await;
+    drop(daemon);
 
     // Without the test CA, both servers are refused: the chain is verified.
     let untrusted_pg = finish({
@@ -241,4 +231,41 @@ async fn verify_full_postgres_and_rediss_with_a_test_ca() {
         "{}",
         text(&untrusted_redis)
     );
+}
+
+/// Caches an entry under `client_configs:all`, inserts a client, and waits for the entry to go.
+async fn insert_and_wait_gone(pg: &Postgres, conn: &mut redis::aio::MultiplexedConnection) {
+    let () = redis::pipe()
+        .cmd("SET")
+        .arg("cache:entry")
+        .arg("v")
+        .ignore()
+        .cmd("SADD")
+        .arg("cache:tag:client_configs:all")
+        .arg("cache:entry")
+        .ignore()
+        .query_async(conn)
+        .await
+        .unwrap();
+    pg.psql(
+        "postgres",
+        &["-c", "INSERT INTO clients (name) VALUES ('tls')"],
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let exists: u64 = redis::cmd("EXISTS")
+            .arg("cache:entry")
+            .query_async(conn)
+            .await
+            .unwrap();
+        if exists == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "entry not invalidated over TLS"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }

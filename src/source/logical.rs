@@ -122,7 +122,15 @@ fn replication_config(settings: &Settings, slot: &str) -> Result<ReplicationConf
         TlsConfig::disabled()
     });
     match config.get_hosts().first() {
-        Some(Host::Tcp(host)) => replication.host = host.clone(),
+        Some(Host::Tcp(host)) => {
+            replication.host = host.clone();
+            // The replication client refuses to verify a host given as an IP address unless
+            // told the name to check; rustls checks IP addresses against the certificate's IP
+            // SANs, as the main connection does.
+            if tls.tls {
+                replication.tls = replication.tls.clone().with_sni_hostname(host.clone());
+            }
+        }
         Some(Host::Unix(dir)) => replication.host = dir.display().to_string(),
         None => replication.host = "localhost".to_string(),
     }

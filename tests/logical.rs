@@ -81,6 +81,21 @@ async fn no_triggers_and_replica_identity_only_where_needed() {
         report.contains(&format!("slot evictd_{}: not in use", env.name)),
         "{report}"
     );
+    assert!(
+        report.contains("covers the 4 configured tables"),
+        "{report}"
+    );
+
+    // A table dropped from the publication (as if added to the configuration without
+    // `evictd migrate`) is a FAIL naming it.
+    env.sql("ALTER PUBLICATION evictd DROP TABLE modules").await;
+    let doctor = support::finish(env.command(&["doctor"]));
+    let report = support::text(&doctor);
+    assert_eq!(doctor.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("not published (their changes are ignored): public.modules"),
+        "{report}"
+    );
 }
 
 /// An UPDATE moving a product to another client invalidates both clients' tags: the old

@@ -244,6 +244,7 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
         .is_some_and(|i| i.delivery == Delivery::Logical)
     {
         checks.push(slot_check(client).await);
+        checks.push(publication_check(settings, client).await);
         return checks;
     }
     checks.extend(trigger_checks(settings, client).await);
@@ -252,6 +253,50 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
         checks.push(outbox_check(client).await);
     }
     checks
+}
+
+/// `logical` delivery: every configured table is in publication `evictd` (a table added to the
+/// configuration without `evictd migrate` would otherwise be silently ignored).
+async fn publication_check(settings: &Settings, client: &Client) -> Check {
+    let rows = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables \
+             WHERE pubname = 'evictd'",
+            &[],
+        )
+        .await;
+    let published: Vec<String> = match rows {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => return check("publication", Status::Fail, e.to_string(), None),
+    };
+    let missing: Vec<String> = settings
+        .rules
+        .tables()
+        .iter()
+        .map(|r| r.table.to_string())
+        .filter(|t| !published.contains(t))
+        .collect();
+    if missing.is_empty() {
+        check(
+            "publication",
+            Status::Ok,
+            format!(
+                "publication evictd covers the {} configured tables",
+                published.len()
+            ),
+            None,
+        )
+    } else {
+        check(
+            "publication",
+            Status::Fail,
+            format!(
+                "not published (their changes are ignored): {}",
+                missing.join(", ")
+            ),
+            Some("run `evictd migrate`"),
+        )
+    }
 }
 
 /// WAL a slot nobody reads may hold before it is worth a warning.

@@ -263,6 +263,47 @@ async fn terminated_listening_session_reconnects() {
     }
 }
 
+/// `logical` delivery: a frozen walsender (SIGSTOP) leaves the replication connection open and
+/// silent while the daemon's other connection works. The marker written on each health tick
+/// does not come back, the daemon reconnects, and nothing committed meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_replication_stream_is_detected() {
+    let env = Env::with_config(Delivery::Logical, "health_interval_ms = 400\n").await;
+    seed_products(&env).await;
+    let daemon = env.start_daemon().await;
+    let (entries, unrelated) = cache_products(&env).await;
+    let pid: i32 = env
+        .pg
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // SAFETY: signals to a PostgreSQL walsender process we started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen_at = Instant::now();
+    edit(&env, 0..10).await;
+    daemon.wait_log("did not deliver our marker").await;
+    let detected = frozen_at.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    daemon.wait_log_count("evictd is ready", 2).await;
+    assert!(
+        detected < Duration::from_secs(3),
+        "a frozen walsender took {detected:?} to notice (bound: two 400 ms health intervals)"
+    );
+    edit(&env, 10..20).await;
+    verify(
+        &env,
+        &entries,
+        &(0..20).collect::<Vec<_>>(),
+        &unrelated,
+        true,
+    )
+    .await;
+}
+
 /// A frozen PostgreSQL backend (SIGSTOP) keeps the socket open but never answers: the daemon
 /// notices within two health intervals, reconnects, and nothing committed meanwhile is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,11 +8,8 @@ use tracing::info;
 use super::{Daemon, FLUSH_TAGS, SessionError};
 use crate::batch::Batch;
 use crate::sink::RedisSink;
-use crate::source::logical::{self, LogicalStream, SlotState};
+use crate::source::logical::{self, LogicalStream, MARKER_PREFIX, SlotState};
 use crate::source::{Session, SourceError};
-
-/// Prefix of the marker the daemon writes into the WAL to know when it has caught up.
-const CAUGHT_UP_PREFIX: &str = "evictd-caught-up";
 
 /// The next event of `stream`; never resolves when there is no stream (other deliveries).
 pub(super) async fn next_event(
@@ -47,13 +44,7 @@ impl Daemon {
         // A non-transactional message is decoded at its place in the WAL: when it comes back,
         // every transaction committed before it has been delivered.
         let nonce = format!("{:016x}", rand::random::<u64>());
-        client
-            .execute(
-                "SELECT pg_logical_emit_message(false, $1, $2)",
-                &[&CAUGHT_UP_PREFIX, &nonce],
-            )
-            .await
-            .map_err(SourceError::from)?;
+        logical::write_marker(client, &nonce).await?;
         loop {
             let event = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(SessionError::Shutdown),
@@ -89,14 +80,11 @@ impl Daemon {
             if let ReplicationEvent::Message {
                 prefix, content, ..
             } = &event
-                && prefix == CAUGHT_UP_PREFIX
+                && prefix == MARKER_PREFIX
+                && marker.is_some_and(|m| content.as_ref() == m.as_bytes())
             {
-                if marker.is_some_and(|m| content.as_ref() == m.as_bytes()) {
-                    marker_seen = true;
-                    break;
-                }
-                next = stream.try_recv().await?;
-                continue;
+                marker_seen = true;
+                break;
             }
             if let Err(reason) = stream.fold(&event, &self.settings.rules, threshold, &mut batch) {
                 self.reject("malformed", reason, "logical replication message");
@@ -119,5 +107,28 @@ impl Daemon {
             stream.confirm(lsn);
         }
         Ok(marker_seen)
+    }
+}
+
+impl Daemon {
+    /// The replication path's health: the marker written on the previous tick must have come
+    /// back through the stream by now (a half-open replication connection shows no error, just
+    /// silence); then a new one is written.
+    pub(super) async fn stream_health(
+        &self,
+        source: &Session,
+        stream: &mut LogicalStream,
+    ) -> Result<(), SessionError> {
+        let limit = self.settings.health_interval * 2;
+        if let Some((_, sent)) = &stream.awaiting {
+            if sent.elapsed() > limit {
+                return Err(SessionError::StreamSilent(limit));
+            }
+            return Ok(());
+        }
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        logical::write_marker(&source.connection.client, &nonce).await?;
+        stream.awaiting = Some((nonce, std::time::Instant::now()));
+        Ok(())
     }
 }

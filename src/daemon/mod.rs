@@ -56,6 +56,10 @@ enum SessionError {
     Sink(#[from] SinkError),
     #[error("postgresql did not answer a ping within {0:?} (half-open connection?)")]
     PgTimeout(Duration),
+    #[error(
+        "the replication stream did not deliver our marker within {0:?} (half-open connection?)"
+    )]
+    StreamSilent(Duration),
     #[error("shutting down")]
     Shutdown,
     /// A problem no reconnect can fix: the configuration names what the database lacks.
@@ -203,7 +207,12 @@ impl Daemon {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
-                _ = health.tick() => self.health_check(&source, &sink).await?,
+                _ = health.tick() => {
+                    self.health_check(&source, &sink).await?;
+                    if let Some(stream) = stream.as_mut() {
+                        self.stream_health(&source, stream).await?;
+                    }
+                }
                 _ = second_pass_due(&self.second_passes) => {
                     if let Some((_, targets)) = self.second_passes.pop_front() {
                         let batch = Batch { targets, ..Batch::default() };

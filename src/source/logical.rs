@@ -154,6 +154,25 @@ pub struct LogicalStream {
     /// Inside a transaction (between Begin and Commit): a keepalive then says nothing about
     /// the rest of the transaction, so it moves nothing.
     in_transaction: bool,
+    /// The heartbeat marker written into the WAL and not yet seen back, with when it was
+    /// written: the end-to-end liveness probe of the replication path.
+    pub awaiting: Option<(String, std::time::Instant)>,
+}
+
+/// Prefix of the non-transactional messages the daemon writes into the WAL and reads back:
+/// at start (caught up) and on every health tick (the stream is alive, and everything before
+/// the marker has been delivered, so its position may be confirmed).
+pub const MARKER_PREFIX: &str = "evictd-marker";
+
+/// Writes a marker carrying `nonce` into the WAL (it needs no transaction and no privilege).
+pub async fn write_marker(client: &Client, nonce: &str) -> Result<(), SourceError> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, $1, $2)",
+            &[&MARKER_PREFIX, &nonce],
+        )
+        .await?;
+    Ok(())
 }
 
 impl LogicalStream {
@@ -172,6 +191,7 @@ impl LogicalStream {
             counted_in_tx: HashSet::new(),
             confirmable: None,
             in_transaction: false,
+            awaiting: None,
         })
     }
 
@@ -231,6 +251,23 @@ impl LogicalStream {
             // the slot release WAL while only other tables are written.
             ReplicationEvent::KeepAlive { wal_end, .. } if !self.in_transaction => {
                 self.advance(*wal_end);
+            }
+            ReplicationEvent::Message {
+                prefix,
+                lsn,
+                content,
+                ..
+            } if prefix == MARKER_PREFIX => {
+                if self
+                    .awaiting
+                    .as_ref()
+                    .is_some_and(|(nonce, _)| content.as_ref() == nonce.as_bytes())
+                {
+                    self.awaiting = None;
+                }
+                if !self.in_transaction {
+                    self.advance(*lsn);
+                }
             }
             ReplicationEvent::Message {
                 prefix, content, ..

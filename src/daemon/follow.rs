@@ -86,7 +86,11 @@ impl Daemon {
                 marker_seen = true;
                 break;
             }
-            if let Err(reason) = stream.fold(&event, &self.settings.rules, threshold, &mut batch) {
+            if let Err(reason) =
+                stream
+                    .state
+                    .fold(&event, &self.settings.rules, threshold, &mut batch)
+            {
                 self.reject("malformed", reason, "logical replication message");
             }
             events += 1;
@@ -103,7 +107,7 @@ impl Daemon {
             };
         }
         self.flush(sink, batch).await?;
-        if let Some(lsn) = stream.confirmable {
+        if let Some(lsn) = stream.state.confirmable {
             stream.confirm(lsn);
         }
         Ok(marker_seen)
@@ -120,7 +124,7 @@ impl Daemon {
         stream: &mut LogicalStream,
     ) -> Result<(), SessionError> {
         let limit = self.settings.health_interval * 2;
-        if let Some((_, sent)) = &stream.awaiting {
+        if let Some((_, sent)) = &stream.state.awaiting {
             if sent.elapsed() > limit {
                 return Err(SessionError::StreamSilent(limit));
             }
@@ -128,7 +132,7 @@ impl Daemon {
         }
         let nonce = format!("{:016x}", rand::random::<u64>());
         logical::write_marker(&source.connection.client, &nonce).await?;
-        stream.awaiting = Some((nonce, std::time::Instant::now()));
+        stream.state.awaiting = Some((nonce, std::time::Instant::now()));
         Ok(())
     }
 }

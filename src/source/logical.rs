@@ -140,9 +140,17 @@ fn replication_config(settings: &Settings, slot: &str) -> Result<ReplicationConf
     Ok(replication)
 }
 
-/// The change stream of one session, and what it has folded so far.
+/// The change stream of one session.
 pub struct LogicalStream {
     client: ReplicationClient,
+    /// What has been folded so far (pure: tested without a server).
+    pub state: Folder,
+}
+
+/// Turns the stream's events into targets: relations seen, per-transaction row counts, what is
+/// complete enough to confirm, the liveness marker awaited.
+#[derive(Default)]
+pub struct Folder {
     relations: HashMap<u32, Known>,
     /// Rows seen per table in the transaction being read, and the tables already widened.
     rows_in_tx: HashMap<u32, u64>,
@@ -185,13 +193,7 @@ impl LogicalStream {
             .map_err(logical_error)?;
         Ok(Self {
             client,
-            relations: HashMap::new(),
-            rows_in_tx: HashMap::new(),
-            wide_in_tx: HashSet::new(),
-            counted_in_tx: HashSet::new(),
-            confirmable: None,
-            in_transaction: false,
-            awaiting: None,
+            state: Folder::default(),
         })
     }
 
@@ -222,7 +224,9 @@ impl LogicalStream {
     pub fn stop(&self) {
         self.client.stop();
     }
+}
 
+impl Folder {
     /// Folds one event into `batch`. A bad message or a table without a rule is returned as the
     /// reason (the caller logs and counts it); the stream goes on.
     pub fn fold(
@@ -427,4 +431,199 @@ impl Known {
 
 fn logical_error(e: PgWireError) -> SourceError {
     SourceError::Logical(crate::redact::redact_url(&e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    const PRODUCTS: u32 = 7;
+
+    fn relation() -> ReplicationEvent {
+        let mut m = b"R\0\0\0\x07public\0products\0f\0\x03".to_vec();
+        for column in ["id", "client_id", "name"] {
+            m.extend(b"\x00");
+            m.extend(column.as_bytes());
+            m.extend(b"\0\0\0\x0b\x86\xff\xff\xff\xff");
+        }
+        xlog(m)
+    }
+
+    fn xlog(data: Vec<u8>) -> ReplicationEvent {
+        ReplicationEvent::XLogData {
+            wal_start: Lsn::ZERO,
+            wal_end: Lsn::ZERO,
+            server_time_micros: 0,
+            data: Bytes::from(data),
+        }
+    }
+
+    /// A tuple of text values; `None` for NULL, `Some("\u{0}u")` for an unchanged TOAST value.
+    fn tuple(values: &[Option<&str>]) -> Vec<u8> {
+        let mut out = (values.len() as u16).to_be_bytes().to_vec();
+        for v in values {
+            match v {
+                None => out.push(b'n'),
+                Some("\u{0}u") => out.push(b'u'),
+                Some(s) => {
+                    out.push(b't');
+                    out.extend((s.len() as u32).to_be_bytes());
+                    out.extend(s.as_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    fn update(old: &[Option<&str>], new: &[Option<&str>]) -> ReplicationEvent {
+        let mut m = b"U".to_vec();
+        m.extend(PRODUCTS.to_be_bytes());
+        m.push(b'O');
+        m.extend(tuple(old));
+        m.push(b'N');
+        m.extend(tuple(new));
+        xlog(m)
+    }
+
+    fn begin() -> ReplicationEvent {
+        ReplicationEvent::Begin {
+            final_lsn: Lsn(10),
+            xid: 1,
+            commit_time_micros: 1_000_000,
+        }
+    }
+
+    fn commit(end: u64) -> ReplicationEvent {
+        ReplicationEvent::Commit {
+            lsn: Lsn(end - 1),
+            end_lsn: Lsn(end),
+            commit_time_micros: 1_000_000,
+        }
+    }
+
+    fn fold_all(events: &[ReplicationEvent], threshold: u64) -> (Folder, Batch) {
+        let rules = Rules::defaults();
+        let mut folder = Folder::default();
+        let mut batch = Batch::default();
+        for event in events {
+            folder.fold(event, &rules, threshold, &mut batch).unwrap();
+        }
+        (folder, batch)
+    }
+
+    fn tags(batch: &Batch) -> Vec<&str> {
+        batch.targets.tags.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn update_moving_a_product_renders_old_and_new_rows() {
+        let (folder, batch) = fold_all(
+            &[
+                begin(),
+                relation(),
+                update(
+                    &[Some("p1"), Some("c1"), Some("a")],
+                    &[Some("p1"), Some("c2"), Some("b")],
+                ),
+                commit(20),
+            ],
+            10,
+        );
+        assert_eq!(
+            tags(&batch),
+            [
+                "products:all",
+                "products:client:c1",
+                "products:client:c2",
+                "products:id:p1"
+            ]
+        );
+        assert_eq!(folder.confirmable, Some(Lsn(20)));
+        assert_eq!(batch.event_count(), 1);
+        assert_eq!(batch.oldest_ts_ms, Some(1_000 + PG_EPOCH_UNIX_MS));
+    }
+
+    #[test]
+    fn more_rows_than_the_threshold_go_table_wide_once() {
+        let rows: Vec<ReplicationEvent> = (0..5)
+            .map(|i| {
+                let id = format!("p{i}");
+                update(
+                    &[Some(&id), Some("c1"), None],
+                    &[Some(&id), Some("c1"), None],
+                )
+            })
+            .collect();
+        let mut events = vec![begin(), relation()];
+        events.extend(rows);
+        events.push(commit(30));
+        let (_, batch) = fold_all(&events, 3);
+        assert!(batch.targets.wide_tables.contains("public.products"));
+        assert!(batch.targets.tag_globs.contains("products:id:*"));
+        // The rows before the threshold were rendered; none after it.
+        assert!(batch.targets.tags.contains("products:id:p2"));
+        assert!(!batch.targets.tags.contains("products:id:p3"));
+        assert_eq!(batch.event_count(), 1);
+    }
+
+    /// A TOASTed column the UPDATE did not change is not in the stream: the tag cannot be
+    /// rendered, so the table goes table-wide rather than miss it.
+    #[test]
+    fn unchanged_toast_value_in_a_rule_column_widens() {
+        let (_, batch) = fold_all(
+            &[
+                begin(),
+                relation(),
+                update(
+                    &[Some("p1"), Some("\u{0}u"), None],
+                    &[Some("p1"), Some("\u{0}u"), None],
+                ),
+                commit(40),
+            ],
+            10,
+        );
+        assert!(batch.targets.wide_tables.contains("public.products"));
+    }
+
+    /// Keepalives and markers move the confirmable position only between transactions.
+    #[test]
+    fn positions_inside_a_transaction_are_not_confirmable() {
+        let keepalive = |at: u64| ReplicationEvent::KeepAlive {
+            wal_end: Lsn(at),
+            reply_requested: false,
+            server_time_micros: 0,
+        };
+        let (folder, _) = fold_all(&[begin(), relation(), keepalive(99)], 10);
+        assert_eq!(folder.confirmable, None);
+        let (folder, _) = fold_all(&[begin(), commit(50), keepalive(99)], 10);
+        assert_eq!(folder.confirmable, Some(Lsn(99)));
+    }
+
+    /// A change of a relation never described, or a malformed message, is an error the daemon
+    /// logs and counts; folding goes on.
+    #[test]
+    fn bad_messages_are_reasons_not_panics() {
+        let rules = Rules::defaults();
+        let mut folder = Folder::default();
+        let mut batch = Batch::default();
+        let orphan = update(&[Some("p1"), None, None], &[Some("p1"), None, None]);
+        assert!(folder.fold(&orphan, &rules, 10, &mut batch).is_err());
+        assert!(
+            folder
+                .fold(&xlog(b"Uxx".to_vec()), &rules, 10, &mut batch)
+                .is_err()
+        );
+        let tags_message = ReplicationEvent::Message {
+            transactional: true,
+            lsn: Lsn(1),
+            prefix: "evictd".into(),
+            content: Bytes::from_static(b"not json"),
+        };
+        assert!(folder.fold(&tags_message, &rules, 10, &mut batch).is_err());
+        folder.fold(&relation(), &rules, 10, &mut batch).unwrap();
+        folder.fold(&orphan, &rules, 10, &mut batch).unwrap();
+        assert!(batch.targets.tags.contains("products:id:p1"));
+    }
 }

@@ -741,6 +741,24 @@ async fn main() {
         rate
     };
 
+    if std::env::args().any(|a| a == "--lag") {
+        // The `synchronous_commit = off` closed loop alone: how far behind each setting falls.
+        for setting in &SETTINGS {
+            let db = format!("bench_{}", setting.name.replace('-', "_"));
+            lab.database(&db, Some(setting)).await;
+            let daemon = lab.start_daemon(&db, setting).await;
+            let admin = lab.client("postgres").await;
+            admin
+                .batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = off"))
+                .await
+                .unwrap();
+            let (rate, lags, _) = latency(&lab, &db, &deletions, None, 0).await;
+            drop(daemon);
+            println!("{:<14} {rate:.0} commits/s, lag {lags}", setting.name);
+        }
+        return;
+    }
+
     if std::env::args().any(|a| a == "--bulk") {
         // The 100,000-row UPDATE alone for each setting (and the 1,000,000-row one without
         // `--quick`): the figures to iterate on.

@@ -268,39 +268,13 @@ async fn terminated_listening_session_reconnects() {
 /// does not come back, the daemon reconnects, and nothing committed meanwhile is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_replication_stream_is_detected() {
-    let env = Env::with_config(Delivery::Logical, "health_interval_ms = 400\n").await;
-    seed_products(&env).await;
-    let daemon = env.start_daemon().await;
-    let (entries, unrelated) = cache_products(&env).await;
-    let pid: i32 = env
-        .pg
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE database = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    // SAFETY: signals to a PostgreSQL walsender process we started.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let frozen_at = Instant::now();
-    edit(&env, 0..10).await;
-    daemon.wait_log("did not deliver our marker").await;
-    let detected = frozen_at.elapsed();
-    unsafe { libc::kill(pid, libc::SIGCONT) };
-    daemon.wait_log_count("evictd is ready", 2).await;
-    assert!(
-        detected < Duration::from_secs(3),
-        "a frozen walsender took {detected:?} to notice (bound: two 400 ms health intervals)"
-    );
-    edit(&env, 10..20).await;
-    verify(
-        &env,
-        &entries,
-        &(0..20).collect::<Vec<_>>(),
-        &unrelated,
-        true,
-    )
+    frozen_connection_is_noticed(Frozen {
+        delivery: Delivery::Logical,
+        pid_sql: "SELECT active_pid FROM pg_replication_slots WHERE database = current_database()",
+        log_line: "did not deliver our marker",
+        // The new stream can only take the slot once the frozen walsender lets it go.
+        thaw_before_ready: true,
+    })
     .await;
 }
 
@@ -308,30 +282,43 @@ async fn silent_replication_stream_is_detected() {
 /// notices within two health intervals, reconnects, and nothing committed meanwhile is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_connection_is_detected() {
-    let env = Env::with_config(Delivery::Outbox, "health_interval_ms = 400\n").await;
+    frozen_connection_is_noticed(Frozen {
+        delivery: Delivery::Outbox,
+        pid_sql: "SELECT pid FROM pg_stat_activity WHERE application_name = 'evictd' AND datname = current_database()",
+        log_line: "half-open",
+        thaw_before_ready: false,
+    })
+    .await;
+}
+
+/// Which server process to freeze, and what the daemon says when it notices.
+struct Frozen {
+    delivery: Delivery,
+    pid_sql: &'static str,
+    log_line: &'static str,
+    thaw_before_ready: bool,
+}
+
+async fn frozen_connection_is_noticed(frozen: Frozen) {
+    let env = Env::with_config(frozen.delivery, "health_interval_ms = 400\n").await;
     seed_products(&env).await;
     let daemon = env.start_daemon().await;
     let (entries, unrelated) = cache_products(&env).await;
-    let pid: i32 = env
-        .pg
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'evictd' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    // SAFETY: signals to a PostgreSQL backend process we started.
+    let pid: i32 = env.pg.query_one(frozen.pid_sql, &[]).await.unwrap().get(0);
+    // SAFETY: signals to a PostgreSQL process we started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let frozen_at = Instant::now();
     edit(&env, 0..10).await;
-    daemon.wait_log("half-open").await;
+    daemon.wait_log(frozen.log_line).await;
     let detected = frozen_at.elapsed();
+    if frozen.thaw_before_ready {
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    }
     daemon.wait_log_count("evictd is ready", 2).await;
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert!(
         detected < Duration::from_secs(3),
-        "a frozen backend took {detected:?} to notice (bound: two 400 ms health intervals)"
+        "a frozen process took {detected:?} to notice (bound: two 400 ms health intervals)"
     );
     edit(&env, 10..20).await;
     verify(

@@ -148,19 +148,13 @@ async fn verify_full_postgres_and_rediss_with_a_test_ca() {
     let migrated = finish(evictd(&["migrate"]));
     assert!(migrated.status.success(), "{}", text(&migrated));
 
-    let mut command = evictd(&["run", "--http-addr", "127.0.0.1:0"]);
-    command.stderr(std::process::Stdio::piped());
-    let daemon = Daemon::spawn(command);
-    daemon.wait_ready().await;
-
     // The daemon's own session is encrypted.
-    let ssl = pg
-        .psql(
-            "postgres",
-            &["-At", "-c", "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'evictd'"],
-        )
-        .unwrap();
-    assert_eq!(ssl.trim(), "t");
+    let daemon = run_encrypted(
+        evictd(&["run", "--http-addr", "127.0.0.1:0"]),
+        &pg,
+        "evictd",
+    )
+    .await;
 
     // An edit still invalidates, through TLS on both sides.
     let client = redis::Client::build_with_tls(
@@ -182,17 +176,12 @@ async fn verify_full_postgres_and_rediss_with_a_test_ca() {
         c
     });
     assert!(migrated.status.success(), "{}", text(&migrated));
-    let mut command = evictd(&["run", "--http-addr", "127.0.0.1:0"]);
-    command.stderr(std::process::Stdio::piped());
-    let daemon = Daemon::spawn(command);
-    daemon.wait_ready().await;
-    let ssl = pg
-        .psql(
-            "postgres",
-            &["-At", "-c", "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'evictd-logical'"],
-        )
-        .unwrap();
-    assert_eq!(ssl.trim(), "t", "{}", daemon.log());
+    let daemon = run_encrypted(
+        evictd(&["run", "--http-addr", "127.0.0.1:0"]),
+        &pg,
+        "evictd-logical",
+    )
+    .await;
     insert_and_wait_gone(&pg, &mut conn).await;
     drop(daemon);
 
@@ -231,6 +220,29 @@ async fn verify_full_postgres_and_rediss_with_a_test_ca() {
         "{}",
         text(&untrusted_redis)
     );
+}
+
+/// Starts the daemon, waits for it to be ready, and checks that its sessions named
+/// `application_name` are all encrypted.
+async fn run_encrypted(mut command: Command, pg: &Postgres, application_name: &str) -> Daemon {
+    command.stderr(std::process::Stdio::piped());
+    let daemon = Daemon::spawn(command);
+    daemon.wait_ready().await;
+    let ssl = pg
+        .psql(
+            "postgres",
+            &[
+                "-At",
+                "-c",
+                &format!(
+                    "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                     WHERE a.application_name = '{application_name}'"
+                ),
+            ],
+        )
+        .unwrap();
+    assert_eq!(ssl.trim(), "t", "{}", daemon.log());
+    daemon
 }
 
 /// Caches an entry under `client_configs:all`, inserts a client, and waits for the entry to go.

@@ -159,6 +159,41 @@ async fn large_transactions_go_table_wide_and_rollbacks_do_nothing() {
     env.assert_present(&[clients]).await;
 }
 
+fn tags_invalidated(daemon: &support::Daemon) -> u64 {
+    let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("evictd_tags_invalidated_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tags counter in {metrics}"))
+}
+
+/// A transaction is invalidated whole, not slice by slice as its rows stream in: the tags all
+/// its rows share (`products:all`, the client's) go to Redis once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_shares_one_invalidation() {
+    let env = seeded("").await;
+    env.sql(&format!(
+        "INSERT INTO products (id, client_id, name)
+         SELECT ('00000000-0000-0000-0001-' || lpad(i::text, 12, '0'))::uuid, '{C1}', 'n' || i
+         FROM generate_series(1, 5000) i"
+    ))
+    .await;
+    let daemon = env.start_daemon().await;
+    let all = env.cache("all", &["products:all"]).await;
+    env.barrier().await;
+    let before = tags_invalidated(&daemon);
+
+    env.sql(&format!(
+        "UPDATE products SET name = name || '!' WHERE client_id = '{C1}' AND id <> '{P1}'"
+    ))
+    .await;
+    env.wait_gone(&[all]).await;
+    env.barrier().await;
+    // 5,000 product ids, the client, `products:all`, and the barrier's own tag.
+    assert_eq!(tags_invalidated(&daemon) - before, 5_000 + 2 + 1);
+}
+
 /// `uninstall` removes the publication and the slot (an unread slot would keep WAL forever),
 /// and so does migrating to another delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

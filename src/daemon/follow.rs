@@ -6,7 +6,6 @@ use pgwire_replication::ReplicationEvent;
 use tracing::info;
 
 use super::{Daemon, FLUSH_TAGS, SessionError};
-use crate::batch::Batch;
 use crate::sink::RedisSink;
 use crate::source::logical::{self, LogicalStream, MARKER_PREFIX, SlotState};
 use crate::source::{Session, SourceError};
@@ -73,7 +72,7 @@ impl Daemon {
     ) -> Result<bool, SessionError> {
         let mut marker_seen = false;
         let threshold = self.settings.wide_row_threshold;
-        let mut batch = Batch::default();
+        let mut batch = std::mem::take(&mut stream.pending);
         let mut next = Some(first);
         let mut events = 0usize;
         while let Some(event) = next {
@@ -105,6 +104,12 @@ impl Daemon {
             } else {
                 None
             };
+        }
+        if stream.state.in_transaction && !marker_seen {
+            // The rest of this transaction is on its way: invalidate it whole (or at the
+            // FLUSH_TAGS bound). Nothing is confirmed meanwhile, so a crash replays it.
+            stream.pending = batch;
+            return Ok(false);
         }
         self.flush(sink, batch).await?;
         if let Some(lsn) = stream.state.confirmable {

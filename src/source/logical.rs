@@ -147,6 +147,10 @@ pub struct LogicalStream {
     client: ReplicationClient,
     /// What has been folded so far (pure: tested without a server).
     pub state: Folder,
+    /// Targets folded from a transaction not yet read to its end: held back (up to a bound)
+    /// rather than invalidated piecemeal, so the tags every row shares (`products:all`, the
+    /// client's tag) go to Redis once per transaction instead of once per slice read.
+    pub pending: Batch,
 }
 
 /// Turns the stream's events into targets: relations seen, per-transaction row counts, what is
@@ -163,7 +167,7 @@ pub struct Folder {
     pub confirmable: Option<Lsn>,
     /// Inside a transaction (between Begin and Commit): a keepalive then says nothing about
     /// the rest of the transaction, so it moves nothing.
-    in_transaction: bool,
+    pub in_transaction: bool,
     /// The heartbeat marker written into the WAL and not yet seen back, with when it was
     /// written: the end-to-end liveness probe of the replication path.
     pub awaiting: Option<(String, std::time::Instant)>,
@@ -196,6 +200,7 @@ impl LogicalStream {
         Ok(Self {
             client,
             state: Folder::default(),
+            pending: Batch::default(),
         })
     }
 

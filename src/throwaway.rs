@@ -308,6 +308,18 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// Puts `lines` first in `pg_hba.conf` (they win over the trust-everyone default) and
+    /// reloads the configuration.
+    pub fn prepend_hba(&self, lines: &str) -> Result<()> {
+        let path = self.dir.join("data").join("pg_hba.conf");
+        let rest = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        std::fs::write(&path, format!("{lines}\n{rest}"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        self.psql("postgres", &["-c", "SELECT pg_reload_conf()"])?;
+        Ok(())
+    }
+
     /// The postmaster's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

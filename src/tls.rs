@@ -24,8 +24,9 @@ pub enum TlsError {
 }
 
 /// Makes ring the process-wide rustls provider (idempotent). Libraries that build their own
-/// rustls configuration (redis, the replication client) use the process default, and with more
-/// than one provider compiled in (a dependency enables aws-lc-rs) rustls cannot pick one.
+/// rustls configuration (redis) use the process default; ring is the only provider compiled
+/// in, and installing it explicitly keeps that choice if a dependency ever enables another
+/// (rustls then refuses to pick one).
 pub fn install_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

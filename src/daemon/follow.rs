@@ -2,18 +2,16 @@
 //! the stream has nothing more waiting (or the batch is full), invalidated, and only then is
 //! the end of the last complete transaction confirmed to PostgreSQL.
 
-use pgwire_replication::ReplicationEvent;
 use tracing::info;
 
 use super::{Daemon, FLUSH_TAGS, SessionError};
 use crate::sink::RedisSink;
-use crate::source::logical::{self, LogicalStream, MARKER_PREFIX, SlotState};
+use crate::source::logical::{self, LogicalStream, SlotState};
+use crate::source::walsender::Frame;
 use crate::source::{Session, SourceError};
 
 /// The next event of `stream`; never resolves when there is no stream (other deliveries).
-pub(super) async fn next_event(
-    stream: &mut Option<LogicalStream>,
-) -> Result<ReplicationEvent, SourceError> {
+pub(super) async fn next_event(stream: &mut Option<LogicalStream>) -> Result<Frame, SourceError> {
     match stream {
         Some(stream) => stream.recv().await,
         None => std::future::pending().await,
@@ -65,7 +63,7 @@ impl Daemon {
     /// `marker` went by (it ends the batch).
     pub(super) async fn on_logical(
         &mut self,
-        first: ReplicationEvent,
+        first: Frame,
         stream: &mut LogicalStream,
         sink: &RedisSink,
         marker: Option<&str>,
@@ -76,11 +74,8 @@ impl Daemon {
         let mut next = Some(first);
         let mut events = 0usize;
         while let Some(event) = next {
-            if let ReplicationEvent::Message {
-                prefix, content, ..
-            } = &event
-                && prefix == MARKER_PREFIX
-                && marker.is_some_and(|m| content.as_ref() == m.as_bytes())
+            if let Some(m) = marker
+                && logical::marker_content(&event) == Some(m.as_bytes())
             {
                 marker_seen = true;
                 break;
@@ -100,7 +95,7 @@ impl Daemon {
                 self.flush(sink, full).await?;
             }
             next = if events < self.settings.batch_max_events {
-                stream.try_recv().await?
+                stream.try_recv()?
             } else {
                 None
             };

@@ -109,6 +109,9 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
 pub const SLOT_NAME_SQL: &str =
     "left('evictd_' || regexp_replace(lower(current_database()), '[^a-z0-9_]', '_', 'g'), 63)";
 
+/// The publication `logical` delivery streams (named literally in the SQL below).
+pub const PUBLICATION: &str = "evictd";
+
 /// `logical` delivery: publication `evictd` over the configured tables, and for each table
 /// whose rules reference a column outside its primary key (or that has none), replica identity
 /// FULL, so that UPDATEs and DELETEs carry the old row's values (an UPDATE moving a product to

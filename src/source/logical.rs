@@ -9,23 +9,17 @@
 //! invalidates that table table-wide, as the triggers would.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
-use futures_util::FutureExt as _;
-
-use pgwire_replication::{
-    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
-};
 use tokio_postgres::Client;
-use tokio_postgres::config::Host;
 
 use super::SourceError;
 use super::pgoutput::{self, Message, Relation, Value};
+use super::walsender::{Frame, Lsn, Target, WalStream};
 use crate::batch::Batch;
 use crate::config::Settings;
 use crate::event::{ChangeEvent, Op};
 use crate::rules::Rules;
-use crate::schema::ddl::SLOT_NAME_SQL;
+use crate::schema::ddl::{PUBLICATION, SLOT_NAME_SQL};
 
 /// Milliseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_UNIX_MS: i64 = 946_684_800_000;
@@ -95,56 +89,9 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, tokio_postgr
     Ok(dropped > 0)
 }
 
-/// The replication connection for `settings.database_url`: same host, credentials and TLS.
-fn replication_config(settings: &Settings, slot: &str) -> Result<ReplicationConfig, SourceError> {
-    let tls = crate::tls::pg_tls(&settings.database_url);
-    let config = crate::db::parse_config(&tls.url)?;
-    let mut replication = ReplicationConfig::new(
-        "localhost",
-        config.get_user().unwrap_or("postgres"),
-        config
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default(),
-        config
-            .get_dbname()
-            .or(config.get_user())
-            .unwrap_or("postgres"),
-        slot,
-        "evictd",
-    )
-    .with_start_lsn(Lsn::ZERO)
-    // A confirmed position reaches PostgreSQL within this: what a kill -9 can make us replay.
-    .with_status_interval(Duration::from_millis(20))
-    .with_wakeup_interval(Duration::from_secs(5))
-    .with_application_name("evictd-logical")
-    .with_tls(if tls.tls {
-        TlsConfig::verify_full(tls.ca_file.clone().or_else(|| settings.tls_ca_file.clone()))
-    } else {
-        TlsConfig::disabled()
-    });
-    match config.get_hosts().first() {
-        Some(Host::Tcp(host)) => {
-            replication.host = host.clone();
-            // The replication client refuses to verify a host given as an IP address unless
-            // told the name to check; rustls checks IP addresses against the certificate's IP
-            // SANs, as the main connection does.
-            if tls.tls {
-                replication.tls = replication.tls.clone().with_sni_hostname(host.clone());
-            }
-        }
-        Some(Host::Unix(dir)) => replication.host = dir.display().to_string(),
-        None => replication.host = "localhost".to_string(),
-    }
-    if let Some(port) = config.get_ports().first() {
-        replication.port = *port;
-    }
-    Ok(replication)
-}
-
 /// The change stream of one session.
 pub struct LogicalStream {
-    client: ReplicationClient,
+    wal: WalStream,
     /// What has been folded so far (pure: tested without a server).
     pub state: Folder,
     /// Targets folded from a transaction not yet read to its end: held back (up to a bound)
@@ -190,48 +137,67 @@ pub async fn write_marker(client: &Client, nonce: &str) -> Result<(), SourceErro
 }
 
 impl LogicalStream {
-    /// Starts streaming from the slot's confirmed position.
+    /// Starts streaming from the slot's confirmed position, over the same host, credentials
+    /// and TLS as `settings.database_url`.
     pub async fn start(settings: &Settings, slot: &str) -> Result<Self, SourceError> {
-        crate::tls::install_provider();
-        let config = replication_config(settings, slot)?;
-        let client = ReplicationClient::connect(config)
-            .await
-            .map_err(logical_error)?;
+        let tls = crate::tls::pg_tls(&settings.database_url);
+        let mut config = crate::db::parse_config(&tls.url)?;
+        config.application_name("evictd-logical");
+        let client_config = if tls.tls {
+            let ca_file = tls.ca_file.as_deref().or(settings.tls_ca_file.as_deref());
+            Some(
+                crate::tls::client_config(ca_file).map_err(|source| crate::db::DbError::Tls {
+                    url: crate::redact::redact_url(&settings.database_url),
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
+        let wal = WalStream::start(Target {
+            config: &config,
+            tls: client_config,
+            slot,
+            publication: PUBLICATION,
+        })
+        .await?;
         Ok(Self {
-            client,
+            wal,
             state: Folder::default(),
             pending: Batch::default(),
         })
     }
 
-    /// The next event; `Err` when the stream ended (connection loss included).
-    pub async fn recv(&mut self) -> Result<ReplicationEvent, SourceError> {
-        match self.client.recv().await {
-            Ok(Some(event)) => Ok(event),
-            Ok(None) => Err(SourceError::Closed),
-            Err(e) => Err(logical_error(e)),
-        }
+    /// The next frame; `Err` when the stream ended (connection loss included). Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Frame, SourceError> {
+        Ok(self.wal.recv().await?)
     }
 
-    /// An event already received, without waiting.
-    pub async fn try_recv(&mut self) -> Result<Option<ReplicationEvent>, SourceError> {
-        // One poll, no timer: the receive is a channel read, so dropping it when nothing is
-        // waiting loses nothing.
-        match self.client.recv().now_or_never() {
-            None => Ok(None),
-            Some(Ok(Some(event))) => Ok(Some(event)),
-            Some(Ok(None)) => Err(SourceError::Closed),
-            Some(Err(e)) => Err(logical_error(e)),
-        }
+    /// A frame already received, without waiting.
+    pub fn try_recv(&mut self) -> Result<Option<Frame>, SourceError> {
+        Ok(self.wal.try_recv()?)
     }
 
-    /// Tells PostgreSQL everything up to `lsn` is done: the slot may release that WAL.
-    pub fn confirm(&self, lsn: Lsn) {
-        self.client.update_applied_lsn(lsn);
+    /// Tells PostgreSQL everything up to `lsn` is done: the slot may release that WAL. The
+    /// report goes out with the next [`Self::recv`].
+    pub fn confirm(&mut self, lsn: Lsn) {
+        self.wal.confirm(lsn);
     }
+}
 
-    pub fn stop(&self) {
-        self.client.stop();
+/// The content of `frame` if it is one of our markers.
+pub fn marker_content(frame: &Frame) -> Option<&[u8]> {
+    let Frame::XLogData(data) = frame else {
+        return None;
+    };
+    if data.first() != Some(&b'M') {
+        return None;
+    }
+    match pgoutput::decode(data) {
+        Ok(Message::Logical {
+            prefix, content, ..
+        }) if prefix == MARKER_PREFIX => Some(content),
+        _ => None,
     }
 }
 
@@ -240,15 +206,37 @@ impl Folder {
     /// reason (the caller logs and counts it); the stream goes on.
     pub fn fold(
         &mut self,
-        event: &ReplicationEvent,
+        frame: &Frame,
         rules: &Rules,
         wide_threshold: u64,
         batch: &mut Batch,
     ) -> Result<(), String> {
-        match event {
-            ReplicationEvent::Begin {
-                commit_time_micros, ..
-            } => {
+        let data = match frame {
+            // Between transactions a keepalive's position is complete too: confirming it lets
+            // the slot release WAL while only other tables are written.
+            Frame::KeepAlive { wal_end } => {
+                if !self.in_transaction {
+                    self.advance(*wal_end);
+                }
+                return Ok(());
+            }
+            Frame::XLogData(data) => data,
+        };
+        // Rows of a table this transaction already invalidated table-wide need no decoding: a
+        // 1,000,000-row UPDATE costs a byte check per row after the first `wide_row_threshold`.
+        if let [tag @ (b'I' | b'U' | b'D'), a, b, c, d, ..] = data.as_ref() {
+            let relation = u32::from_be_bytes([*a, *b, *c, *d]);
+            if self.wide_in_tx.contains(&relation) {
+                let op = match tag {
+                    b'I' => Op::Insert,
+                    b'U' => Op::Update,
+                    _ => Op::Delete,
+                };
+                return self.count(relation, op, batch);
+            }
+        }
+        match pgoutput::decode(data).map_err(|e| e.to_string())? {
+            Message::Begin { commit_time_micros } => {
                 self.in_transaction = true;
                 self.rows_in_tx.clear();
                 self.wide_in_tx.clear();
@@ -256,16 +244,11 @@ impl Folder {
                 let ts = commit_time_micros / 1_000 + PG_EPOCH_UNIX_MS;
                 batch.oldest_ts_ms = Some(batch.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            Message::Commit { end_lsn } => {
                 self.in_transaction = false;
-                self.advance(*end_lsn);
+                self.advance(Lsn(end_lsn));
             }
-            // Between transactions a keepalive's position is complete too: confirming it lets
-            // the slot release WAL while only other tables are written.
-            ReplicationEvent::KeepAlive { wal_end, .. } if !self.in_transaction => {
-                self.advance(*wal_end);
-            }
-            ReplicationEvent::Message {
+            Message::Logical {
                 prefix,
                 lsn,
                 content,
@@ -274,40 +257,22 @@ impl Folder {
                 if self
                     .awaiting
                     .as_ref()
-                    .is_some_and(|(nonce, _)| content.as_ref() == nonce.as_bytes())
+                    .is_some_and(|(nonce, _)| content == nonce.as_bytes())
                 {
                     self.awaiting = None;
                 }
                 if !self.in_transaction {
-                    self.advance(*lsn);
+                    self.advance(Lsn(lsn));
                 }
             }
-            ReplicationEvent::Message {
+            Message::Logical {
                 prefix, content, ..
             } if prefix == "evictd" => {
                 let text = String::from_utf8_lossy(content);
                 let event = ChangeEvent::parse(&text).map_err(|e| e.to_string())?;
                 batch.add(rules, &event).map_err(|e| e.to_string())?;
             }
-            ReplicationEvent::XLogData { data, .. } => {
-                // Rows of a table this transaction already invalidated table-wide need no
-                // decoding: a 1,000,000-row UPDATE costs a byte check per row after the first
-                // `wide_row_threshold`.
-                if let [tag @ (b'I' | b'U' | b'D'), a, b, c, d, ..] = data.as_ref() {
-                    let relation = u32::from_be_bytes([*a, *b, *c, *d]);
-                    if self.wide_in_tx.contains(&relation) {
-                        let op = match tag {
-                            b'I' => Op::Insert,
-                            b'U' => Op::Update,
-                            _ => Op::Delete,
-                        };
-                        return self.count(relation, op, batch);
-                    }
-                }
-                let message = pgoutput::decode(data).map_err(|e| e.to_string())?;
-                self.fold_change(message, rules, wide_threshold, batch)?;
-            }
-            _ => {}
+            change => self.fold_change(change, rules, wide_threshold, batch)?,
         }
         Ok(())
     }
@@ -343,7 +308,10 @@ impl Folder {
                 (relation, Op::Update, rows)
             }
             Message::Delete { relation, old } => (relation, Op::Delete, vec![old]),
-            Message::Other => return Ok(()),
+            Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::Logical { .. }
+            | Message::Other => return Ok(()),
         };
         self.count(relation, op, batch)?;
         if self.wide_in_tx.contains(&relation) {
@@ -438,10 +406,6 @@ impl Known {
     }
 }
 
-fn logical_error(e: PgWireError) -> SourceError {
-    SourceError::Logical(crate::redact::redact_url(&e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -450,7 +414,7 @@ mod tests {
 
     const PRODUCTS: u32 = 7;
 
-    fn relation() -> ReplicationEvent {
+    fn relation() -> Frame {
         let mut m = b"R\0\0\0\x07public\0products\0f\0\x03".to_vec();
         for column in ["id", "client_id", "name"] {
             m.extend(b"\x00");
@@ -460,13 +424,8 @@ mod tests {
         xlog(m)
     }
 
-    fn xlog(data: Vec<u8>) -> ReplicationEvent {
-        ReplicationEvent::XLogData {
-            wal_start: Lsn::ZERO,
-            wal_end: Lsn::ZERO,
-            server_time_micros: 0,
-            data: Bytes::from(data),
-        }
+    fn xlog(data: Vec<u8>) -> Frame {
+        Frame::XLogData(Bytes::from(data))
     }
 
     /// A tuple of text values; `None` for NULL, `Some("\u{0}u")` for an unchanged TOAST value.
@@ -486,7 +445,7 @@ mod tests {
         out
     }
 
-    fn update(old: &[Option<&str>], new: &[Option<&str>]) -> ReplicationEvent {
+    fn update(old: &[Option<&str>], new: &[Option<&str>]) -> Frame {
         let mut m = b"U".to_vec();
         m.extend(PRODUCTS.to_be_bytes());
         m.push(b'O');
@@ -496,23 +455,33 @@ mod tests {
         xlog(m)
     }
 
-    fn begin() -> ReplicationEvent {
-        ReplicationEvent::Begin {
-            final_lsn: Lsn(10),
-            xid: 1,
-            commit_time_micros: 1_000_000,
-        }
+    fn begin() -> Frame {
+        let mut m = b"B".to_vec();
+        m.extend(10u64.to_be_bytes());
+        m.extend(1_000_000i64.to_be_bytes());
+        m.extend(1u32.to_be_bytes());
+        xlog(m)
     }
 
-    fn commit(end: u64) -> ReplicationEvent {
-        ReplicationEvent::Commit {
-            lsn: Lsn(end - 1),
-            end_lsn: Lsn(end),
-            commit_time_micros: 1_000_000,
-        }
+    fn commit(end: u64) -> Frame {
+        let mut m = b"C\0".to_vec();
+        m.extend((end - 1).to_be_bytes());
+        m.extend(end.to_be_bytes());
+        m.extend(1_000_000i64.to_be_bytes());
+        xlog(m)
     }
 
-    fn fold_all(events: &[ReplicationEvent], threshold: u64) -> (Folder, Batch) {
+    fn message(prefix: &str, content: &[u8]) -> Frame {
+        let mut m = b"M\x01".to_vec();
+        m.extend(1u64.to_be_bytes());
+        m.extend(prefix.as_bytes());
+        m.push(0);
+        m.extend((content.len() as u32).to_be_bytes());
+        m.extend(content);
+        xlog(m)
+    }
+
+    fn fold_all(events: &[Frame], threshold: u64) -> (Folder, Batch) {
         let rules = Rules::defaults();
         let mut folder = Folder::default();
         let mut batch = Batch::default();
@@ -556,7 +525,7 @@ mod tests {
 
     #[test]
     fn more_rows_than_the_threshold_go_table_wide_once() {
-        let rows: Vec<ReplicationEvent> = (0..5)
+        let rows: Vec<Frame> = (0..5)
             .map(|i| {
                 let id = format!("p{i}");
                 update(
@@ -599,11 +568,7 @@ mod tests {
     /// Keepalives and markers move the confirmable position only between transactions.
     #[test]
     fn positions_inside_a_transaction_are_not_confirmable() {
-        let keepalive = |at: u64| ReplicationEvent::KeepAlive {
-            wal_end: Lsn(at),
-            reply_requested: false,
-            server_time_micros: 0,
-        };
+        let keepalive = |at: u64| Frame::KeepAlive { wal_end: Lsn(at) };
         let (folder, _) = fold_all(&[begin(), relation(), keepalive(99)], 10);
         assert_eq!(folder.confirmable, None);
         let (folder, _) = fold_all(&[begin(), commit(50), keepalive(99)], 10);
@@ -624,12 +589,7 @@ mod tests {
                 .fold(&xlog(b"Uxx".to_vec()), &rules, 10, &mut batch)
                 .is_err()
         );
-        let tags_message = ReplicationEvent::Message {
-            transactional: true,
-            lsn: Lsn(1),
-            prefix: "evictd".into(),
-            content: Bytes::from_static(b"not json"),
-        };
+        let tags_message = message("evictd", b"not json");
         assert!(folder.fold(&tags_message, &rules, 10, &mut batch).is_err());
         folder.fold(&relation(), &rules, 10, &mut batch).unwrap();
         folder.fold(&orphan, &rules, 10, &mut batch).unwrap();

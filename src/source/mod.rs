@@ -5,6 +5,7 @@
 pub mod logical;
 pub mod outbox;
 pub mod pgoutput;
+pub mod walsender;
 
 use std::sync::atomic::Ordering;
 
@@ -32,7 +33,7 @@ pub enum SourceError {
     #[error("the postgresql connection ended")]
     Closed,
     #[error("logical replication: {0}")]
-    Logical(String),
+    Logical(#[from] walsender::WalError),
 }
 
 /// A listening PostgreSQL session and what is installed in its database.

@@ -1,6 +1,6 @@
-//! Decoding of the `pgoutput` (protocol version 1) messages `logical` delivery needs: Relation,
-//! Insert, Update, Delete and Truncate. Begin, Commit and logical decoding messages are decoded
-//! by the replication client itself.
+//! Decoding of the `pgoutput` (protocol version 1) messages `logical` delivery needs: Begin,
+//! Commit, Relation, Insert, Update, Delete, Truncate and logical decoding messages (what
+//! `pg_logical_emit_message` wrote).
 //!
 //! Pure and total: any byte string either decodes or yields a [`PgOutputError`]; never a panic.
 //! Formats: <https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html>.
@@ -58,7 +58,22 @@ pub enum Message<'a> {
     Truncate {
         relations: Vec<u32>,
     },
-    /// Anything else (Begin, Commit, Origin, Type, Message): nothing for us here.
+    Begin {
+        /// Microseconds since 2000-01-01.
+        commit_time_micros: i64,
+    },
+    Commit {
+        /// Where the transaction's WAL ends: what may be confirmed once it is invalidated.
+        end_lsn: u64,
+    },
+    /// A logical decoding message; `transactional` ones arrive inside their transaction.
+    Logical {
+        transactional: bool,
+        lsn: u64,
+        prefix: Cow<'a, str>,
+        content: &'a [u8],
+    },
+    /// Anything else (Origin, Type): nothing for us here.
     Other,
 }
 
@@ -88,6 +103,12 @@ impl<'a> Reader<'a> {
     fn u32(&mut self, what: &'static str) -> Result<u32, PgOutputError> {
         let b = self.take(4, what)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, PgOutputError> {
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(self.take(8, what)?);
+        Ok(u64::from_be_bytes(bytes))
     }
 
     fn cstr(&mut self, what: &'static str) -> Result<Cow<'a, str>, PgOutputError> {
@@ -192,6 +213,31 @@ pub fn decode(data: &[u8]) -> Result<Message<'_>, PgOutputError> {
             }
             Message::Truncate { relations }
         }
+        b'B' => {
+            r.u64("final position")?;
+            let commit_time_micros = r.u64("commit time")? as i64;
+            r.u32("transaction id")?;
+            Message::Begin { commit_time_micros }
+        }
+        b'C' => {
+            r.u8("commit flags")?;
+            r.u64("commit position")?;
+            let end_lsn = r.u64("end position")?;
+            r.u64("commit time")?;
+            Message::Commit { end_lsn }
+        }
+        b'M' => {
+            let transactional = r.u8("message flags")? & 1 == 1;
+            let lsn = r.u64("message position")?;
+            let prefix = r.cstr("message prefix")?;
+            let len = r.u32("message length")? as usize;
+            Message::Logical {
+                transactional,
+                lsn,
+                prefix,
+                content: r.take(len, "message content")?,
+            }
+        }
         _ => Message::Other,
     })
 }
@@ -272,8 +318,50 @@ mod tests {
                 relations: vec![7, 8]
             }
         );
-        assert_eq!(decode(b"Bxxxxxxxx").unwrap(), Message::Other);
+        assert_eq!(decode(b"Yxxxxxxxx").unwrap(), Message::Other);
         assert_eq!(decode(b"").unwrap(), Message::Other);
+        assert_eq!(
+            decode(b"Bxxxxxxxx"),
+            Err(PgOutputError::Truncated("commit time"))
+        );
+    }
+
+    /// Begin, Commit and a message as PostgreSQL 15 sends them.
+    #[test]
+    fn transaction_frame_and_messages() {
+        let mut begin = b"B".to_vec();
+        begin.extend(0x10u64.to_be_bytes());
+        begin.extend(1_000_000i64.to_be_bytes());
+        begin.extend(7u32.to_be_bytes());
+        assert_eq!(
+            decode(&begin).unwrap(),
+            Message::Begin {
+                commit_time_micros: 1_000_000
+            }
+        );
+        let mut commit = b"C\0".to_vec();
+        commit.extend(0x10u64.to_be_bytes());
+        commit.extend(0x18u64.to_be_bytes());
+        commit.extend(1_000_000i64.to_be_bytes());
+        assert_eq!(decode(&commit).unwrap(), Message::Commit { end_lsn: 0x18 });
+        let mut message = b"M\x01".to_vec();
+        message.extend(0x20u64.to_be_bytes());
+        message.extend(b"evictd\0");
+        message.extend(4u32.to_be_bytes());
+        message.extend(b"{}ok");
+        assert_eq!(
+            decode(&message).unwrap(),
+            Message::Logical {
+                transactional: true,
+                lsn: 0x20,
+                prefix: Cow::Borrowed("evictd"),
+                content: b"{}ok",
+            }
+        );
+        assert_eq!(
+            decode(&message[..message.len() - 1]),
+            Err(PgOutputError::Truncated("message content"))
+        );
     }
 
     #[test]

@@ -1,0 +1,502 @@
+//! The replication side of the PostgreSQL wire protocol, as much of it as `logical` delivery
+//! needs: a connection in replication mode (TLS, password, MD5 or SCRAM-SHA-256), `START_REPLICATION`
+//! of a `pgoutput` slot, the XLogData and keepalive frames it streams, and the standby status
+//! updates that confirm a position. tokio-postgres speaks everything else but not this; the
+//! frontend messages and SCRAM come from its protocol crate, TLS from the same rustls connector
+//! as every other connection (one crypto stack).
+//!
+//! No task of its own: the daemon polls [`WalStream::recv`], which sends any status update due
+//! before it reads. Reads and writes go through buffers, so dropping a `recv` (the daemon's
+//! `select!` does) loses nothing.
+//! Formats: <https://www.postgresql.org/docs/current/protocol-replication.html>.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt as _;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::frontend;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_postgres::config::Host;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+
+#[derive(Debug, Error)]
+pub enum WalError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("server: {0}")]
+    Server(String),
+    #[error("unexpected message from the server: {0}")]
+    Protocol(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("connecting took longer than {0:?}")]
+    Timeout(Duration),
+    #[error("the server ended the stream")]
+    Closed,
+}
+
+/// A position in the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+/// What the walsender sends while streaming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// One `pgoutput` message (decoded by [`super::pgoutput`]).
+    XLogData(Bytes),
+    /// The server's position, sent when idle and when it wants to hear from us.
+    KeepAlive { wal_end: Lsn },
+}
+
+/// Where and as whom to connect, and what to stream.
+pub struct Target<'a> {
+    pub config: &'a tokio_postgres::Config,
+    /// TLS for the connection (`None`: plain text).
+    pub tls: Option<rustls::ClientConfig>,
+    pub slot: &'a str,
+    pub publication: &'a str,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A started replication stream.
+pub struct WalStream {
+    io: Box<dyn Io>,
+    read: BytesMut,
+    write: BytesMut,
+    /// The position to report as applied (and flushed), and whether a report is due.
+    applied: Lsn,
+    status_due: bool,
+    /// Written but not yet flushed (a cancelled flush is finished by the next one).
+    unflushed: bool,
+}
+
+impl WalStream {
+    /// Connects, authenticates and starts streaming `target.slot` from its confirmed position.
+    pub async fn start(target: Target<'_>) -> Result<Self, WalError> {
+        let limit = target
+            .config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10));
+        tokio::time::timeout(limit, Self::start_within(target))
+            .await
+            .map_err(|_| WalError::Timeout(limit))?
+    }
+
+    async fn start_within(target: Target<'_>) -> Result<Self, WalError> {
+        let config = target.config;
+        let io = connect(config, target.tls).await?;
+        let mut stream = Self {
+            io,
+            read: BytesMut::with_capacity(64 * 1024),
+            write: BytesMut::new(),
+            applied: Lsn(0),
+            status_due: false,
+            unflushed: false,
+        };
+        let user = config.get_user().unwrap_or("postgres");
+        let database = config.get_dbname().unwrap_or(user);
+        let application = config.get_application_name().unwrap_or("evictd");
+        frontend::startup_message(
+            [
+                ("user", user),
+                ("database", database),
+                ("replication", "database"),
+                ("application_name", application),
+            ],
+            &mut stream.write,
+        )?;
+        stream.flush_out().await?;
+        stream.authenticate(user, config.get_password()).await?;
+        stream.until_ready().await?;
+
+        // The slot name is an identifier the server quotes for us nowhere else: quote it here.
+        let command = format!(
+            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')",
+            crate::db::quote_ident(target.slot),
+            quote_literal(&crate::db::quote_ident(target.publication)),
+        );
+        frontend::query(&command, &mut stream.write)?;
+        stream.flush_out().await?;
+        loop {
+            let (tag, body) = stream.next_message().await?;
+            match tag {
+                b'W' => return Ok(stream),
+                b'N' | b'S' => {}
+                other => return Err(unexpected(other, &body)),
+            }
+        }
+    }
+
+    /// The next frame. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Frame, WalError> {
+        self.send_status().await?;
+        loop {
+            if let Some(frame) = self.parse_frame()? {
+                return Ok(frame);
+            }
+            if self.io.read_buf(&mut self.read).await? == 0 {
+                return Err(WalError::Closed);
+            }
+        }
+    }
+
+    /// A frame already received, or one read without waiting.
+    pub fn try_recv(&mut self) -> Result<Option<Frame>, WalError> {
+        if let Some(frame) = self.parse_frame()? {
+            return Ok(Some(frame));
+        }
+        match self.io.read_buf(&mut self.read).now_or_never() {
+            None => Ok(None),
+            Some(Ok(0)) => Err(WalError::Closed),
+            Some(Ok(_)) => self.parse_frame(),
+            Some(Err(e)) => Err(e.into()),
+        }
+    }
+
+    /// Reports everything up to `lsn` as done, so the slot may release that WAL. The report
+    /// goes out with the next [`Self::recv`].
+    pub fn confirm(&mut self, lsn: Lsn) {
+        if lsn > self.applied {
+            self.applied = lsn;
+            self.status_due = true;
+        }
+    }
+
+    async fn send_status(&mut self) -> Result<(), WalError> {
+        if self.status_due {
+            self.status_due = false;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64)
+                - PG_EPOCH_UNIX_US;
+            let mut body = Vec::with_capacity(34);
+            body.push(b'r');
+            for _ in 0..3 {
+                // Received, flushed and applied: all we report is what Redis confirmed.
+                body.extend(self.applied.0.to_be_bytes());
+            }
+            body.extend(now.to_be_bytes());
+            body.push(0);
+            frontend::CopyData::new(&body[..])?.write(&mut self.write);
+        }
+        self.flush_out().await
+    }
+
+    /// Writes what is buffered. Cancel-safe: what was not written stays in the buffer.
+    async fn flush_out(&mut self) -> Result<(), WalError> {
+        while !self.write.is_empty() {
+            self.io.write_buf(&mut self.write).await?;
+            self.unflushed = true;
+        }
+        if self.unflushed {
+            // TLS buffers records until flushed.
+            self.io.flush().await?;
+            self.unflushed = false;
+        }
+        Ok(())
+    }
+
+    /// One whole backend message from the read buffer, if there is one.
+    fn take_message(&mut self) -> Result<Option<(u8, Bytes)>, WalError> {
+        if self.read.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]]);
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if len < 4 {
+            return Err(WalError::Protocol(format!("message length {len}")));
+        }
+        if self.read.len() < len + 1 {
+            self.read.reserve(len + 1 - self.read.len());
+            return Ok(None);
+        }
+        let mut message = self.read.split_to(len + 1).freeze();
+        let tag = message[0];
+        message.advance(5);
+        Ok(Some((tag, message)))
+    }
+
+    async fn next_message(&mut self) -> Result<(u8, Bytes), WalError> {
+        loop {
+            if let Some(message) = self.take_message()? {
+                return match message {
+                    (b'E', body) => Err(WalError::Server(error_text(&body))),
+                    message => Ok(message),
+                };
+            }
+            if self.io.read_buf(&mut self.read).await? == 0 {
+                return Err(WalError::Closed);
+            }
+        }
+    }
+
+    fn parse_frame(&mut self) -> Result<Option<Frame>, WalError> {
+        while let Some((tag, body)) = self.take_message()? {
+            match tag {
+                b'd' => {
+                    if let Some(frame) = parse_copy_data(body)? {
+                        if matches!(frame, FrameOrReply::Reply(_)) {
+                            self.status_due = true;
+                        }
+                        return Ok(Some(frame.into_frame()));
+                    }
+                }
+                b'E' => return Err(WalError::Server(error_text(&body))),
+                b'c' => return Err(WalError::Closed),
+                // Notices and parameter changes: nothing for us.
+                b'N' | b'S' => {}
+                other => return Err(unexpected(other, &body)),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), WalError> {
+        let password = || {
+            password.ok_or_else(|| {
+                WalError::Auth("the server asks for a password and the URL has none".into())
+            })
+        };
+        loop {
+            let (tag, mut body) = self.next_message().await?;
+            if tag != b'R' || body.len() < 4 {
+                return Err(unexpected(tag, &body));
+            }
+            match body.get_u32() {
+                0 => return Ok(()),
+                3 => frontend::password_message(password()?, &mut self.write)?,
+                5 if body.len() >= 4 => {
+                    let salt = [body[0], body[1], body[2], body[3]];
+                    let hashed = md5_hash(user.as_bytes(), password()?, salt);
+                    frontend::password_message(hashed.as_bytes(), &mut self.write)?;
+                }
+                10 => {
+                    let offered: Vec<&[u8]> = body.split(|&b| b == 0).collect();
+                    if !offered.contains(&&b"SCRAM-SHA-256"[..]) {
+                        return Err(WalError::Auth(format!(
+                            "no supported SASL mechanism among {:?}",
+                            String::from_utf8_lossy(&body)
+                        )));
+                    }
+                    let mut scram =
+                        sasl::ScramSha256::new(password()?, sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        "SCRAM-SHA-256",
+                        scram.message(),
+                        &mut self.write,
+                    )?;
+                    self.flush_out().await?;
+                    let (tag, mut body) = self.next_message().await?;
+                    if tag != b'R' || body.len() < 4 || body.get_u32() != 11 {
+                        return Err(unexpected(tag, &body));
+                    }
+                    scram
+                        .update(&body)
+                        .map_err(|e| WalError::Auth(e.to_string()))?;
+                    frontend::sasl_response(scram.message(), &mut self.write)?;
+                    self.flush_out().await?;
+                    let (tag, mut body) = self.next_message().await?;
+                    if tag != b'R' || body.len() < 4 || body.get_u32() != 12 {
+                        return Err(unexpected(tag, &body));
+                    }
+                    scram
+                        .finish(&body)
+                        .map_err(|e| WalError::Auth(e.to_string()))?;
+                    continue;
+                }
+                other => {
+                    return Err(WalError::Auth(format!(
+                        "authentication method {other} is not supported (use password, md5 or scram-sha-256)"
+                    )));
+                }
+            }
+            self.flush_out().await?;
+        }
+    }
+
+    async fn until_ready(&mut self) -> Result<(), WalError> {
+        loop {
+            match self.next_message().await? {
+                (b'Z', _) => return Ok(()),
+                (b'S' | b'K' | b'N', _) => {}
+                (tag, body) => return Err(unexpected(tag, &body)),
+            }
+        }
+    }
+}
+
+/// A parsed CopyData payload: a frame, or a keepalive that asks for a status report now.
+enum FrameOrReply {
+    Frame(Frame),
+    Reply(Frame),
+}
+
+impl FrameOrReply {
+    fn into_frame(self) -> Frame {
+        match self {
+            Self::Frame(frame) | Self::Reply(frame) => frame,
+        }
+    }
+}
+
+fn parse_copy_data(mut body: Bytes) -> Result<Option<FrameOrReply>, WalError> {
+    let short = || WalError::Protocol("short replication frame".into());
+    match body.first() {
+        Some(b'w') if body.len() >= 25 => {
+            // Start and end positions and the send time: the pgoutput message carries what
+            // we use.
+            body.advance(25);
+            Ok(Some(FrameOrReply::Frame(Frame::XLogData(body))))
+        }
+        Some(b'k') if body.len() >= 18 => {
+            body.advance(1);
+            let wal_end = Lsn(body.get_u64());
+            body.advance(8);
+            let frame = Frame::KeepAlive { wal_end };
+            Ok(Some(if body.get_u8() == 1 {
+                FrameOrReply::Reply(frame)
+            } else {
+                FrameOrReply::Frame(frame)
+            }))
+        }
+        Some(b'w' | b'k') => Err(short()),
+        _ => Ok(None),
+    }
+}
+
+async fn connect(
+    config: &tokio_postgres::Config,
+    tls: Option<rustls::ClientConfig>,
+) -> Result<Box<dyn Io>, WalError> {
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let host = config
+        .get_hosts()
+        .first()
+        .cloned()
+        .unwrap_or(Host::Tcp("localhost".into()));
+    match host {
+        Host::Tcp(name) => {
+            let tcp = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let Some(tls) = tls else {
+                return Ok(Box::new(tcp));
+            };
+            let mut tcp = tcp;
+            let mut request = BytesMut::new();
+            frontend::ssl_request(&mut request);
+            tcp.write_all(&request).await?;
+            if tcp.read_u8().await? != b'S' {
+                return Err(WalError::Tls("the server does not accept TLS".into()));
+            }
+            let mut maker = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+            let connector =
+                <_ as MakeTlsConnect<tokio::net::TcpStream>>::make_tls_connect(&mut maker, &name)
+                    .map_err(|e| WalError::Tls(e.to_string()))?;
+            let stream = connector
+                .connect(tcp)
+                .await
+                .map_err(|e| WalError::Tls(e.to_string()))?;
+            Ok(Box::new(stream))
+        }
+        #[cfg(unix)]
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+        }
+    }
+}
+
+/// `S`everity, `C`ode and `M`essage of an ErrorResponse body.
+fn error_text(body: &[u8]) -> String {
+    let mut severity = "";
+    let mut code = "";
+    let mut message = String::new();
+    for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let value = std::str::from_utf8(&field[1..]).unwrap_or("?");
+        match field[0] {
+            b'S' => severity = value,
+            b'C' => code = value,
+            b'M' => message = value.to_string(),
+            _ => {}
+        }
+    }
+    format!("{severity} {code}: {message}")
+}
+
+fn unexpected(tag: u8, body: &[u8]) -> WalError {
+    WalError::Protocol(format!(
+        "message `{}` ({} bytes)",
+        char::from(tag),
+        body.len()
+    ))
+}
+
+/// `text` as a SQL string literal.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_print_as_postgres_writes_them() {
+        assert_eq!(Lsn(0x1_6B37_4D48).to_string(), "1/6B374D48");
+        assert_eq!(Lsn(0).to_string(), "0/0");
+    }
+
+    #[test]
+    fn frames_parse_and_short_ones_are_errors() {
+        let mut w = vec![b'w'];
+        w.extend([0u8; 24]);
+        w.extend(b"B...");
+        assert!(matches!(
+            parse_copy_data(Bytes::from(w)),
+            Ok(Some(FrameOrReply::Frame(Frame::XLogData(d)))) if &d[..] == b"B..."
+        ));
+        let mut k = vec![b'k'];
+        k.extend(42u64.to_be_bytes());
+        k.extend([0u8; 8]);
+        k.push(1);
+        assert!(matches!(
+            parse_copy_data(Bytes::from(k)),
+            Ok(Some(FrameOrReply::Reply(Frame::KeepAlive {
+                wal_end: Lsn(42)
+            })))
+        ));
+        assert!(parse_copy_data(Bytes::from_static(b"k\0\0")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"w")).is_err());
+        assert!(matches!(
+            parse_copy_data(Bytes::from_static(b"?")),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn error_responses_read_as_severity_code_message() {
+        let body = b"SERROR\0VERROR\0C55006\0Mreplication slot \"s\" is active for PID 7\0\0";
+        assert_eq!(
+            error_text(body),
+            "ERROR 55006: replication slot \"s\" is active for PID 7"
+        );
+        assert_eq!(error_text(b""), " : ");
+    }
+}

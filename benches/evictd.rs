@@ -737,6 +737,9 @@ async fn main() {
             "full_page_writes=on",
             "max_wal_size=4GB",
             "shared_buffers=256MB",
+            // What `doctor` recommends for `logical` delivery with asynchronous commits: they
+            // are decoded only once flushed, and the WAL writer flushes every this often.
+            "wal_writer_delay=10ms",
         ])
         .unwrap_or_else(|e| panic!("{e:#}")),
         redis: Redis::start().unwrap_or_else(|e| panic!("{e:#}")),
@@ -800,7 +803,14 @@ async fn main() {
     }
 
     if std::env::args().any(|a| a == "--lag") {
-        // The `synchronous_commit = off` closed loop alone: how far behind each setting falls.
+        // The `synchronous_commit = off` closed loop alone: how far behind each setting falls
+        // (`--rate N`: an open loop at N commits/s instead, the same load for every setting).
+        let args: Vec<String> = std::env::args().collect();
+        let open_rate: Option<f64> = args
+            .iter()
+            .position(|a| a == "--rate")
+            .and_then(|i| args.get(i + 1))
+            .map(|r| r.parse().expect("--rate takes commits per second"));
         for setting in &SETTINGS {
             let db = format!("bench_{}", setting.name.replace('-', "_"));
             lab.database(&db, Some(setting)).await;
@@ -810,9 +820,29 @@ async fn main() {
                 .batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = off"))
                 .await
                 .unwrap();
-            let (rate, lags, _) = latency(&lab, &db, &deletions, None, 0).await;
+            // Who is busy: the daemon, and in logical mode the walsender decoding for it.
+            let walsender: Option<i32> = admin
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'evictd-logical'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get(0));
+            let cpu = |pid: Option<u32>| pid.map_or(0.0, |pid| process_stats(pid).2);
+            let daemon_pid = Some(daemon.child.id());
+            let walsender_pid = walsender.map(|pid| pid as u32);
+            let (daemon_before, walsender_before) = (cpu(daemon_pid), cpu(walsender_pid));
+            let t = Instant::now();
+            let (rate, lags, _) = latency(&lab, &db, &deletions, open_rate, 0).await;
+            let seconds = t.elapsed().as_secs_f64();
+            let daemon_cpu = (cpu(daemon_pid) - daemon_before) / seconds * 100.0;
+            let walsender_cpu = (cpu(walsender_pid) - walsender_before) / seconds * 100.0;
             drop(daemon);
-            println!("{:<14} {rate:.0} commits/s, lag {lags}", setting.name);
+            println!(
+                "{:<14} {rate:.0} commits/s, lag {lags}; CPU: daemon {daemon_cpu:.0} %, walsender {walsender_cpu:.0} %",
+                setting.name
+            );
         }
         return;
     }

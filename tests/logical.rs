@@ -86,6 +86,22 @@ async fn no_triggers_and_replica_identity_only_where_needed() {
         "{report}"
     );
 
+    // Asynchronous commits are decoded once the WAL writer flushes them: with the default
+    // wal_writer_delay (200ms) that is the lag, and doctor says how to shorten it.
+    env.sql(&format!(
+        "ALTER DATABASE {} SET synchronous_commit = off",
+        env.name
+    ))
+    .await;
+    let doctor = support::finish(env.command(&["doctor"]));
+    let report = support::text(&doctor);
+    assert!(doctor.status.success(), "{report}");
+    assert!(
+        report.contains("synchronous_commit is off and wal_writer_delay 200ms"),
+        "{report}"
+    );
+    assert!(report.contains("wal_writer_delay = '10ms'"), "{report}");
+
     // A table dropped from the publication (as if added to the configuration without
     // `evictd migrate`) is a FAIL naming it.
     env.sql("ALTER PUBLICATION evictd DROP TABLE modules").await;
@@ -196,7 +212,10 @@ async fn a_transaction_shares_one_invalidation() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let counted = tags_invalidated(&daemon) - before;
-        assert!(counted <= expected, "{counted} tags invalidated, {expected} expected");
+        assert!(
+            counted <= expected,
+            "{counted} tags invalidated, {expected} expected"
+        );
         if counted == expected {
             break;
         }

@@ -301,13 +301,20 @@ async fn publication_check(settings: &Settings, client: &Client) -> Check {
 
 /// WAL a slot nobody reads may hold before it is worth a warning.
 const SLOT_LAG_WARN_BYTES: i64 = 1 << 30;
+/// With asynchronous commits, the lag `logical` delivery adds on top of the invalidation itself.
+const WAL_WRITER_DELAY_WARN_MS: i32 = 20;
 
 /// `logical` delivery: `wal_level`, the slot, and how much WAL it holds back.
 async fn slot_check(client: &Client) -> Check {
     let row = client
         .query_one(
             &format!(
-                "SELECT current_setting('wal_level'), s.slot_name::text, s.active, s.wal_status,                  pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8                  FROM (SELECT {}) AS want(name)                  LEFT JOIN pg_replication_slots s ON s.slot_name = want.name",
+                "SELECT current_setting('wal_level'), s.slot_name::text, s.active, s.wal_status, \
+                 pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8, \
+                 current_setting('synchronous_commit'), \
+                 (SELECT setting::int4 FROM pg_settings WHERE name = 'wal_writer_delay') \
+                 FROM (SELECT {}) AS want(name) \
+                 LEFT JOIN pg_replication_slots s ON s.slot_name = want.name",
                 ddl::SLOT_NAME_SQL
             ),
             &[],
@@ -322,6 +329,8 @@ async fn slot_check(client: &Client) -> Check {
     let active: Option<bool> = row.get(2);
     let wal_status: Option<String> = row.get(3);
     let behind: Option<i64> = row.get(4);
+    let synchronous_commit: String = row.get(5);
+    let wal_writer_delay_ms: i32 = row.get(6);
     if wal_level != "logical" {
         return check(
             "slot",
@@ -357,6 +366,18 @@ async fn slot_check(client: &Client) -> Check {
             Some(
                 "no daemon reads the slot and PostgreSQL keeps its WAL: start `evictd run`, or `evictd uninstall`",
             ),
+        )
+    } else if synchronous_commit == "off" && wal_writer_delay_ms > WAL_WRITER_DELAY_WARN_MS {
+        // Logical decoding streams only WAL already flushed; an asynchronous commit is flushed
+        // by the WAL writer, every `wal_writer_delay`.
+        check(
+            "slot",
+            Status::Warn,
+            format!(
+                "{message}; synchronous_commit is off and wal_writer_delay {wal_writer_delay_ms}ms: \
+                 asynchronous commits reach evictd only when the WAL writer flushes them"
+            ),
+            Some("ALTER SYSTEM SET wal_writer_delay = '10ms'; SELECT pg_reload_conf();"),
         )
     } else {
         check("slot", Status::Ok, message, None)

@@ -681,8 +681,28 @@ async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
         })
         .max()
         .unwrap_or(0);
+    let mut durations: Vec<i64> = slow
+        .iter()
+        .filter_map(|entry| match entry {
+            redis::Value::Array(fields) => match fields.get(2) {
+                Some(redis::Value::Int(us)) => Some(*us),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    durations.sort_unstable();
+    let median_slow_us = durations.get(durations.len() / 2).copied().unwrap_or(0);
     if std::env::var_os("EVICTD_BENCH_LOG").is_some() {
-        for entry in slow.iter().take(5) {
+        let mut by_duration: Vec<&redis::Value> = slow.iter().collect();
+        by_duration.sort_by_key(|entry| match entry {
+            redis::Value::Array(fields) => match fields.get(2) {
+                Some(redis::Value::Int(us)) => -us,
+                _ => 0,
+            },
+            _ => 0,
+        });
+        for entry in by_duration.iter().take(5) {
             eprintln!("slowlog: {entry:?}");
         }
     }
@@ -692,6 +712,7 @@ async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
         "worst_ping_ms": round(worst.as_secs_f64() * 1000.0),
         "longest_command_ms": round(longest_us as f64 / 1000.0),
         "commands_over_1ms": slow.len(),
+        "median_of_those_ms": round(median_slow_us as f64 / 1000.0),
         "pings": pings,
     })
 }

@@ -349,7 +349,7 @@ impl Settings {
             )),
         };
         let batch_max_events = positive("batch_max_events", raw.batch_max_events, 10_000)?;
-        let drain_chunk = positive("drain_chunk", raw.drain_chunk, 500)?;
+        let drain_chunk = positive("drain_chunk", raw.drain_chunk, 250)?;
         let notify_buffer = positive("notify_buffer", raw.notify_buffer, 100_000)?;
         let tagts_ttl_secs = positive(
             "tagts_ttl_secs",

@@ -424,6 +424,11 @@ impl Daemon {
 
     /// Waits until `needle` has appeared `count` times in the log.
     pub async fn wait_log_count(&self, needle: &str, count: usize) {
+        self.wait_log_within(needle, count, DEADLINE).await;
+    }
+
+    /// Like [`Daemon::wait_log_count`] with a deadline of `limit`.
+    pub async fn wait_log_within(&self, needle: &str, count: usize, limit: Duration) {
         let start = Instant::now();
         loop {
             let log = self.log();
@@ -431,8 +436,8 @@ impl Daemon {
                 return;
             }
             assert!(
-                start.elapsed() < DEADLINE,
-                "no `{needle}` (x{count}) in the daemon log after {DEADLINE:?}:\n{log}"
+                start.elapsed() < limit,
+                "no `{needle}` (x{count}) in the daemon log after {limit:?}:\n{log}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

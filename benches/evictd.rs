@@ -816,8 +816,19 @@ async fn main() {
     };
 
     if std::env::args().any(|a| a == "--big-tag") {
-        // One tag of 1,000,000 members (200,000 with `--quick`) invalidated alone.
-        let setting = &SETTINGS[0];
+        // One tag of 1,000,000 members (200,000 with `--quick`) invalidated alone, by the
+        // daemon of the first setting (`--setting NAME` for another).
+        let args: Vec<String> = std::env::args().collect();
+        let setting = args
+            .iter()
+            .position(|a| a == "--setting")
+            .and_then(|i| args.get(i + 1))
+            .map_or(&SETTINGS[0], |name| {
+                SETTINGS
+                    .iter()
+                    .find(|s| s.name == name.as_str())
+                    .expect("--setting takes a setting name")
+            });
         lab.database("bench_big", Some(setting)).await;
         let daemon = lab.start_daemon("bench_big", setting).await;
         let result = big_tag(&lab, "bench_big", if quick { 200_000 } else { 1_000_000 }).await;

@@ -283,14 +283,18 @@ impl Env {
 
     /// Returns once the daemon has processed everything committed before this call: commits an
     /// explicit invalidation of a marker tag and waits for its entry to go (events are handled in
-    /// commit order).
+    /// commit order), twice. The first marker may share a batch with the events before it, and
+    /// a batch removes exact tags before table-wide globs; the second marker comes in a later
+    /// batch, and batches run one after the other.
     pub async fn barrier(&self) {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("barrier:{n}");
-        let key = self.cache(&format!("barrier-entry:{n}"), &[&tag]).await;
-        self.sql(&format!("SELECT evictd.invalidate_tags('{tag}')"))
-            .await;
-        self.wait_gone(&[key]).await;
+        for _ in 0..2 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let tag = format!("barrier:{n}");
+            let key = self.cache(&format!("barrier-entry:{n}"), &[&tag]).await;
+            self.sql(&format!("SELECT evictd.invalidate_tags('{tag}')"))
+                .await;
+            self.wait_gone(&[key]).await;
+        }
     }
 
     pub async fn sql(&self, sql: &str) {

@@ -815,20 +815,25 @@ async fn main() {
         rate
     };
 
-    if std::env::args().any(|a| a == "--big-tag") {
-        // One tag of 1,000,000 members (200,000 with `--quick`) invalidated alone, by the
-        // daemon of the first setting (`--setting NAME` for another).
-        let args: Vec<String> = std::env::args().collect();
-        let setting = args
-            .iter()
-            .position(|a| a == "--setting")
-            .and_then(|i| args.get(i + 1))
-            .map_or(&SETTINGS[0], |name| {
+    // `--setting NAME` limits the single-figure modes below to one setting.
+    let args: Vec<String> = std::env::args().collect();
+    let selected: Vec<&Setting> = match args.iter().position(|a| a == "--setting") {
+        Some(i) => {
+            let name = args.get(i + 1).map(String::as_str).unwrap_or_default();
+            vec![
                 SETTINGS
                     .iter()
-                    .find(|s| s.name == name.as_str())
-                    .expect("--setting takes a setting name")
-            });
+                    .find(|s| s.name == name)
+                    .unwrap_or_else(|| panic!("--setting takes a setting name, not `{name}`")),
+            ]
+        }
+        None => SETTINGS.iter().collect(),
+    };
+
+    if std::env::args().any(|a| a == "--big-tag") {
+        // One tag of 1,000,000 members (200,000 with `--quick`) invalidated alone, by the
+        // daemon of the first (selected) setting.
+        let setting = selected[0];
         lab.database("bench_big", Some(setting)).await;
         let daemon = lab.start_daemon("bench_big", setting).await;
         let result = big_tag(&lab, "bench_big", if quick { 200_000 } else { 1_000_000 }).await;
@@ -846,7 +851,7 @@ async fn main() {
             .position(|a| a == "--rate")
             .and_then(|i| args.get(i + 1))
             .map(|r| r.parse().expect("--rate takes commits per second"));
-        for setting in &SETTINGS {
+        for setting in &selected {
             let db = format!("bench_{}", setting.name.replace('-', "_"));
             lab.database(&db, Some(setting)).await;
             let daemon = lab.start_daemon(&db, setting).await;
@@ -886,7 +891,7 @@ async fn main() {
         // The 100,000-row UPDATE alone for each setting (and the 1,000,000-row one without
         // `--quick`): the figures to iterate on.
         keyspace_events(&lab, false).await;
-        for setting in &SETTINGS {
+        for setting in &selected {
             let db = format!("bench_{}", setting.name.replace('-', "_"));
             lab.database(&db, Some(setting)).await;
             let daemon = lab.start_daemon(&db, setting).await;
@@ -906,7 +911,7 @@ async fn main() {
 
     if std::env::args().any(|a| a == "--backlog") {
         // The outbox settings' backlog drain alone (1,000,000 events; 100,000 with `--quick`).
-        for setting in SETTINGS.iter().filter(|s| s.delivery == "outbox") {
+        for setting in selected.iter().filter(|s| s.delivery == "outbox") {
             let db = format!("bench_{}", setting.name.replace('-', "_"));
             lab.database(&db, Some(setting)).await;
             let events = if quick { 100_000 } else { 1_000_000 };
@@ -919,7 +924,7 @@ async fn main() {
     if std::env::args().any(|a| a == "--writers") {
         // Writer cost alone, with and without the daemon running, to separate what the
         // triggers cost from what the daemon's own work costs the writers.
-        for setting in &SETTINGS {
+        for setting in &selected {
             let db = format!("bench_{}", setting.name.replace('-', "_"));
             lab.database(&db, Some(setting)).await;
             let (alone, bare, with) = writer_ratio(&lab, &db).await;

@@ -227,6 +227,36 @@ async fn a_transaction_shares_one_invalidation() {
     }
 }
 
+/// Once Redis confirmed, the slot's position moves past the transaction even when nothing else
+/// happens (no further commits, no health marker for a minute): the held-back report is sent
+/// on its own, so the slot does not keep that WAL and a restart does not replay it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_position_reaches_the_slot_without_further_traffic() {
+    let env = seeded("health_interval_ms = 60000\n").await;
+    let _daemon = env.start_daemon().await;
+    let entry = env.cache("p1", &[&format!("products:id:{P1}")]).await;
+    env.sql(&format!(
+        "UPDATE products SET name = 'moved' WHERE id = '{P1}'"
+    ))
+    .await;
+    let committed = query_strings(&env, "SELECT pg_current_wal_lsn()::text").await;
+    env.wait_gone(&[entry]).await;
+    let sql = format!(
+        "SELECT (confirmed_flush_lsn >= '{}'::pg_lsn)::text FROM pg_replication_slots \
+         WHERE slot_name = 'evictd_{}'",
+        committed[0], env.name
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while query_strings(&env, &sql).await != ["true"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot's confirmed position did not reach {} within 5 s",
+            committed[0]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// `uninstall` removes the publication and the slot (an unread slot would keep WAL forever),
 /// and so does migrating to another delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

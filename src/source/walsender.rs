@@ -11,7 +11,7 @@
 //! Formats: <https://www.postgresql.org/docs/current/protocol-replication.html>.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
@@ -24,6 +24,11 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+
+/// At most one position report per this interval (unless the server asks): one per
+/// transaction would make the walsender, on the writers' cores, handle thousands a second.
+/// It bounds what a daemon killed after an invalidation replays.
+const STATUS_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Error)]
 pub enum WalError {
@@ -79,9 +84,12 @@ pub struct WalStream {
     io: Box<dyn Io>,
     read: BytesMut,
     write: BytesMut,
-    /// The position to report as applied (and flushed), and whether a report is due.
+    /// The position to report as applied (and flushed), whether a report is due, whether the
+    /// server asked for one, and when the last went out.
     applied: Lsn,
     status_due: bool,
+    reply_requested: bool,
+    last_status: Instant,
     /// Written but not yet flushed (a cancelled flush is finished by the next one).
     unflushed: bool,
 }
@@ -108,6 +116,8 @@ impl WalStream {
             write: BytesMut::new(),
             applied: Lsn(0),
             status_due: false,
+            reply_requested: false,
+            last_status: Instant::now(),
             unflushed: false,
         };
         let user = config.get_user().unwrap_or("postgres");
@@ -146,13 +156,22 @@ impl WalStream {
 
     /// The next frame. Cancel-safe.
     pub async fn recv(&mut self) -> Result<Frame, WalError> {
-        self.send_status().await?;
         loop {
+            self.send_status().await?;
             if let Some(frame) = self.parse_frame()? {
                 return Ok(frame);
             }
-            if self.io.read_buf(&mut self.read).await? == 0 {
-                return Err(WalError::Closed);
+            // A report held back by the interval goes out when it ends, even if nothing comes.
+            let report_at = self
+                .status_due
+                .then(|| tokio::time::Instant::from_std(self.last_status + STATUS_INTERVAL));
+            tokio::select! {
+                read = self.io.read_buf(&mut self.read) => {
+                    if read? == 0 {
+                        return Err(WalError::Closed);
+                    }
+                }
+                () = tokio::time::sleep_until(report_at.unwrap_or_else(tokio::time::Instant::now)), if report_at.is_some() => {}
             }
         }
     }
@@ -171,7 +190,7 @@ impl WalStream {
     }
 
     /// Reports everything up to `lsn` as done, so the slot may release that WAL. The report
-    /// goes out with the next [`Self::recv`].
+    /// goes out from [`Self::recv`], within [`STATUS_INTERVAL`].
     pub fn confirm(&mut self, lsn: Lsn) {
         if lsn > self.applied {
             self.applied = lsn;
@@ -180,8 +199,12 @@ impl WalStream {
     }
 
     async fn send_status(&mut self) -> Result<(), WalError> {
-        if self.status_due {
+        if self.status_due
+            && (self.reply_requested || self.last_status.elapsed() >= STATUS_INTERVAL)
+        {
             self.status_due = false;
+            self.reply_requested = false;
+            self.last_status = Instant::now();
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as i64)
@@ -254,6 +277,7 @@ impl WalStream {
                     if let Some(frame) = parse_copy_data(body)? {
                         if matches!(frame, FrameOrReply::Reply(_)) {
                             self.status_due = true;
+                            self.reply_requested = true;
                         }
                         return Ok(Some(frame.into_frame()));
                     }

@@ -100,9 +100,11 @@ impl Daemon {
                 None
             };
         }
-        if stream.state.in_transaction && !marker_seen {
+        if stream.state.in_transaction && !marker_seen && batch.targets.wide_tables.is_empty() {
             // The rest of this transaction is on its way: invalidate it whole (or at the
-            // FLUSH_TAGS bound). Nothing is confirmed meanwhile, so a crash replays it.
+            // FLUSH_TAGS bound). Nothing is confirmed meanwhile, so a crash replays it. A
+            // table gone table-wide is invalidated at once: the rest of a huge transaction can
+            // take seconds to stream, and it adds nothing for that table.
             stream.pending = batch;
             return Ok(false);
         }

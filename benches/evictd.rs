@@ -742,6 +742,9 @@ async fn backlog(lab: &Lab, db: &str, setting: &Setting, events: usize) -> Value
         .unwrap()
         .get(0);
     let (_, peak_kb, cpu) = process_stats(daemon.child.id());
+    if std::env::var_os("EVICTD_BENCH_LOG").is_some() {
+        eprintln!("{}", daemon.log());
+    }
     json!({
         "events": events,
         "drain_s": round(took * 1000.0) / 1000.0,

@@ -405,12 +405,21 @@ async fn poison_event_is_moved_aside() {
     verify(&env, &entries, &[1, 2], &unrelated, true).await;
     let dead = env
         .pg
-        .query("SELECT payload, error FROM evictd.dead_letter", &[])
+        .query(
+            "SELECT payload, error, \
+             (created_at <= failed_at AND created_at > now() - interval '1 minute')::text \
+             FROM evictd.dead_letter",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(dead.len(), 1);
+    // Kept as it was queued: the payload, and when it was written (from the claim, the row
+    // being deleted in the same transaction).
+    assert_eq!(dead[0].get::<_, String>(0), r#"{"v":1,"op":"EXPLODE"}"#);
     let error: String = dead[0].get(1);
     assert!(error.contains("EXPLODE"), "{error}");
+    assert_eq!(dead[0].get::<_, String>(2), "true");
     env.wait_outbox_empty().await;
     let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
     assert!(

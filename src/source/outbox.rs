@@ -1,7 +1,9 @@
 //! The outbox: events written by the triggers into `evictd.outbox` in the writer's own
-//! transaction. The daemon claims a batch with `FOR UPDATE SKIP LOCKED` (so several daemons
-//! share the work), invalidates it in Redis, and only then deletes the rows in the same
-//! transaction: at-least-once, nothing lost if the daemon or Redis dies in between.
+//! transaction. The daemon claims a batch by deleting it (`FOR UPDATE SKIP LOCKED`, so several
+//! daemons share the work) in a transaction it commits only after Redis confirmed:
+//! at-least-once, the rows come back if the daemon or Redis dies in between.
+
+use std::collections::HashMap;
 
 use tokio_postgres::{Client, Transaction};
 
@@ -17,10 +19,14 @@ impl OutboxRow {
     pub fn payload(&self) -> &str {
         self.0.get(1)
     }
+
+    fn created_at(&self) -> std::time::SystemTime {
+        self.0.get(2)
+    }
 }
 
-/// A claimed batch: the rows stay locked (invisible to other daemons) until the transaction
-/// ends. Dropping it without [`Claim::ack`] hands the rows back.
+/// A claimed batch: the rows are deleted in a transaction still open (other daemons skip them)
+/// until [`Claim::ack`] commits it. Dropping it without `ack` hands the rows back.
 pub struct Claim<'a> {
     tx: Transaction<'a>,
     pub rows: Vec<OutboxRow>,
@@ -29,9 +35,14 @@ pub struct Claim<'a> {
 /// Claims up to `limit` of the oldest unclaimed rows.
 pub async fn claim(client: &mut Client, limit: i64) -> Result<Claim<'_>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    // One statement instead of a SELECT and a later DELETE of the same ids: the deletion is
+    // what the transaction's commit makes final. (`= ANY(ARRAY(…))` evaluates the locking
+    // subquery once.)
     let rows = tx
         .query(
-            "SELECT id, payload FROM evictd.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "DELETE FROM evictd.outbox WHERE id = ANY(ARRAY( \
+                 SELECT id FROM evictd.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+             RETURNING id, payload, created_at",
             &[&limit],
         )
         .await?
@@ -42,26 +53,31 @@ pub async fn claim(client: &mut Client, limit: i64) -> Result<Claim<'_>, tokio_p
 }
 
 impl Claim<'_> {
-    /// Deletes the processed rows and moves the poison ones, with their error, to
-    /// `evictd.dead_letter`; commits.
+    /// Moves the poison rows, with their error, to `evictd.dead_letter`, and commits: the
+    /// processed rows' deletion becomes final.
     pub async fn ack(self, poison: &[(i64, String)]) -> Result<(), tokio_postgres::Error> {
         if !poison.is_empty() {
-            let ids: Vec<i64> = poison.iter().map(|(id, _)| *id).collect();
-            let errors: Vec<&str> = poison.iter().map(|(_, e)| e.as_str()).collect();
+            // The rows are deleted already: their payload and age come from the claim.
+            let by_id: HashMap<i64, &OutboxRow> = self.rows.iter().map(|r| (r.id(), r)).collect();
+            let (mut ids, mut payloads, mut errors, mut created) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (id, error) in poison {
+                if let Some(row) = by_id.get(id) {
+                    ids.push(*id);
+                    payloads.push(row.payload());
+                    errors.push(error.as_str());
+                    created.push(row.created_at());
+                }
+            }
             self.tx
                 .execute(
                     "INSERT INTO evictd.dead_letter (id, payload, error, created_at) \
-                     SELECT o.id, o.payload, p.error, o.created_at \
-                     FROM evictd.outbox o JOIN unnest($1::bigint[], $2::text[]) AS p(id, error) ON p.id = o.id \
+                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[]) \
                      ON CONFLICT (id) DO NOTHING",
-                    &[&ids, &errors],
+                    &[&ids, &payloads, &errors, &created],
                 )
                 .await?;
         }
-        let ids: Vec<i64> = self.rows.iter().map(OutboxRow::id).collect();
-        self.tx
-            .execute("DELETE FROM evictd.outbox WHERE id = ANY($1)", &[&ids])
-            .await?;
         self.tx.commit().await
     }
 }

@@ -97,18 +97,25 @@ async fn verify(
 /// the outbox delivers every event, exactly the edited entries go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_killed_mid_burst_loses_nothing() {
-    killed_mid_burst(Delivery::Outbox).await;
+    killed_mid_burst(Delivery::Outbox, "").await;
+}
+
+/// The same with claims of 7 rows, so that each drain transaction takes several claims (the
+/// next one taken while Redis works on the last) before it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_burst_loses_nothing_small_claims() {
+    killed_mid_burst(Delivery::Outbox, "batch_max_events = 7\n").await;
 }
 
 /// The same with `logical` delivery: the replication slot keeps every change the daemon had
 /// not confirmed, so nothing is lost and nothing more is removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_killed_mid_burst_loses_nothing_logical() {
-    killed_mid_burst(Delivery::Logical).await;
+    killed_mid_burst(Delivery::Logical, "").await;
 }
 
-async fn killed_mid_burst(delivery: Delivery) {
-    let env = Env::new(delivery).await;
+async fn killed_mid_burst(delivery: Delivery, toml: &str) {
+    let env = Env::with_config(delivery, toml).await;
     seed_products(&env).await;
     let mut daemon = env.start_daemon().await;
     let (entries, unrelated) = cache_products(&env).await;

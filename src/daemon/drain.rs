@@ -13,6 +13,11 @@ use crate::event::ChangeEvent;
 use crate::sink::RedisSink;
 use crate::source::{Session, SourceError, outbox};
 
+/// Claims taken in one transaction before it is committed: while Redis invalidates one claim's
+/// events, PostgreSQL already deletes (takes) the next rows, instead of each waiting for the
+/// other. Bounds how much one commit (or a crash before it) covers.
+const TAKES_PER_TRANSACTION: usize = 4;
+
 impl Daemon {
     /// Claims, invalidates and acknowledges outbox rows until none are left.
     pub(super) async fn drain_outbox(
@@ -20,7 +25,7 @@ impl Daemon {
         source: &mut Session,
         sink: &RedisSink,
     ) -> Result<usize, SessionError> {
-        let limit = self.settings.batch_max_events as i64;
+        let limit = self.settings.batch_max_events;
         let mut total = 0;
         loop {
             // Wake-ups that arrived meanwhile are answered by this very drain.
@@ -31,49 +36,78 @@ impl Daemon {
                     self.flush(sink, batch).await?;
                 }
             }
-            let claim = outbox::claim(&mut source.connection.client, limit)
+            let claim = outbox::begin(&mut source.connection.client)
                 .await
                 .map_err(SourceError::from)?;
-            let claimed = claim.rows.len();
-            if claimed == 0 {
+            let mut rows = claim.take(limit as i64).await.map_err(SourceError::from)?;
+            if rows.is_empty() {
                 self.observed.metrics.outbox_backlog.set(0);
                 return Ok(total);
             }
-            total += claimed;
-            let mut batch = Batch::default();
             let mut poison = Vec::new();
-            for row in &claim.rows {
-                let payload = row.payload();
-                let event = match ChangeEvent::parse(payload) {
-                    Ok(event) => event,
-                    Err(e) => {
-                        poison.push((row.id(), self.reject("malformed", e.to_string(), payload)));
-                        continue;
-                    }
-                };
-                // A statement of many rows is invalidated in pieces, bounding memory; its row is
-                // acknowledged with the rest of the claim, after every piece succeeded.
-                for (i, part) in event.split(ROWS_PER_PART).into_iter().enumerate() {
-                    if let Err(e) = batch.add_part(&self.settings.rules, &part, i == 0) {
-                        poison.push((
-                            row.id(),
-                            self.reject("unknown_table", e.to_string(), payload),
-                        ));
-                        break;
-                    }
-                    if batch.targets.tags.len() >= FLUSH_TAGS {
-                        let full = std::mem::take(&mut batch);
-                        // On a Redis error the claim is dropped: its rows go back, untouched.
-                        self.invalidate_claimed(sink, full).await?;
-                    }
+            let mut takes = 1;
+            let more = loop {
+                total += rows.len();
+                let full = rows.len() == limit;
+                let batch = self.fold_claimed(sink, &rows, &mut poison).await?;
+                drop(rows);
+                if !full || takes == TAKES_PER_TRANSACTION {
+                    // On a Redis error the claim is dropped: its rows go back, untouched.
+                    self.invalidate_claimed(sink, batch).await?;
+                    break full;
                 }
-            }
-            self.invalidate_claimed(sink, batch).await?;
+                // Two servers, two waits: overlap them.
+                let (invalidated, next) = tokio::join!(
+                    self.invalidate_claimed(sink, batch),
+                    claim.take(limit as i64)
+                );
+                invalidated?;
+                rows = next.map_err(SourceError::from)?;
+                takes += 1;
+                if rows.is_empty() {
+                    break false;
+                }
+            };
             claim.ack(&poison).await.map_err(SourceError::from)?;
-            if claimed < limit as usize {
+            if !more {
                 return Ok(total);
             }
         }
+    }
+
+    /// Parses claimed rows into a batch; a statement of many rows is invalidated in pieces
+    /// along the way, bounding memory (its row is acknowledged with the rest of the claim,
+    /// after every piece succeeded). Unusable rows are added to `poison`.
+    async fn fold_claimed(
+        &mut self,
+        sink: &RedisSink,
+        rows: &[outbox::OutboxRow],
+        poison: &mut Vec<outbox::Poison>,
+    ) -> Result<Batch, SessionError> {
+        let mut batch = Batch::default();
+        for row in rows {
+            let payload = row.payload();
+            let event = match ChangeEvent::parse(payload) {
+                Ok(event) => event,
+                Err(e) => {
+                    let reason = self.reject("malformed", e.to_string(), payload);
+                    poison.push(outbox::Poison::new(row, reason));
+                    continue;
+                }
+            };
+            for (i, part) in event.split(ROWS_PER_PART).into_iter().enumerate() {
+                if let Err(e) = batch.add_part(&self.settings.rules, &part, i == 0) {
+                    let reason = self.reject("unknown_table", e.to_string(), payload);
+                    poison.push(outbox::Poison::new(row, reason));
+                    break;
+                }
+                if batch.targets.tags.len() >= FLUSH_TAGS {
+                    let full = std::mem::take(&mut batch);
+                    self.invalidate_claimed(sink, full).await?;
+                }
+            }
+        }
+        Ok(batch)
     }
 
     /// Invalidates a batch drawn from claimed outbox rows (not yet acknowledged), records it and

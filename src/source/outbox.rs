@@ -3,7 +3,7 @@
 //! daemons share the work) in a transaction it commits only after Redis confirmed:
 //! at-least-once, the rows come back if the daemon or Redis dies in between.
 
-use std::collections::HashMap;
+use std::time::SystemTime;
 
 use tokio_postgres::{Client, Transaction};
 
@@ -20,55 +20,72 @@ impl OutboxRow {
         self.0.get(1)
     }
 
-    fn created_at(&self) -> std::time::SystemTime {
+    fn created_at(&self) -> SystemTime {
         self.0.get(2)
     }
 }
 
-/// A claimed batch: the rows are deleted in a transaction still open (other daemons skip them)
-/// until [`Claim::ack`] commits it. Dropping it without `ack` hands the rows back.
-pub struct Claim<'a> {
-    tx: Transaction<'a>,
-    pub rows: Vec<OutboxRow>,
+/// An event that cannot be processed, on its way to `evictd.dead_letter` with the reason.
+pub struct Poison {
+    pub id: i64,
+    pub payload: String,
+    pub created_at: SystemTime,
+    pub error: String,
 }
 
-/// Claims up to `limit` of the oldest unclaimed rows.
-pub async fn claim(client: &mut Client, limit: i64) -> Result<Claim<'_>, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    // One statement instead of a SELECT and a later DELETE of the same ids: the deletion is
-    // what the transaction's commit makes final. (`= ANY(ARRAY(…))` evaluates the locking
-    // subquery once.)
-    let rows = tx
-        .query(
-            "DELETE FROM evictd.outbox WHERE id = ANY(ARRAY( \
-                 SELECT id FROM evictd.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-             RETURNING id, payload, created_at",
-            &[&limit],
-        )
-        .await?
-        .into_iter()
-        .map(OutboxRow)
-        .collect();
-    Ok(Claim { tx, rows })
+impl Poison {
+    pub fn new(row: &OutboxRow, error: String) -> Self {
+        Self {
+            id: row.id(),
+            payload: row.payload().to_string(),
+            created_at: row.created_at(),
+            error,
+        }
+    }
+}
+
+/// A claim transaction: the rows it takes are deleted in it, so other daemons skip them, and
+/// the deletion becomes final only when [`Claim::ack`] commits, after Redis confirmed.
+/// Dropping it without `ack` hands every row back.
+pub struct Claim<'a> {
+    tx: Transaction<'a>,
+}
+
+/// Starts a claim transaction.
+pub async fn begin(client: &mut Client) -> Result<Claim<'_>, tokio_postgres::Error> {
+    Ok(Claim {
+        tx: client.transaction().await?,
+    })
 }
 
 impl Claim<'_> {
-    /// Moves the poison rows, with their error, to `evictd.dead_letter`, and commits: the
-    /// processed rows' deletion becomes final.
-    pub async fn ack(self, poison: &[(i64, String)]) -> Result<(), tokio_postgres::Error> {
+    /// Takes up to `limit` of the oldest unclaimed rows. `&self`: it may run while the rows
+    /// taken before are being invalidated.
+    pub async fn take(&self, limit: i64) -> Result<Vec<OutboxRow>, tokio_postgres::Error> {
+        // One statement instead of a SELECT and a later DELETE of the same ids.
+        // (`= ANY(ARRAY(…))` evaluates the locking subquery once.)
+        Ok(self
+            .tx
+            .query(
+                "DELETE FROM evictd.outbox WHERE id = ANY(ARRAY( \
+                     SELECT id FROM evictd.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+                 RETURNING id, payload, created_at",
+                &[&limit],
+            )
+            .await?
+            .into_iter()
+            .map(OutboxRow)
+            .collect())
+    }
+
+    /// Moves the poison rows to `evictd.dead_letter` and commits: the deletion of everything
+    /// taken becomes final.
+    pub async fn ack(self, poison: &[Poison]) -> Result<(), tokio_postgres::Error> {
         if !poison.is_empty() {
-            // The rows are deleted already: their payload and age come from the claim.
-            let by_id: HashMap<i64, &OutboxRow> = self.rows.iter().map(|r| (r.id(), r)).collect();
-            let (mut ids, mut payloads, mut errors, mut created) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for (id, error) in poison {
-                if let Some(row) = by_id.get(id) {
-                    ids.push(*id);
-                    payloads.push(row.payload());
-                    errors.push(error.as_str());
-                    created.push(row.created_at());
-                }
-            }
+            let ids: Vec<i64> = poison.iter().map(|p| p.id).collect();
+            let payloads: Vec<&str> = poison.iter().map(|p| p.payload.as_str()).collect();
+            let errors: Vec<&str> = poison.iter().map(|p| p.error.as_str()).collect();
+            let created: Vec<SystemTime> = poison.iter().map(|p| p.created_at).collect();
             self.tx
                 .execute(
                     "INSERT INTO evictd.dead_letter (id, payload, error, created_at) \

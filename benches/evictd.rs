@@ -670,39 +670,20 @@ async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let longest_us = slow
-        .iter()
-        .filter_map(|entry| match entry {
-            redis::Value::Array(fields) => match fields.get(2) {
-                Some(redis::Value::Int(us)) => Some(*us),
-                _ => None,
-            },
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0);
-    let mut durations: Vec<i64> = slow
-        .iter()
-        .filter_map(|entry| match entry {
-            redis::Value::Array(fields) => match fields.get(2) {
-                Some(redis::Value::Int(us)) => Some(*us),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect();
-    durations.sort_unstable();
-    let median_slow_us = durations.get(durations.len() / 2).copied().unwrap_or(0);
-    if std::env::var_os("EVICTD_BENCH_LOG").is_some() {
-        let mut by_duration: Vec<&redis::Value> = slow.iter().collect();
-        by_duration.sort_by_key(|entry| match entry {
-            redis::Value::Array(fields) => match fields.get(2) {
-                Some(redis::Value::Int(us)) => -us,
-                _ => 0,
-            },
+    // Each entry is [id, time, microseconds, command…]: sorted longest first, once.
+    let micros = |entry: &redis::Value| match entry {
+        redis::Value::Array(fields) => match fields.get(2) {
+            Some(redis::Value::Int(us)) => *us,
             _ => 0,
-        });
-        for entry in by_duration.iter().take(5) {
+        },
+        _ => 0,
+    };
+    let mut slow = slow;
+    slow.sort_by_key(|entry| std::cmp::Reverse(micros(entry)));
+    let longest_us = slow.first().map_or(0, micros);
+    let median_slow_us = slow.get(slow.len() / 2).map_or(0, micros);
+    if std::env::var_os("EVICTD_BENCH_LOG").is_some() {
+        for entry in slow.iter().take(5) {
             eprintln!("slowlog: {entry:?}");
         }
     }

@@ -22,6 +22,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
+/// Authentication request kinds of the SASL exchange after the mechanism list.
+const SASL_CONTINUE: u32 = 11;
+const SASL_FINAL: u32 = 12;
+
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
 
@@ -326,22 +330,14 @@ impl WalStream {
                         scram.message(),
                         &mut self.write,
                     )?;
-                    self.flush_out().await?;
-                    let (tag, mut body) = self.next_message().await?;
-                    if tag != b'R' || body.len() < 4 || body.get_u32() != 11 {
-                        return Err(unexpected(tag, &body));
-                    }
+                    let server_first = self.sasl_step(SASL_CONTINUE).await?;
                     scram
-                        .update(&body)
+                        .update(&server_first)
                         .map_err(|e| WalError::Auth(e.to_string()))?;
                     frontend::sasl_response(scram.message(), &mut self.write)?;
-                    self.flush_out().await?;
-                    let (tag, mut body) = self.next_message().await?;
-                    if tag != b'R' || body.len() < 4 || body.get_u32() != 12 {
-                        return Err(unexpected(tag, &body));
-                    }
+                    let server_final = self.sasl_step(SASL_FINAL).await?;
                     scram
-                        .finish(&body)
+                        .finish(&server_final)
                         .map_err(|e| WalError::Auth(e.to_string()))?;
                     continue;
                 }
@@ -353,6 +349,17 @@ impl WalStream {
             }
             self.flush_out().await?;
         }
+    }
+
+    /// Sends what is buffered and reads the server's next SASL message, which must be an
+    /// authentication request of kind `code`; returns its data.
+    async fn sasl_step(&mut self, code: u32) -> Result<Bytes, WalError> {
+        self.flush_out().await?;
+        let (tag, mut body) = self.next_message().await?;
+        if tag != b'R' || body.len() < 4 || body.get_u32() != code {
+            return Err(unexpected(tag, &body));
+        }
+        Ok(body)
     }
 
     async fn until_ready(&mut self) -> Result<(), WalError> {

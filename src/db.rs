@@ -106,14 +106,7 @@ pub async fn connect(
         url: redact_url(url),
         detail: describe(&e),
     };
-    if tls.tls {
-        let client_config =
-            crate::tls::client_config(tls.ca_file.as_deref().or(ca_file)).map_err(|source| {
-                DbError::Tls {
-                    url: redact_url(url),
-                    source,
-                }
-            })?;
+    if let Some(client_config) = tls_config(url, &tls, ca_file)? {
         let connector = tokio_postgres_rustls::MakeRustlsConnect::new(client_config);
         let (client, connection) = config.connect(connector).await.map_err(connect_error)?;
         Ok(Connection {
@@ -127,6 +120,24 @@ pub async fn connect(
             driver: drive(connection, feed),
         })
     }
+}
+
+/// The TLS configuration `url` asks for (`None`: plain text), trusting the system roots plus
+/// the URL's `sslrootcert` or else `ca_file`. Shared by the main and the replication connection.
+pub fn tls_config(
+    url: &str,
+    tls: &crate::tls::PgTls,
+    ca_file: Option<&Path>,
+) -> Result<Option<rustls::ClientConfig>, DbError> {
+    if !tls.tls {
+        return Ok(None);
+    }
+    crate::tls::client_config(tls.ca_file.as_deref().or(ca_file))
+        .map(Some)
+        .map_err(|source| DbError::Tls {
+            url: redact_url(url),
+            source,
+        })
 }
 
 /// Polls `connection` in a task of its own, forwarding notifications without ever blocking.

@@ -143,17 +143,11 @@ impl LogicalStream {
         let tls = crate::tls::pg_tls(&settings.database_url);
         let mut config = crate::db::parse_config(&tls.url)?;
         config.application_name("evictd-logical");
-        let client_config = if tls.tls {
-            let ca_file = tls.ca_file.as_deref().or(settings.tls_ca_file.as_deref());
-            Some(
-                crate::tls::client_config(ca_file).map_err(|source| crate::db::DbError::Tls {
-                    url: crate::redact::redact_url(&settings.database_url),
-                    source,
-                })?,
-            )
-        } else {
-            None
-        };
+        let client_config = crate::db::tls_config(
+            &settings.database_url,
+            &tls,
+            settings.tls_ca_file.as_deref(),
+        )?;
         let wal = WalStream::start(Target {
             config: &config,
             tls: client_config,

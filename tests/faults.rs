@@ -391,6 +391,81 @@ async fn drain_of_a_huge_tag_resumes_after_a_crash() {
     env.assert_present(&[survivor]).await;
 }
 
+/// One statement of 60,000 rows is invalidated in several pieces, each sent to Redis while the
+/// next is rendered. kill -9 the daemon once the first pieces are visibly done, before the
+/// statement's outbox row is acknowledged: the restarted daemon delivers the whole statement
+/// again, so every touched entry goes and the untouched one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_statement_loses_nothing() {
+    const ROWS: usize = 60_000;
+    let env = Env::new(Delivery::Outbox).await;
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES ('00000000-0000-0000-0000-0000000000c1', 'c');
+         INSERT INTO products (id, client_id, name)
+         SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid,
+                '00000000-0000-0000-0000-0000000000c1', 'p' || i
+         FROM generate_series(0, {ROWS}) i;"
+    ))
+    .await;
+    let mut daemon = env.start_daemon().await;
+    let entries: Vec<String> = (0..=ROWS)
+        .map(|i| format!("{}product:{i}", env.prefix))
+        .collect();
+    let mut conn = env.redis.clone();
+    for (chunk_no, chunk) in entries.chunks(10_000).enumerate() {
+        let mut pipe = redis::pipe();
+        for (j, key) in chunk.iter().enumerate() {
+            let tag = format!(
+                "{}tag:products:id:{}",
+                env.prefix,
+                product_id(chunk_no * 10_000 + j)
+            );
+            pipe.cmd("SET").arg(key).arg("cached").ignore();
+            pipe.cmd("SADD").arg(tag).arg(key).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let (touched, untouched) = entries.split_at(ROWS);
+    let unrelated = env.cache("unrelated", &["unrelated:tag"]).await;
+
+    env.sql(&format!(
+        "UPDATE products SET name = name || '!' WHERE id <= '{}'",
+        product_id(ROWS - 1)
+    ))
+    .await;
+    let sample: Vec<String> = touched.iter().step_by(100).cloned().collect();
+    let start = Instant::now();
+    while env.count_existing(&sample).await == sample.len() as u64 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the statement was never invalidated"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    daemon.kill9();
+    let queued: i64 = env
+        .pg
+        .query_one("SELECT count(*) FROM evictd.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        queued, 1,
+        "the statement was acknowledged before the crash; nothing to deliver again"
+    );
+    assert!(
+        env.count_existing(touched).await > 0,
+        "every piece was done before the crash"
+    );
+
+    let _daemon = env.start_daemon().await;
+    assert_eq!(env.count_existing(touched).await, 0, "touched entries left");
+    env.barrier().await;
+    env.assert_present(untouched).await;
+    env.assert_present(&[unrelated]).await;
+    env.wait_outbox_empty().await;
+}
+
 /// A poison event between two good ones is moved aside with its error and counted; the good
 /// ones on either side are invalidated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

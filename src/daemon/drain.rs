@@ -4,19 +4,31 @@
 
 use std::time::Instant;
 
-use tracing::Instrument as _;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{Instrument as _, Span};
 
 use super::report::batch_span;
 use super::{Daemon, FLUSH_TAGS, ROWS_PER_PART, SessionError};
 use crate::batch::Batch;
 use crate::event::ChangeEvent;
-use crate::sink::RedisSink;
+use crate::sink::{RedisSink, Report, SinkError};
 use crate::source::{Session, SourceError, outbox};
 
 /// Claims taken in one transaction before it is committed: while Redis invalidates one claim's
 /// events, PostgreSQL already deletes (takes) the next rows, instead of each waiting for the
 /// other. Bounds how much one commit (or a crash before it) covers.
 const TAKES_PER_TRANSACTION: usize = 4;
+
+/// The invalidation of one batch of claimed events, running as a task of its own so that
+/// Redis works on it while this task parses and renders the next batch (or claims the next
+/// rows) — the two took turns before, leaving Redis idle in between. At most one is in flight,
+/// so memory stays bounded at two batches. Dropping it (an error elsewhere, shutdown) aborts
+/// the task; the claim then goes back unacknowledged and is invalidated again.
+struct InFlight {
+    task: AbortOnDropHandle<(Batch, Result<Report, SinkError>)>,
+    span: Span,
+    started: Instant,
+}
 
 impl Daemon {
     /// Claims, invalidates and acknowledges outbox rows until none are left.
@@ -45,29 +57,28 @@ impl Daemon {
                 return Ok(total);
             }
             let mut poison = Vec::new();
+            let mut in_flight = None;
             let mut takes = 1;
             let more = loop {
                 total += rows.len();
                 let full = rows.len() == limit;
-                let batch = self.fold_claimed(sink, &rows, &mut poison).await?;
+                let batch = self
+                    .fold_claimed(sink, &rows, &mut poison, &mut in_flight)
+                    .await?;
                 drop(rows);
+                self.send_claimed(sink, batch, &mut in_flight).await?;
                 if !full || takes == TAKES_PER_TRANSACTION {
-                    // On a Redis error the claim is dropped: its rows go back, untouched.
-                    self.invalidate_claimed(sink, batch).await?;
                     break full;
                 }
-                // Two servers, two waits: overlap them.
-                let (invalidated, next) = tokio::join!(
-                    self.invalidate_claimed(sink, batch),
-                    claim.take(limit as i64)
-                );
-                invalidated?;
-                rows = next.map_err(SourceError::from)?;
+                // PostgreSQL deletes the next rows while Redis invalidates these.
+                rows = claim.take(limit as i64).await.map_err(SourceError::from)?;
                 takes += 1;
                 if rows.is_empty() {
                     break false;
                 }
             };
+            // On a Redis error the claim is dropped: its rows go back, untouched.
+            self.land(in_flight.take()).await?;
             claim.ack(&poison).await.map_err(SourceError::from)?;
             if !more {
                 return Ok(total);
@@ -75,7 +86,7 @@ impl Daemon {
         }
     }
 
-    /// Parses claimed rows into a batch; a statement of many rows is invalidated in pieces
+    /// Parses claimed rows into a batch; a statement of many rows is sent to Redis in pieces
     /// along the way, bounding memory (its row is acknowledged with the rest of the claim,
     /// after every piece succeeded). Unusable rows are added to `poison`.
     async fn fold_claimed(
@@ -83,6 +94,7 @@ impl Daemon {
         sink: &RedisSink,
         rows: &[outbox::OutboxRow],
         poison: &mut Vec<outbox::Poison>,
+        in_flight: &mut Option<InFlight>,
     ) -> Result<Batch, SessionError> {
         let mut batch = Batch::default();
         for row in rows {
@@ -103,32 +115,57 @@ impl Daemon {
                 }
                 if batch.targets.tags.len() >= FLUSH_TAGS {
                     let full = std::mem::take(&mut batch);
-                    self.invalidate_claimed(sink, full).await?;
+                    self.send_claimed(sink, full, in_flight).await?;
                 }
             }
         }
         Ok(batch)
     }
 
-    /// Invalidates a batch drawn from claimed outbox rows (not yet acknowledged), records it and
-    /// schedules its second pass.
-    async fn invalidate_claimed(
+    /// Starts invalidating a batch drawn from claimed outbox rows (not yet acknowledged) once
+    /// the one in flight has landed, and schedules its second pass.
+    async fn send_claimed(
         &mut self,
         sink: &RedisSink,
         batch: Batch,
+        in_flight: &mut Option<InFlight>,
     ) -> Result<(), SessionError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let started = Instant::now();
-        let span = batch_span(&batch);
-        let report = sink
-            .invalidate(&batch.targets)
-            .instrument(span.clone())
-            .await?;
+        self.land(in_flight.take()).await?;
         if let Some(delay) = self.settings.second_pass {
             self.schedule_second_pass(delay, &batch.targets);
         }
+        let span = batch_span(&batch);
+        let sink = sink.clone();
+        let task = tokio::spawn(
+            async move {
+                let report = sink.invalidate(&batch.targets).await;
+                (batch, report)
+            }
+            .instrument(span.clone()),
+        );
+        *in_flight = Some(InFlight {
+            task: AbortOnDropHandle::new(task),
+            span,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Waits for the batch in flight, if any, and records it.
+    async fn land(&mut self, in_flight: Option<InFlight>) -> Result<(), SessionError> {
+        let Some(InFlight {
+            task,
+            span,
+            started,
+        }) = in_flight
+        else {
+            return Ok(());
+        };
+        let (batch, report) = task.await.map_err(SessionError::Invalidation)?;
+        let report = report?;
         span.in_scope(|| self.record(&batch, report, started.elapsed()));
         Ok(())
     }

@@ -62,6 +62,9 @@ enum SessionError {
     StreamSilent(Duration),
     #[error("shutting down")]
     Shutdown,
+    /// The task invalidating a batch panicked (a bug) or was cancelled.
+    #[error("invalidation task failed: {0}")]
+    Invalidation(tokio::task::JoinError),
     /// A problem no reconnect can fix: the configuration names what the database lacks.
     #[error(transparent)]
     Fatal(SchemaError),

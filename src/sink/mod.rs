@@ -16,6 +16,8 @@ pub use inspect::{CacheStats, ServerInfo};
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use thiserror::Error;
@@ -25,7 +27,7 @@ use crate::rules::{Targets, glob_escape};
 
 /// Tags handed to one DETACH call at most (it may stop earlier, on its member budget).
 const TAGS_PER_CALL: usize = 200;
-/// DETACH calls sent before waiting for their answers.
+/// DETACH calls awaiting their answers at any moment.
 const CALLS_IN_FLIGHT: usize = 4;
 /// Keys asked for per SCAN step and UNLINKed per command when removing by pattern.
 const SCAN_COUNT: usize = 1_000;
@@ -339,24 +341,26 @@ impl RedisSink {
         let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
         let mut pending: VecDeque<&[&str]> = tags.chunks(TAGS_PER_CALL).collect();
         let mut detached = Vec::new();
-        while !pending.is_empty() {
-            // A few calls in flight at once: the multiplexed connection pipelines them, and
-            // Redis still runs each script alone, each of bounded work.
-            let wave: Vec<&[&str]> = pending
-                .drain(..pending.len().min(CALLS_IN_FLIGHT))
-                .collect();
-            let outcomes = futures_util::future::try_join_all(
-                wave.iter().map(|run| self.detach_run(run, nonce)),
-            )
-            .await?;
-            for (run, (processed, keys, drains)) in wave.into_iter().zip(outcomes).rev() {
-                report.keys += keys;
-                detached.extend(drains);
-                // A script stops early when its member budget is spent; it always processes at
-                // least one tag, so this terminates.
-                if processed < run.len() {
-                    pending.push_front(&run[processed..]);
-                }
+        // A few calls in flight at once, topped up as each answers: the multiplexed connection
+        // pipelines them, so Redis always has the next one queued (no round trip between
+        // calls), and still runs each script alone, each of bounded work.
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            while in_flight.len() < CALLS_IN_FLIGHT
+                && let Some(run) = pending.pop_front()
+            {
+                in_flight.push(async move { (run, self.detach_run(run, nonce).await) });
+            }
+            let Some((run, outcome)) = in_flight.next().await else {
+                break;
+            };
+            let (processed, keys, drains) = outcome?;
+            report.keys += keys;
+            detached.extend(drains);
+            // A script stops early when its member budget is spent; it always processes at
+            // least one tag, so this terminates.
+            if processed < run.len() {
+                pending.push_front(&run[processed..]);
             }
         }
         for key in detached {

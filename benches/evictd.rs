@@ -698,7 +698,6 @@ async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
     })
 }
 
-/// Drops `db` and its replication slot, if any.
 /// Lets the server settle before a phase that measures Redis or the drain rather than the
 /// writers: vacuums what the previous phases left (so autovacuum does not start in the middle
 /// of the measurement), checkpoints, and waits for any autovacuum worker still running. On
@@ -726,6 +725,7 @@ async fn settle(lab: &Lab, db: &str) {
     }
 }
 
+/// Drops `db` and its replication slot, if any.
 async fn drop_database(lab: &Lab, db: &str) {
     let admin = lab.client("postgres").await;
     // The killed daemon's walsender may hold the slot for a moment longer.

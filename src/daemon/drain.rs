@@ -66,10 +66,14 @@ impl Daemon {
                     .fold_claimed(sink, &rows, &mut poison, &mut in_flight)
                     .await?;
                 drop(rows);
-                self.send_claimed(sink, batch, &mut in_flight).await?;
                 if !full || takes == TAKES_PER_TRANSACTION {
+                    // Nothing left to overlap with: invalidated right here, which spares the
+                    // common small claim two hops between threads.
+                    self.land(in_flight.take()).await?;
+                    self.invalidate_claimed(sink, batch).await?;
                     break full;
                 }
+                self.send_claimed(sink, batch, &mut in_flight).await?;
                 // PostgreSQL deletes the next rows while Redis invalidates these.
                 rows = claim.take(limit as i64).await.map_err(SourceError::from)?;
                 takes += 1;
@@ -151,6 +155,29 @@ impl Daemon {
             span,
             started: Instant::now(),
         });
+        Ok(())
+    }
+
+    /// Invalidates a batch drawn from claimed outbox rows (not yet acknowledged), records it and
+    /// schedules its second pass.
+    async fn invalidate_claimed(
+        &mut self,
+        sink: &RedisSink,
+        batch: Batch,
+    ) -> Result<(), SessionError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if let Some(delay) = self.settings.second_pass {
+            self.schedule_second_pass(delay, &batch.targets);
+        }
+        let started = Instant::now();
+        let span = batch_span(&batch);
+        let report = sink
+            .invalidate(&batch.targets)
+            .instrument(span.clone())
+            .await?;
+        span.in_scope(|| self.record(&batch, report, started.elapsed()));
         Ok(())
     }
 

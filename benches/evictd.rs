@@ -957,6 +957,12 @@ async fn main() {
                 let result = bulk(&lab, &db, setting, &deletions, products).await;
                 println!("{:<14} {result}", setting.name);
             }
+            let (_, peak_kb, _) = process_stats(daemon.child.id());
+            println!(
+                "{:<14} daemon peak RSS {:.1} MB",
+                setting.name,
+                peak_kb as f64 / 1024.0
+            );
             drop(daemon);
         }
         return;

@@ -4,6 +4,7 @@
 //! that arrive close together (a burst of commits, a migration) cost one Redis round of work.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use crate::event::{Change, ChangeEvent, Op};
 use crate::rules::{Rules, Targets};
@@ -37,14 +38,16 @@ impl Batch {
 
     /// Folds one event in. An event of a table without a rule is skipped, and says why.
     pub fn add(&mut self, rules: &Rules, event: &ChangeEvent) -> Result<(), Skip> {
-        self.add_part(rules, event, true)
+        self.add_part(rules, event, 0..usize::MAX, true)
     }
 
-    /// Folds in one piece of a split event; only the first piece (`first`) counts as an event.
+    /// Folds in the rows `rows` of an event cut into parts ([`ChangeEvent::parts`]); only the
+    /// first part (`first`) counts as an event. An event without rows is folded in whole.
     pub fn add_part(
         &mut self,
         rules: &Rules,
         event: &ChangeEvent,
+        rows: Range<usize>,
         first: bool,
     ) -> Result<(), Skip> {
         let table_label = event.table.clone().unwrap_or_else(|| "-".to_string());
@@ -56,7 +59,10 @@ impl Batch {
                     .find(table)
                     .ok_or_else(|| Skip::UnknownTable(table.to_string()))?;
                 match &event.change {
-                    Change::Rows { columns, rows } if rule.covered_by(columns) => {
+                    Change::Rows {
+                        columns,
+                        rows: all_rows,
+                    } if rule.covered_by(columns) => {
                         // Map the event's column order onto the rule's.
                         let positions: Vec<usize> = rule
                             .columns
@@ -64,7 +70,7 @@ impl Batch {
                             .filter_map(|c| columns.iter().position(|e| e == c))
                             .collect();
                         let mut values: Vec<Option<&str>> = Vec::with_capacity(positions.len());
-                        for row in rows.iter() {
+                        for row in all_rows.range(rows) {
                             values.clear();
                             values.extend(
                                 positions
@@ -169,8 +175,8 @@ mod tests {
         let event = parse(
             r#"{"v":1,"op":"DELETE","table":"public.clients","cols":["id"],"rows":[["a"],["b"],["c"]]}"#,
         );
-        for (i, part) in event.split(2).into_iter().enumerate() {
-            batch.add_part(&rules, &part, i == 0).unwrap();
+        for (i, part) in event.parts(2).into_iter().enumerate() {
+            batch.add_part(&rules, &event, part, i == 0).unwrap();
         }
         assert_eq!(batch.event_count(), 1);
         assert_eq!(

@@ -18,6 +18,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use serde::Deserialize;
 use serde::de::{Deserializer, Visitor};
@@ -134,23 +135,11 @@ impl<'a> Rows<'a> {
         (0..self.count).map(move |i| &self.values[i * width..(i + 1) * width])
     }
 
-    /// Consecutive parts of at most `per_part` rows each.
-    fn split(self, per_part: usize) -> Vec<Rows<'a>> {
-        let per_part = per_part.max(1);
-        let mut values = self.values.into_iter();
-        let mut left = self.count;
-        let mut parts = Vec::with_capacity(self.count / per_part + 1);
-        while left > 0 {
-            let rows = left.min(per_part);
-            parts.push(Rows {
-                width: self.width,
-                count: rows,
-                values: values.by_ref().take(rows * self.width).collect(),
-                ragged: None,
-            });
-            left -= rows;
-        }
-        parts
+    /// The rows in `range` (clamped to the rows there are), each as a slice of `width` values.
+    pub fn range(&self, range: Range<usize>) -> impl Iterator<Item = &[Option<Text<'a>>]> {
+        let width = self.width;
+        let end = range.end.min(self.count);
+        (range.start.min(end)..end).map(move |i| &self.values[i * width..(i + 1) * width])
     }
 }
 
@@ -332,36 +321,24 @@ impl<'a> ChangeEvent<'a> {
 }
 
 impl<'a> ChangeEvent<'a> {
-    /// Splits a many-row event into events of at most `rows_per_part` rows, so the daemon can
-    /// invalidate a huge statement in bounded pieces. Other events come back whole.
-    pub fn split(self, rows_per_part: usize) -> Vec<ChangeEvent<'a>> {
-        let ChangeEvent {
-            op,
-            table,
-            ts_ms,
-            change,
-        } = self;
-        match change {
-            Change::Rows { columns, rows } if rows.len() > rows_per_part.max(1) => rows
-                .split(rows_per_part)
-                .into_iter()
-                .map(|part| ChangeEvent {
-                    op,
-                    table: table.clone(),
-                    ts_ms,
-                    change: Change::Rows {
-                        columns: columns.clone(),
-                        rows: part,
-                    },
-                })
-                .collect(),
-            change => vec![ChangeEvent {
-                op,
-                table,
-                ts_ms,
-                change,
-            }],
+    /// The row ranges of at most `rows_per_part` rows that cover a many-row event, so the daemon
+    /// can invalidate a huge statement in bounded pieces without copying its rows. Any other
+    /// event is one part (an empty range, which [`crate::batch::Batch::add_part`] ignores for
+    /// events without rows).
+    pub fn parts(&self, rows_per_part: usize) -> Vec<Range<usize>> {
+        let per_part = rows_per_part.max(1);
+        let len = match &self.change {
+            Change::Rows { rows, .. } => rows.len(),
+            _ => 0,
+        };
+        let mut parts: Vec<Range<usize>> = (0..len)
+            .step_by(per_part)
+            .map(|start| start..(start + per_part).min(len))
+            .collect();
+        if parts.is_empty() {
+            parts.push(0..0);
         }
+        parts
     }
 }
 
@@ -465,29 +442,30 @@ mod tests {
     }
 
     #[test]
-    fn split_keeps_every_row_once() {
+    fn parts_cover_every_row_once() {
         let e = ChangeEvent::parse(
             r#"{"v":1,"op":"UPDATE","table":"t","ts":3,"cols":["id"],"rows":[["1"],["2"],["3"],["4"],["5"]]}"#,
         )
         .unwrap();
-        let parts = e.split(2);
-        assert_eq!(parts.len(), 3);
-        let ids: Vec<String> = parts
-            .iter()
-            .flat_map(|p| match &p.change {
-                Change::Rows { rows, .. } => rows
-                    .iter()
-                    .map(|r: &[Option<Text>]| r[0].as_ref().unwrap().as_str().to_string())
-                    .collect::<Vec<_>>(),
-                _ => vec![],
-            })
+        let parts = e.parts(2);
+        assert_eq!(parts, [0..2, 2..4, 4..5]);
+        let Change::Rows { rows, .. } = &e.change else {
+            panic!("rows expected")
+        };
+        let ids: Vec<&str> = parts
+            .into_iter()
+            .flat_map(|part| rows.range(part))
+            .map(|r| r[0].as_ref().unwrap().as_str())
             .collect();
         assert_eq!(ids, ["1", "2", "3", "4", "5"]);
-        assert!(
-            parts
-                .iter()
-                .all(|p| p.ts_ms == Some(3) && p.op == Op::Update)
+        assert_eq!(
+            rows.range(4..9).count(),
+            1,
+            "a range past the end is clamped"
         );
+        let wide = ChangeEvent::parse(r#"{"v":1,"op":"TRUNCATE","table":"t"}"#).unwrap();
+        let whole = wide.parts(2);
+        assert!(whole.len() == 1 && whole[0].is_empty(), "{whole:?}");
     }
 
     #[test]

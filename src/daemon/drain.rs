@@ -111,8 +111,8 @@ impl Daemon {
                     continue;
                 }
             };
-            for (i, part) in event.split(ROWS_PER_PART).into_iter().enumerate() {
-                if let Err(e) = batch.add_part(&self.settings.rules, &part, i == 0) {
+            for (i, part) in event.parts(ROWS_PER_PART).into_iter().enumerate() {
+                if let Err(e) = batch.add_part(&self.settings.rules, &event, part, i == 0) {
                     let reason = self.reject("unknown_table", e.to_string(), payload);
                     poison.push(outbox::Poison::new(row, reason));
                     break;

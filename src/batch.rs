@@ -3,7 +3,8 @@
 //! Pure: the daemon feeds it parsed events and hands the finished [`Batch`] to the sink. Events
 //! that arrive close together (a burst of commits, a migration) cost one Redis round of work.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
 
 use crate::event::{Change, ChangeEvent, Op};
@@ -98,6 +99,41 @@ impl Batch {
     }
 }
 
+/// Tags already sent to Redis for one claim of events, which later pieces of the claim skip.
+///
+/// A statement cut into pieces repeats its shared tags in every piece (`products:all`, each
+/// client's tags). Every event of one claim was committed before the claim's first piece went
+/// out, so one invalidation of a tag covers all of them. Bounded: only tags that recurred from
+/// one piece to the next are remembered (found through hashes of the previous piece's tags), at
+/// most [`SentTags::MAX`] of them; anything else is simply sent again.
+#[derive(Default)]
+pub struct SentTags {
+    hasher: RandomState,
+    previous: HashSet<u64>,
+    repeated: HashSet<String>,
+}
+
+impl SentTags {
+    pub const MAX: usize = 10_000;
+
+    /// Drops from `batch` the tags already sent and notes which of the rest recurred from the
+    /// previous piece. Call once per piece, just before sending it.
+    pub fn prune(&mut self, batch: &mut Batch) {
+        if !self.repeated.is_empty() {
+            batch.targets.tags.retain(|t| !self.repeated.contains(t));
+        }
+        let mut current = HashSet::with_capacity(batch.targets.tags.len());
+        for tag in &batch.targets.tags {
+            let hash = self.hasher.hash_one(tag);
+            if self.previous.contains(&hash) && self.repeated.len() < Self::MAX {
+                self.repeated.insert(tag.clone());
+            }
+            current.insert(hash);
+        }
+        self.previous = current;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +222,33 @@ mod tests {
                 "client_configs:id:a",
                 "client_configs:id:b",
                 "client_configs:id:c"
+            ]
+        );
+    }
+
+    /// The tags every piece of a statement shares are sent by the first two pieces only; each
+    /// piece's own tags always go.
+    #[test]
+    fn shared_tags_are_sent_once_they_recur() {
+        let rules = Rules::defaults();
+        let event = parse(
+            r#"{"v":1,"op":"DELETE","table":"public.products","cols":["client_id","id"],"rows":[["c","1"],["c","2"],["c","3"],["c","4"]]}"#,
+        );
+        let mut sent = SentTags::default();
+        let mut pieces = Vec::new();
+        for (i, part) in event.parts(1).into_iter().enumerate() {
+            let mut piece = Batch::default();
+            piece.add_part(&rules, &event, part, i == 0).unwrap();
+            sent.prune(&mut piece);
+            pieces.push(tags(&piece).join(" "));
+        }
+        assert_eq!(
+            pieces,
+            [
+                "products:all products:client:c products:id:1",
+                "products:all products:client:c products:id:2",
+                "products:id:3",
+                "products:id:4",
             ]
         );
     }

@@ -9,7 +9,7 @@ use tracing::{Instrument as _, Span};
 
 use super::report::batch_span;
 use super::{Daemon, FLUSH_TAGS, ROWS_PER_PART, SessionError};
-use crate::batch::Batch;
+use crate::batch::{Batch, SentTags};
 use crate::event::ChangeEvent;
 use crate::sink::{RedisSink, Report, SinkError};
 use crate::source::{Session, SourceError, outbox};
@@ -18,6 +18,9 @@ use crate::source::{Session, SourceError, outbox};
 /// events, PostgreSQL already deletes (takes) the next rows, instead of each waiting for the
 /// other. Bounds how much one commit (or a crash before it) covers.
 const TAKES_PER_TRANSACTION: usize = 4;
+/// A claim's events are sent to Redis in batches of this many tags: half of `FLUSH_TAGS`, since
+/// two are alive at once (one in flight, one being rendered).
+const PIECE_TAGS: usize = FLUSH_TAGS / 2;
 
 /// The invalidation of one batch of claimed events, running as a task of its own so that
 /// Redis works on it while this task parses and renders the next batch (or claims the next
@@ -92,7 +95,8 @@ impl Daemon {
 
     /// Parses claimed rows into a batch; a statement of many rows is sent to Redis in pieces
     /// along the way, bounding memory (its row is acknowledged with the rest of the claim,
-    /// after every piece succeeded). Unusable rows are added to `poison`.
+    /// after every piece succeeded), and tags the pieces share are sent only until they recur
+    /// ([`SentTags`]). Unusable rows are added to `poison`.
     async fn fold_claimed(
         &mut self,
         sink: &RedisSink,
@@ -101,6 +105,7 @@ impl Daemon {
         in_flight: &mut Option<InFlight>,
     ) -> Result<Batch, SessionError> {
         let mut batch = Batch::default();
+        let mut sent = SentTags::default();
         for row in rows {
             let payload = row.payload();
             let event = match ChangeEvent::parse(payload) {
@@ -117,12 +122,14 @@ impl Daemon {
                     poison.push(outbox::Poison::new(row, reason));
                     break;
                 }
-                if batch.targets.tags.len() >= FLUSH_TAGS {
-                    let full = std::mem::take(&mut batch);
+                if batch.targets.tags.len() >= PIECE_TAGS {
+                    let mut full = std::mem::take(&mut batch);
+                    sent.prune(&mut full);
                     self.send_claimed(sink, full, in_flight).await?;
                 }
             }
         }
+        sent.prune(&mut batch);
         Ok(batch)
     }
 

@@ -116,6 +116,12 @@ pub struct SentTags {
 impl SentTags {
     pub const MAX: usize = 10_000;
 
+    /// Whether a piece has gone through [`SentTags::prune`] (a claim of small events never
+    /// does, and needs no pruning).
+    pub fn any(&self) -> bool {
+        !self.previous.is_empty()
+    }
+
     /// Drops from `batch` the tags already sent and notes which of the rest recurred from the
     /// previous piece. Call once per piece, just before sending it.
     pub fn prune(&mut self, batch: &mut Batch) {

@@ -129,7 +129,9 @@ impl Daemon {
                 }
             }
         }
-        sent.prune(&mut batch);
+        if sent.any() {
+            sent.prune(&mut batch);
+        }
         Ok(batch)
     }
 

@@ -18,8 +18,10 @@ use crate::source::{Session, SourceError, outbox};
 /// events, PostgreSQL already deletes (takes) the next rows, instead of each waiting for the
 /// other. Bounds how much one commit (or a crash before it) covers.
 const TAKES_PER_TRANSACTION: usize = 4;
-/// A claim's events are sent to Redis in batches of this many tags: half of `FLUSH_TAGS`, since
-/// two are alive at once (one in flight, one being rendered).
+/// A statement cut into parts is sent to Redis in batches of this many tags: half of
+/// `FLUSH_TAGS`, since two are alive at once (one in flight, one being rendered) besides the
+/// statement's own payload. Small events fill batches up to `FLUSH_TAGS`, so that a full claim
+/// of them (`batch_max_events`) stays one batch, invalidated while the next claim is taken.
 const PIECE_TAGS: usize = FLUSH_TAGS / 2;
 
 /// The invalidation of one batch of claimed events, running as a task of its own so that
@@ -116,13 +118,19 @@ impl Daemon {
                     continue;
                 }
             };
-            for (i, part) in event.parts(ROWS_PER_PART).into_iter().enumerate() {
+            let parts = event.parts(ROWS_PER_PART);
+            let bound = if parts.len() > 1 {
+                PIECE_TAGS
+            } else {
+                FLUSH_TAGS
+            };
+            for (i, part) in parts.into_iter().enumerate() {
                 if let Err(e) = batch.add_part(&self.settings.rules, &event, part, i == 0) {
                     let reason = self.reject("unknown_table", e.to_string(), payload);
                     poison.push(outbox::Poison::new(row, reason));
                     break;
                 }
-                if batch.targets.tags.len() >= PIECE_TAGS {
+                if batch.targets.tags.len() >= bound {
                     let mut full = std::mem::take(&mut batch);
                     sent.prune(&mut full);
                     self.send_claimed(sink, full, in_flight).await?;

@@ -457,6 +457,14 @@ async fn daemon_killed_mid_statement_loses_nothing() {
         env.count_existing(touched).await > 0,
         "every piece was done before the crash"
     );
+    let pending: u64 = conn
+        .llen(format!("{}evictd:ttl-pending", env.prefix))
+        .await
+        .unwrap();
+    assert!(
+        pending > 0,
+        "no marker was waiting for its TTL at the crash"
+    );
 
     let _daemon = env.start_daemon().await;
     assert_eq!(env.count_existing(touched).await, 0, "touched entries left");
@@ -464,6 +472,18 @@ async fn daemon_killed_mid_statement_loses_nothing() {
     env.assert_present(untouched).await;
     env.assert_present(&[unrelated]).await;
     env.wait_outbox_empty().await;
+    // The pieces' `tagts` markers were written before their TTL (deferred to the end of the
+    // statement); whatever the crash left pending was finished: every marker has its TTL.
+    let pending: u64 = conn
+        .llen(format!("{}evictd:ttl-pending", env.prefix))
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "markers still waiting for their TTL");
+    for i in (0..ROWS).step_by(97) {
+        let marker = format!("{}tagts:products:id:{}", env.prefix, product_id(i));
+        let ttl: i64 = conn.pttl(&marker).await.unwrap();
+        assert!(ttl > 0 && ttl <= 86_400_000, "{marker}: pttl {ttl}");
+    }
 }
 
 /// A poison event between two good ones is moved aside with its error and counted; the good

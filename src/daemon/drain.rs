@@ -11,7 +11,7 @@ use super::report::batch_span;
 use super::{Daemon, FLUSH_TAGS, ROWS_PER_PART, SessionError};
 use crate::batch::{Batch, SentTags};
 use crate::event::ChangeEvent;
-use crate::sink::{RedisSink, Report, SinkError};
+use crate::sink::{MarkerTtl, RedisSink, Report, SinkError};
 use crate::source::{Session, SourceError, outbox};
 
 /// Claims taken in one transaction before it is committed: while Redis invalidates one claim's
@@ -33,6 +33,15 @@ struct InFlight {
     task: AbortOnDropHandle<(Batch, Result<Report, SinkError>)>,
     span: Span,
     started: Instant,
+}
+
+/// What the invalidation of one drain transaction's claims has under way.
+#[derive(Default)]
+struct ClaimWork {
+    in_flight: Option<InFlight>,
+    /// A piece of a huge statement was sent with its `tagts` TTLs deferred
+    /// ([`MarkerTtl::Deferred`]): they are set before the transaction is acknowledged.
+    markers_owed: bool,
 }
 
 impl Daemon {
@@ -62,23 +71,31 @@ impl Daemon {
                 return Ok(total);
             }
             let mut poison = Vec::new();
-            let mut in_flight = None;
+            let mut work = ClaimWork::default();
             let mut takes = 1;
             let more = loop {
                 total += rows.len();
                 let full = rows.len() == limit;
                 let batch = self
-                    .fold_claimed(sink, &rows, &mut poison, &mut in_flight)
+                    .fold_claimed(sink, &rows, &mut poison, &mut work)
                     .await?;
                 drop(rows);
                 if !full || takes == TAKES_PER_TRANSACTION {
                     // Nothing left to overlap with: invalidated right here, which spares the
                     // common small claim two hops between threads.
-                    self.land(in_flight.take()).await?;
-                    self.invalidate_claimed(sink, batch).await?;
+                    self.land(work.in_flight.take()).await?;
+                    // After pieces whose markers wait for their TTL, this batch's may too:
+                    // they all get it just below, before the acknowledgement.
+                    let marker_ttl = if work.markers_owed {
+                        MarkerTtl::Deferred
+                    } else {
+                        MarkerTtl::Now
+                    };
+                    self.invalidate_claimed(sink, batch, marker_ttl).await?;
                     break full;
                 }
-                self.send_claimed(sink, batch, &mut in_flight).await?;
+                self.send_claimed(sink, batch, MarkerTtl::Now, &mut work)
+                    .await?;
                 // PostgreSQL deletes the next rows while Redis invalidates these.
                 rows = claim.take(limit as i64).await.map_err(SourceError::from)?;
                 takes += 1;
@@ -87,7 +104,10 @@ impl Daemon {
                 }
             };
             // On a Redis error the claim is dropped: its rows go back, untouched.
-            self.land(in_flight.take()).await?;
+            self.land(work.in_flight.take()).await?;
+            if work.markers_owed {
+                sink.expire_pending_markers().await?;
+            }
             claim.ack(&poison).await.map_err(SourceError::from)?;
             if !more {
                 return Ok(total);
@@ -104,7 +124,7 @@ impl Daemon {
         sink: &RedisSink,
         rows: &[outbox::OutboxRow],
         poison: &mut Vec<outbox::Poison>,
-        in_flight: &mut Option<InFlight>,
+        work: &mut ClaimWork,
     ) -> Result<Batch, SessionError> {
         let mut batch = Batch::default();
         let mut sent = SentTags::default();
@@ -133,7 +153,13 @@ impl Daemon {
                 if batch.targets.tags.len() >= bound {
                     let mut full = std::mem::take(&mut batch);
                     sent.prune(&mut full);
-                    self.send_claimed(sink, full, in_flight).await?;
+                    // The entries go first; the markers' TTLs wait for the whole statement.
+                    let marker_ttl = if bound == PIECE_TAGS {
+                        MarkerTtl::Deferred
+                    } else {
+                        MarkerTtl::Now
+                    };
+                    self.send_claimed(sink, full, marker_ttl, work).await?;
                 }
             }
         }
@@ -149,12 +175,14 @@ impl Daemon {
         &mut self,
         sink: &RedisSink,
         batch: Batch,
-        in_flight: &mut Option<InFlight>,
+        marker_ttl: MarkerTtl,
+        work: &mut ClaimWork,
     ) -> Result<(), SessionError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.land(in_flight.take()).await?;
+        self.land(work.in_flight.take()).await?;
+        work.markers_owed |= marker_ttl == MarkerTtl::Deferred;
         if let Some(delay) = self.settings.second_pass {
             self.schedule_second_pass(delay, &batch.targets);
         }
@@ -162,12 +190,12 @@ impl Daemon {
         let sink = sink.clone();
         let task = tokio::spawn(
             async move {
-                let report = sink.invalidate(&batch.targets).await;
+                let report = sink.invalidate_with(&batch.targets, marker_ttl).await;
                 (batch, report)
             }
             .instrument(span.clone()),
         );
-        *in_flight = Some(InFlight {
+        work.in_flight = Some(InFlight {
             task: AbortOnDropHandle::new(task),
             span,
             started: Instant::now(),
@@ -181,6 +209,7 @@ impl Daemon {
         &mut self,
         sink: &RedisSink,
         batch: Batch,
+        marker_ttl: MarkerTtl,
     ) -> Result<(), SessionError> {
         if batch.is_empty() {
             return Ok(());
@@ -191,7 +220,7 @@ impl Daemon {
         let started = Instant::now();
         let span = batch_span(&batch);
         let report = sink
-            .invalidate(&batch.targets)
+            .invalidate_with(&batch.targets, marker_ttl)
             .instrument(span.clone())
             .await?;
         span.in_scope(|| self.record(&batch, report, started.elapsed()));

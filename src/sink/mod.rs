@@ -5,7 +5,8 @@
 //! Layout (SPEC.md): tag `T` is the set `{prefix}tag:{T}`; its last invalidation time is
 //! `{prefix}tagts:{T}`; a table-wide invalidation of table `t` is `{prefix}tagts-table:{t}`.
 //! A detached, half-drained tag set waits at `{prefix}drain:{nonce}:{T}` until emptied, also
-//! across a crash.
+//! across a crash; `tagts` markers written without their TTL yet ([`MarkerTtl::Deferred`])
+//! wait on the list `{prefix}evictd:ttl-pending`.
 
 mod inspect;
 mod scripts;
@@ -31,6 +32,20 @@ const TAGS_PER_CALL: usize = 200;
 const CALLS_IN_FLIGHT: usize = 4;
 /// Keys asked for per SCAN step and UNLINKed per command when removing by pattern.
 const SCAN_COUNT: usize = 1_000;
+/// `tagts` markers given their TTL per EXPIRE_PENDING call.
+const EXPIRE_PER_CALL: usize = 500;
+
+/// When the `tagts` markers of an invalidation get their TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkerTtl {
+    /// With the marker, in the same atomic step (`SET … PX`).
+    Now,
+    /// Later, by [`RedisSink::expire_pending_markers`]: the markers are written without a TTL
+    /// and queued in Redis (`{prefix}evictd:ttl-pending`), so the entries go sooner. The
+    /// caller owes that call before it acknowledges the work (a crash before it leaves the
+    /// queue to the next start).
+    Deferred,
+}
 
 #[derive(Debug, Error)]
 pub enum SinkError {
@@ -88,6 +103,7 @@ pub struct RedisSink {
     conn: ConnectionManager,
     options: SinkOptions,
     detach: Script,
+    expire_pending: Script,
     drain: Script,
     stamp: Script,
     sweep: Script,
@@ -134,6 +150,7 @@ impl RedisSink {
             conn,
             options,
             detach: Script::new(scripts::DETACH),
+            expire_pending: Script::new(scripts::EXPIRE_PENDING),
             drain: Script::new(scripts::DRAIN),
             stamp: Script::new(scripts::STAMP),
             sweep: Script::new(scripts::SWEEP),
@@ -190,8 +207,17 @@ impl RedisSink {
 
     /// Invalidates everything in `targets`. Idempotent: safe to retry after an error.
     pub async fn invalidate(&self, targets: &Targets) -> Result<Report, SinkError> {
+        self.invalidate_with(targets, MarkerTtl::Now).await
+    }
+
+    /// [`RedisSink::invalidate`], choosing when the `tagts` markers get their TTL.
+    pub async fn invalidate_with(
+        &self,
+        targets: &Targets,
+        marker_ttl: MarkerTtl,
+    ) -> Result<Report, SinkError> {
         let tags = &targets.tags;
-        let mut report = self.invalidate_tags(tags).await?;
+        let mut report = self.invalidate_tags(tags, marker_ttl).await?;
         // Table-wide: invalidate each SCAN page of matching tags as it comes, so memory stays
         // bounded by a page however many tags a table has.
         let prefix = format!("{}tag:", self.options.key_prefix);
@@ -206,7 +232,7 @@ impl RedisSink {
                     .filter(|t| !tags.contains(*t))
                     .map(str::to_string)
                     .collect();
-                report.add(self.invalidate_tags(&page).await?);
+                report.add(self.invalidate_tags(&page, marker_ttl).await?);
                 if next == 0 {
                     break;
                 }
@@ -331,8 +357,30 @@ impl RedisSink {
         Ok(())
     }
 
+    /// Gives every `tagts` marker queued by a [`MarkerTtl::Deferred`] invalidation its TTL.
+    pub async fn expire_pending_markers(&self) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        let queue = format!("{}evictd:ttl-pending", self.options.key_prefix);
+        loop {
+            let taken: u64 = self
+                .expire_pending
+                .key(&queue)
+                .arg(EXPIRE_PER_CALL)
+                .arg(self.options.tagts_ttl.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await?;
+            if taken == 0 {
+                return Ok(());
+            }
+        }
+    }
+
     /// Detaches and drains `tags`, in calls of bounded work.
-    async fn invalidate_tags(&self, tags: &BTreeSet<String>) -> Result<Report, SinkError> {
+    async fn invalidate_tags(
+        &self,
+        tags: &BTreeSet<String>,
+        marker_ttl: MarkerTtl,
+    ) -> Result<Report, SinkError> {
         let mut report = Report {
             tags: tags.len() as u64,
             keys: 0,
@@ -349,7 +397,7 @@ impl RedisSink {
             while in_flight.len() < CALLS_IN_FLIGHT
                 && let Some(run) = pending.pop_front()
             {
-                in_flight.push(async move { (run, self.detach_run(run, nonce).await) });
+                in_flight.push(async move { (run, self.detach_run(run, nonce, marker_ttl).await) });
             }
             let Some((run, outcome)) = in_flight.next().await else {
                 break;
@@ -374,13 +422,15 @@ impl RedisSink {
         &self,
         run: &[&str],
         nonce: u64,
+        marker_ttl: MarkerTtl,
     ) -> Result<(usize, u64, Vec<String>), SinkError> {
         let drain_key = |tag: &str| format!("{}drain:{nonce:016x}:{tag}", self.options.key_prefix);
         let mut call = self.detach.prepare_invoke();
         call.arg(self.options.drain_chunk)
             .arg(self.options.tagts_ttl.as_millis() as u64)
             .arg(&self.options.key_prefix)
-            .arg(format!("{nonce:016x}"));
+            .arg(format!("{nonce:016x}"))
+            .arg(u8::from(marker_ttl == MarkerTtl::Deferred));
         for tag in run {
             call.arg(*tag);
         }
@@ -417,8 +467,10 @@ impl RedisSink {
         }
     }
 
-    /// Finishes drains a previous run left behind (it crashed or was stopped mid-drain).
+    /// Finishes drains a previous run left behind (it crashed or was stopped mid-drain), and
+    /// the TTLs of the markers it had queued.
     pub async fn resume_drains(&self) -> Result<Report, SinkError> {
+        self.expire_pending_markers().await?;
         let mut report = Report::default();
         for key in self.scan(&self.drain_pattern()).await? {
             report.keys += self.drain_detached(&key).await?;

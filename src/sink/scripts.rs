@@ -2,9 +2,13 @@
 //! command of ours blocks other Redis clients for long, whatever the size of a tag.
 
 /// Invalidates a run of tags. ARGV = `[member budget, tagts ttl ms, key prefix, drain nonce,
-/// tag…]`; the script builds each tag's keys (`{prefix}tag:T`, `{prefix}tagts:T`,
-/// `{prefix}drain:{nonce}:T`) itself, which sends a third of the bytes a KEYS list would.
-/// (evictd targets a standalone Redis: scripts touch keys they were not handed.)
+/// defer ttl (0/1), tag…]`; the script builds each tag's keys (`{prefix}tag:T`,
+/// `{prefix}tagts:T`, `{prefix}drain:{nonce}:T`) itself, which sends a third of the bytes a
+/// KEYS list would. (evictd targets a standalone Redis: scripts touch keys they were not handed.)
+///
+/// With `defer ttl`, the `tagts` markers are written by one MSET without a TTL and their names
+/// queued on `{prefix}evictd:ttl-pending` for [`EXPIRE_PENDING`]: a third less Redis work
+/// before the entries are gone (a `SET … PX` of a new key is the costliest step per tag).
 ///
 /// A tag whose set fits the remaining budget is removed right here: members and set UNLINKed
 /// atomically. A larger one is *detached*: RENAMEd to its drain key, so entries tagged from now
@@ -21,10 +25,12 @@ local budget = chunk
 local ttl = ARGV[2]
 local prefix = ARGV[3]
 local nonce = ARGV[4]
+local defer = ARGV[5] == '1'
 local processed, removed, tag_sets = 0, 0, 0
 local flags = {}
 local doomed = {}
-for i = 5, #ARGV do
+local stamps = {}
+for i = 6, #ARGV do
   local name = ARGV[i]
   local tag = prefix .. 'tag:' .. name
   -- One SSCAN answers for a missing key, a small set (all members, cursor back at 0) and a
@@ -62,12 +68,26 @@ for i = 5, #ARGV do
     tag_sets = tag_sets + 1
     budget = budget - #members
   end
-  redis.call('SET', prefix .. 'tagts:' .. name, now, 'PX', ttl)
+  local stamp = prefix .. 'tagts:' .. name
+  if defer then
+    stamps[#stamps + 1] = stamp
+  else
+    redis.call('SET', stamp, now, 'PX', ttl)
+  end
   processed = processed + 1
   flags[processed] = detached
   if budget <= 0 then
     break
   end
+end
+if #stamps > 0 then
+  local assignments = {}
+  for k, stamp in ipairs(stamps) do
+    assignments[2 * k - 1] = stamp
+    assignments[2 * k] = now
+  end
+  redis.call('MSET', unpack(assignments))
+  redis.call('RPUSH', prefix .. 'evictd:ttl-pending', unpack(stamps))
 end
 for j = 1, #doomed, 500 do
   removed = removed + redis.call('UNLINK', unpack(doomed, j, math.min(j + 499, #doomed)))
@@ -107,6 +127,19 @@ else
   left = redis.call('ZCARD', key)
 end
 return {removed, left}
+"#;
+
+/// Gives up to ARGV[1] of the `tagts` markers queued on KEYS[1] (by a deferring [`DETACH`])
+/// their TTL, ARGV[2] ms. Returns how many it took off the queue (0 once it is empty).
+pub const EXPIRE_PENDING: &str = r#"
+local names = redis.call('LPOP', KEYS[1], ARGV[1])
+if not names then
+  return 0
+end
+for _, name in ipairs(names) do
+  redis.call('PEXPIRE', name, ARGV[2])
+end
+return #names
 "#;
 
 /// Sets every key in KEYS to the Redis clock in ms with TTL ARGV[1] ms (table-wide markers).

@@ -10,8 +10,8 @@
 /// queued on `{prefix}evictd:ttl-pending` for [`EXPIRE_PENDING`]: a third less Redis work
 /// before the entries are gone (a `SET … PX` of a new key is the costliest step per tag).
 ///
-/// A tag whose set fits the remaining budget is removed right here: members and set UNLINKed
-/// atomically. A larger one is *detached*: RENAMEd to its drain key, so entries tagged from now
+/// A tag whose set fits the remaining budget is removed right here: members (all small sets
+/// read by one SUNION) and set UNLINKed atomically. A larger one is *detached*: RENAMEd to its drain key, so entries tagged from now
 /// on land in a fresh set that this invalidation will not sweep, and drained by [`DRAIN`] in
 /// chunks. Every processed tag gets its `tagts` marker set to the Redis clock (ms).
 ///
@@ -28,45 +28,41 @@ local nonce = ARGV[4]
 local defer = ARGV[5] == '1'
 local processed, removed, tag_sets = 0, 0, 0
 local flags = {}
+-- Small sets are read by one SUNION at the end; sorted sets and their members go to doomed.
+local sets = {}
 local doomed = {}
 local stamps = {}
 for i = 6, #ARGV do
   local name = ARGV[i]
   local tag = prefix .. 'tag:' .. name
-  -- One SSCAN answers for a missing key, a small set (all members, cursor back at 0) and a
-  -- big one (cursor not 0): no SCARD needed. A sorted set makes SSCAN fail.
-  local members
-  local scan = redis.pcall('SSCAN', tag, '0', 'COUNT', chunk)
-  if scan['err'] == nil then
-    if scan[1] == '0' then
-      members = scan[2]
-    else
-      members = false
-    end
-  else
-    local size = redis.pcall('ZCARD', tag)
+  -- SCARD answers 0 for a missing key and fails on a sorted set (then ZCARD).
+  local size = redis.pcall('SCARD', tag)
+  local sorted = false
+  if type(size) ~= 'number' then
+    size = redis.pcall('ZCARD', tag)
     if type(size) ~= 'number' then
-      members = {}
-    elseif size > chunk then
-      members = false
-    else
-      members = redis.call('ZRANGE', tag, 0, -1)
+      size = 0
     end
+    sorted = true
   end
-  if members ~= false and #members > budget and processed > 0 then
+  if size <= chunk and size > budget and processed > 0 then
     break
   end
   local detached = 0
-  if members == false then
+  if size > chunk then
     redis.call('RENAME', tag, prefix .. 'drain:' .. nonce .. ':' .. name)
     detached = 1
-  elseif #members > 0 then
-    for _, m in ipairs(members) do
-      doomed[#doomed + 1] = m
+  elseif size > 0 then
+    if sorted then
+      for _, m in ipairs(redis.call('ZRANGE', tag, 0, -1)) do
+        doomed[#doomed + 1] = m
+      end
+      doomed[#doomed + 1] = tag
+      tag_sets = tag_sets + 1
+    else
+      sets[#sets + 1] = tag
     end
-    doomed[#doomed + 1] = tag
-    tag_sets = tag_sets + 1
-    budget = budget - #members
+    budget = budget - size
   end
   local stamp = prefix .. 'tagts:' .. name
   if defer then
@@ -78,6 +74,15 @@ for i = 6, #ARGV do
   flags[processed] = detached
   if budget <= 0 then
     break
+  end
+end
+tag_sets = tag_sets + #sets
+if #sets > 0 then
+  for _, m in ipairs(redis.call('SUNION', unpack(sets))) do
+    doomed[#doomed + 1] = m
+  end
+  for _, s in ipairs(sets) do
+    doomed[#doomed + 1] = s
   end
 end
 if #stamps > 0 then

@@ -446,7 +446,10 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
         let t = Instant::now();
         plain.batch_execute(&sql).await.unwrap();
         let bare = t.elapsed().as_secs_f64();
-        plain.batch_execute("VACUUM (ANALYZE) products").await.unwrap();
+        plain
+            .batch_execute("VACUUM (ANALYZE) products")
+            .await
+            .unwrap();
         bare
     } else {
         client
@@ -460,7 +463,10 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
             .batch_execute("ALTER TABLE products ENABLE TRIGGER USER")
             .await
             .unwrap();
-        client.batch_execute("VACUUM (ANALYZE) products").await.unwrap();
+        client
+            .batch_execute("VACUUM (ANALYZE) products")
+            .await
+            .unwrap();
         bare
     };
     // ANALYZE too: the bare UPDATE counts towards autoanalyze's threshold (10 % of the table),

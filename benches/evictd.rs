@@ -517,6 +517,18 @@ async fn bulk(lab: &Lab, db: &str, setting: &Setting, deletions: &Deletions, row
         .await
         .unwrap();
     let cpu_before = redis_cpu_s(&mut poll).await;
+    if std::env::var_os("EVICTD_BENCH_LOG").is_some() {
+        // What Redis holds when the phase starts (the same tags cost more Redis CPU inside the
+        // full run than alone).
+        for section in ["keyspace", "memory"] {
+            let info: String = redis::cmd("INFO")
+                .arg(section)
+                .query_async(&mut poll)
+                .await
+                .unwrap();
+            eprintln!("redis before bulk {rows}: {}", info.replace("\r\n", " | "));
+        }
+    }
     let t = Instant::now();
     client.batch_execute(&sql).await.unwrap();
     let with_triggers = t.elapsed().as_secs_f64();

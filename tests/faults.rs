@@ -443,12 +443,7 @@ async fn daemon_killed_mid_statement_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     daemon.kill9();
-    let queued: i64 = env
-        .pg
-        .query_one("SELECT count(*) FROM evictd.outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let queued = env.outbox_len().await;
     assert_eq!(
         queued, 1,
         "the statement was acknowledged before the crash; nothing to deliver again"

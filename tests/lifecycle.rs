@@ -96,12 +96,7 @@ async fn shutdown_is_bounded_even_when_redis_is_down() {
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGINT) };
     let status = wait_exit(&mut daemon.child, Duration::from_secs(8));
     assert!(status.success(), "exit status {status}");
-    let queued: i64 = env
-        .pg
-        .query_one("SELECT count(*) FROM evictd.outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let queued = env.outbox_len().await;
     assert!(queued >= 1, "the unconfirmed event must stay in the outbox");
 }
 

@@ -343,17 +343,21 @@ impl Env {
         self.pg = self.connect_pg().await;
     }
 
+    /// Events queued in the outbox (claimed but unacknowledged ones included).
+    pub async fn outbox_len(&self) -> i64 {
+        self.pg
+            .query_one("SELECT count(*) FROM evictd.outbox", &[])
+            .await
+            .expect("count the outbox")
+            .get(0)
+    }
+
     /// Waits until the outbox is empty: acknowledgements follow Redis' confirmation, so an
     /// entry can be gone a moment before its outbox row is deleted.
     pub async fn wait_outbox_empty(&self) {
         let start = Instant::now();
         loop {
-            let left: i64 = self
-                .pg
-                .query_one("SELECT count(*) FROM evictd.outbox", &[])
-                .await
-                .expect("count the outbox")
-                .get(0);
+            let left = self.outbox_len().await;
             if left == 0 {
                 return;
             }

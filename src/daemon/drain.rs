@@ -139,10 +139,12 @@ impl Daemon {
                 }
             };
             let parts = event.parts(ROWS_PER_PART);
-            let bound = if parts.len() > 1 {
-                PIECE_TAGS
+            // A statement cut into parts goes in smaller pieces, and its entries go first: the
+            // markers' TTLs wait for the whole statement.
+            let (bound, marker_ttl) = if parts.len() > 1 {
+                (PIECE_TAGS, MarkerTtl::Deferred)
             } else {
-                FLUSH_TAGS
+                (FLUSH_TAGS, MarkerTtl::Now)
             };
             for (i, part) in parts.into_iter().enumerate() {
                 if let Err(e) = batch.add_part(&self.settings.rules, &event, part, i == 0) {
@@ -153,12 +155,6 @@ impl Daemon {
                 if batch.targets.tags.len() >= bound {
                     let mut full = std::mem::take(&mut batch);
                     sent.prune(&mut full);
-                    // The entries go first; the markers' TTLs wait for the whole statement.
-                    let marker_ttl = if bound == PIECE_TAGS {
-                        MarkerTtl::Deferred
-                    } else {
-                        MarkerTtl::Now
-                    };
                     self.send_claimed(sink, full, marker_ttl, work).await?;
                 }
             }

@@ -889,7 +889,7 @@ async fn main() {
         rate
     };
 
-    // `--setting NAME` limits the single-figure modes below to one setting.
+    // `--setting NAME` limits every mode below, the full run included, to one setting.
     let args: Vec<String> = std::env::args().collect();
     let selected: Vec<&Setting> = match args.iter().position(|a| a == "--setting") {
         Some(i) => {
@@ -1026,7 +1026,7 @@ async fn main() {
     }
 
     let mut results = Vec::new();
-    for setting in &SETTINGS {
+    for setting in &selected {
         eprintln!("setting {}…", setting.name);
         let db = format!("bench_{}", setting.name.replace('-', "_"));
         lab.database(&db, Some(setting)).await;

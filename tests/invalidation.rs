@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use evictd::config::Delivery;
 use futures_util::StreamExt as _;
 use redis::AsyncCommands as _;
-use support::{Env, repo_file};
+use support::{Env, repo_file, text};
 
 const C1: &str = "00000000-0000-0000-0000-0000000000c1";
 const C2: &str = "00000000-0000-0000-0000-0000000000c2";
@@ -601,6 +601,71 @@ async fn malformed_notifications_are_skipped() {
         assert!(log.contains("not evictd JSON"), "{log}");
         assert!(log.contains("public.nope"), "{log}");
         assert!(log.contains("version 9"), "{log}");
+    }
+}
+
+/// One DETACH call over tags of every kind — small sets, sets over the member budget (detached
+/// and drained), a sorted-set index, a missing tag — removes exactly their members, leaves no
+/// drain key behind, and stamps every tag; an entry of another tag stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_over_small_big_sorted_and_missing_tags() {
+    let env = Env::with_config(Delivery::Outbox, "drain_chunk = 50\n").await;
+    let mut conn = env.redis.clone();
+    let mut doomed = Vec::new();
+    let mut fill = async |tag: &str, members: usize, sorted: bool| {
+        let keys: Vec<String> = (0..members)
+            .map(|i| format!("{}{tag}:{i}", env.prefix))
+            .collect();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("SET").arg(key).arg("v").ignore();
+            let index = format!("{}tag:{tag}", env.prefix);
+            if sorted {
+                pipe.cmd("ZADD")
+                    .arg(index)
+                    .arg(4_000_000_000u64)
+                    .arg(key)
+                    .ignore();
+            } else {
+                pipe.cmd("SADD").arg(index).arg(key).ignore();
+            }
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+        doomed.extend(keys);
+    };
+    // In argument order: the big sets sit after small ones and between them.
+    fill("mix:a", 3, false).await;
+    fill("mix:b", 120, false).await;
+    fill("mix:d", 5, true).await;
+    fill("mix:e", 200, false).await;
+    fill("mix:f", 40, false).await;
+    let kept = env.cache("kept", &["mix:other"]).await;
+    let tags = ["mix:a", "mix:b", "mix:c", "mix:d", "mix:e", "mix:f"];
+    let mut args = vec!["invalidate"];
+    args.extend(tags);
+
+    let output = env.run_cli(&args);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("invalidated 6 tags, {} keys", doomed.len())
+    );
+    let left: u64 = conn.exists(&doomed).await.unwrap();
+    assert_eq!(left, 0, "entries of invalidated tags left");
+    let keys = env.keys().await;
+    let index = format!("{}tag:mix:", env.prefix);
+    let left_behind: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.contains(":drain:") || k.starts_with(&index) && !k.ends_with(":other"))
+        .collect();
+    assert!(left_behind.is_empty(), "{left_behind:?}");
+    env.assert_present(&[kept]).await;
+    for tag in tags {
+        let stamp: Option<String> = conn
+            .get(format!("{}tagts:{tag}", env.prefix))
+            .await
+            .unwrap();
+        assert!(stamp.is_some(), "no tagts for {tag}");
     }
 }
 

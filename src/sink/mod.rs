@@ -441,10 +441,8 @@ impl RedisSink {
         let drains = out
             .iter()
             .skip(2)
-            .zip(run)
-            .take(processed)
-            .filter(|(flag, _)| **flag == 1)
-            .map(|(_, tag)| drain_key(tag))
+            .filter_map(|&position| run.get((position as usize).checked_sub(1)?))
+            .map(|tag| drain_key(tag))
             .collect();
         Ok((processed, keys, drains))
     }

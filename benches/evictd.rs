@@ -283,17 +283,19 @@ fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// Runs with evictd in [`writer_ratio`], each between two baseline runs.
+const WRITER_ROUNDS: usize = 5;
+
 /// Closed loop: WRITERS connections updating random products as fast as they can.
 /// Writer cost as a ratio robust to a machine whose fsync speed drifts (a shared VM disk can
 /// halve or double the no-trigger rate within a minute): short runs alternating without and
 /// with evictd, each "with" run compared with the mean of the "without" runs on either side.
 /// Returns (median ratio, mean rate without, mean rate with).
 async fn writer_ratio(lab: &Lab, db: &str) -> (f64, f64, f64) {
-    const ROUNDS: usize = 5;
     let each = lab.phase() / 2;
     let mut bare = vec![writer_rate_for(lab, "bench_bare", each).await];
     let mut with = Vec::new();
-    for _ in 0..ROUNDS {
+    for _ in 0..WRITER_ROUNDS {
         with.push(writer_rate_for(lab, db, each).await);
         bare.push(writer_rate_for(lab, "bench_bare", each).await);
     }
@@ -304,7 +306,7 @@ async fn writer_ratio(lab: &Lab, db: &str) -> (f64, f64, f64) {
         .collect();
     ratios.sort_by(f64::total_cmp);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    (ratios[ROUNDS / 2], mean(&bare), mean(&with))
+    (ratios[WRITER_ROUNDS / 2], mean(&bare), mean(&with))
 }
 
 async fn writer_rate(lab: &Lab, db: &str) -> f64 {
@@ -1009,10 +1011,20 @@ async fn main() {
             lab.database(&db, Some(setting)).await;
             let (alone, bare, with) = writer_ratio(&lab, &db).await;
             let daemon = lab.start_daemon(&db, setting).await;
+            let mut redis = lab.redis().await;
+            let (daemon_before, redis_before) = (
+                process_stats(daemon.child.id()).2,
+                redis_cpu_s(&mut redis).await,
+            );
             let (together, bare_again, with_daemon) = writer_ratio(&lab, &db).await;
+            // What the daemon and Redis spent per commit (they idle during the baseline runs).
+            let commits = with_daemon * (lab.phase() / 2).as_secs_f64() * WRITER_ROUNDS as f64;
+            let per_commit = |seconds: f64| seconds / commits * 1e6;
+            let daemon_us = per_commit(process_stats(daemon.child.id()).2 - daemon_before);
+            let redis_us = per_commit(redis_cpu_s(&mut redis).await - redis_before);
             drop(daemon);
             println!(
-                "{:<14} without the daemon: {:>3.0} % ({:>6.0} vs {:>6.0}/s)  | with it running: {:>3.0} % ({:>6.0} vs {:>6.0}/s)",
+                "{:<14} without the daemon: {:>3.0} % ({:>6.0} vs {:>6.0}/s)  | with it running: {:>3.0} % ({:>6.0} vs {:>6.0}/s); CPU per commit: daemon {daemon_us:.1} µs, Redis {redis_us:.1} µs",
                 setting.name,
                 alone * 100.0,
                 with,
@@ -1032,10 +1044,13 @@ async fn main() {
         lab.database(&db, Some(setting)).await;
         let daemon = lab.start_daemon(&db, setting).await;
         let pid = daemon.child.id();
-        let (idle_kb, _, cpu_before) = process_stats(pid);
+        let (idle_kb, _, _) = process_stats(pid);
 
         // Alternating with the no-trigger baseline, so both see the same machine.
         let (ratio, bare_rate, rate) = writer_ratio(&lab, &db).await;
+        // CPU per event is measured over the latency phases, whose events are counted (the
+        // writer phase's are not).
+        let (_, _, cpu_before) = process_stats(pid);
         let mut next = 0;
         let mut events = 0;
         let mut latencies = serde_json::Map::new();

@@ -176,12 +176,64 @@ async fn large_transactions_go_table_wide_and_rollbacks_do_nothing() {
 }
 
 fn tags_invalidated(daemon: &support::Daemon) -> u64 {
+    counter(daemon, "evictd_tags_invalidated_total")
+}
+
+fn counter(daemon: &support::Daemon, name: &str) -> u64 {
     let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("evictd_tags_invalidated_total "))
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no tags counter in {metrics}"))
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+/// Under load, the commits that arrive within `batch_linger_ms` of a batch go to Redis
+/// together in the next one: eleven commits in quick succession make a few batches (one per
+/// commit without the linger), and every entry they touch is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_within_the_linger_share_a_batch() {
+    let env = seeded("batch_linger_ms = 1000\n").await;
+    let daemon = env.start_daemon().await;
+    let entries: Vec<String> = (1..=10)
+        .map(|i| format!("00000000-0000-0000-0002-{i:012}"))
+        .collect();
+    env.sql(&format!(
+        "INSERT INTO products (id, client_id, name)
+         SELECT ('00000000-0000-0000-0002-' || lpad(i::text, 12, '0'))::uuid, '{C2}', 'n' || i
+         FROM generate_series(1, 10) i"
+    ))
+    .await;
+    env.barrier().await;
+    let before = counter(&daemon, "evictd_batches_total");
+    let mut cached = Vec::new();
+    for id in &entries {
+        cached.push(env.cache(id, &[&format!("products:id:{id}")]).await);
+    }
+    let first = env.cache("first", &[&format!("products:id:{P1}")]).await;
+
+    env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{P1}'"))
+        .await;
+    env.wait_gone(std::slice::from_ref(&first)).await;
+    for id in &entries {
+        env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{id}'"))
+            .await;
+    }
+    env.wait_gone(&cached).await;
+    // Two or three batches (the barrier's last one may be counted after `before` was read);
+    // a batch is counted just after its entries are gone.
+    let deadline = std::time::Instant::now() + support::DEADLINE;
+    let batches = loop {
+        let batches = counter(&daemon, "evictd_batches_total") - before;
+        if batches >= 2 || std::time::Instant::now() > deadline {
+            break batches;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(
+        (2..=4).contains(&batches),
+        "{batches} batches for 11 commits"
+    );
 }
 
 /// A transaction is invalidated whole, not slice by slice as its rows stream in: the tags all

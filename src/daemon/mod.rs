@@ -91,6 +91,7 @@ pub async fn run(
         summary: Summary::default(),
         redis_identity: None,
         second_passes: VecDeque::new(),
+        last_logical_flush: None,
     };
     if let Some(interval) = daemon.settings.sweep_interval {
         tokio::spawn(sweep_forever(
@@ -135,6 +136,8 @@ struct Daemon {
     redis_identity: Option<String>,
     /// Targets to invalidate once more, when due (the `second_pass` setting), oldest first.
     second_passes: VecDeque<(Instant, Targets)>,
+    /// When the last `logical` batch was flushed ([`Settings::batch_linger`]).
+    last_logical_flush: Option<tokio::time::Instant>,
 }
 
 impl Daemon {

@@ -6,6 +6,7 @@
 mod support;
 
 use evictd::config::Delivery;
+use redis::AsyncCommands as _;
 use support::Env;
 
 const C1: &str = "00000000-0000-0000-0000-0000000000c1";
@@ -277,6 +278,70 @@ async fn a_transaction_shares_one_invalidation() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// A transaction too big for one batch goes to Redis in parts whose `tagts` markers get their
+/// TTL only at its end (one MSET per call meanwhile): once it is invalidated, every marker has
+/// its TTL and none is left waiting for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_of_a_huge_transaction_get_their_ttl() {
+    let env = seeded("").await;
+    env.sql(&format!(
+        "INSERT INTO products (id, client_id, name)
+         SELECT ('00000000-0000-0000-0003-' || lpad(i::text, 12, '0'))::uuid, '{C1}', 'n' || i
+         FROM generate_series(1, 30000) i"
+    ))
+    .await;
+    let _daemon = env.start_daemon().await;
+    let first = env
+        .cache(
+            "first",
+            &["products:id:00000000-0000-0000-0003-000000000001"],
+        )
+        .await;
+    let last = env
+        .cache(
+            "last",
+            &["products:id:00000000-0000-0000-0003-000000030000"],
+        )
+        .await;
+
+    env.sql(
+        "UPDATE products SET name = name || '!' WHERE id::text LIKE '00000000-0000-0000-0003-%'",
+    )
+    .await;
+    env.wait_gone(&[first, last]).await;
+    env.barrier().await;
+
+    let mut conn = env.redis.clone();
+    let pending: u64 = conn
+        .llen(format!("{}evictd:ttl-pending", env.prefix))
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "markers still waiting for their TTL");
+    let markers: Vec<String> = env
+        .keys()
+        .await
+        .into_iter()
+        .filter(|k| k.contains("tagts:products:id:"))
+        .collect();
+    assert!(markers.len() >= 30_000, "{} markers", markers.len());
+    let mut pipe = redis::pipe();
+    for marker in &markers {
+        pipe.pttl(marker);
+    }
+    let ttls: Vec<i64> = pipe.query_async(&mut conn).await.unwrap();
+    let without: Vec<&String> = markers
+        .iter()
+        .zip(&ttls)
+        .filter(|(_, ttl)| **ttl <= 0)
+        .map(|(marker, _)| marker)
+        .collect();
+    assert!(
+        without.is_empty(),
+        "{} markers without a TTL",
+        without.len()
+    );
 }
 
 /// Once Redis confirmed, the slot's position moves past the transaction even when nothing else

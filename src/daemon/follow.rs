@@ -5,7 +5,7 @@
 use tracing::info;
 
 use super::{Daemon, FLUSH_TAGS, SessionError};
-use crate::sink::RedisSink;
+use crate::sink::{MarkerTtl, RedisSink};
 use crate::source::logical::{self, LogicalStream, SlotState};
 use crate::source::walsender::Frame;
 use crate::source::{Session, SourceError};
@@ -97,9 +97,11 @@ impl Daemon {
             events += 1;
             if batch.targets.tags.len() >= FLUSH_TAGS {
                 // Changes arrive only once committed, so part of a transaction can go early;
-                // only its end is confirmed late.
+                // only its end is confirmed late, after its markers got their TTL (deferred:
+                // one MSET per call instead of a `SET … PX` per tag, so the entries go sooner).
                 let full = std::mem::take(&mut batch);
-                self.flush(sink, full).await?;
+                self.logical_markers_owed = true;
+                self.flush_with(sink, full, MarkerTtl::Deferred).await?;
             }
             next = if events < self.settings.batch_max_events {
                 stream.try_recv()?
@@ -116,7 +118,13 @@ impl Daemon {
             return Ok(false);
         }
         self.last_logical_flush = Some(tokio::time::Instant::now());
-        self.flush(sink, batch).await?;
+        if self.logical_markers_owed {
+            self.flush_with(sink, batch, MarkerTtl::Deferred).await?;
+            sink.expire_pending_markers().await?;
+            self.logical_markers_owed = false;
+        } else {
+            self.flush(sink, batch).await?;
+        }
         if let Some(lsn) = stream.state.confirmable {
             stream.confirm(lsn);
         }

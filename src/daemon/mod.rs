@@ -32,7 +32,7 @@ use crate::event::{ChangeEvent, truncate};
 use crate::metrics::{EventLabels, Metrics};
 use crate::rules::Targets;
 use crate::schema::SchemaError;
-use crate::sink::{RedisSink, Report, SinkError, SinkOptions};
+use crate::sink::{MarkerTtl, RedisSink, Report, SinkError, SinkOptions};
 use crate::source::{Session, SourceError, outbox};
 use report::{Summary, batch_span};
 use sweeper::sweep_forever;
@@ -92,6 +92,7 @@ pub async fn run(
         redis_identity: None,
         second_passes: VecDeque::new(),
         last_logical_flush: None,
+        logical_markers_owed: false,
     };
     if let Some(interval) = daemon.settings.sweep_interval {
         tokio::spawn(sweep_forever(
@@ -138,6 +139,9 @@ struct Daemon {
     second_passes: VecDeque<(Instant, Targets)>,
     /// When the last `logical` batch was flushed ([`Settings::batch_linger`]).
     last_logical_flush: Option<tokio::time::Instant>,
+    /// Part of a huge `logical` transaction went to Redis with its markers' TTL deferred; they
+    /// get it before the transaction is confirmed.
+    logical_markers_owed: bool,
 }
 
 impl Daemon {
@@ -223,7 +227,7 @@ impl Daemon {
                     if let Some((_, targets)) = self.second_passes.pop_front() {
                         let batch = Batch { targets, ..Batch::default() };
                         debug!("second pass");
-                        self.flush_once(&sink, batch).await?;
+                        self.flush_once(&sink, batch, MarkerTtl::Now).await?;
                     }
                 }
                 _ = tokio::time::sleep_until(next_poll), if source.delivery == Delivery::Outbox => {
@@ -317,12 +321,23 @@ impl Daemon {
     /// ready meanwhile), until it succeeds or the daemon shuts down; then schedules its second
     /// pass, if configured.
     async fn flush(&mut self, sink: &RedisSink, batch: Batch) -> Result<(), SessionError> {
+        self.flush_with(sink, batch, MarkerTtl::Now).await
+    }
+
+    /// [`Daemon::flush`] with the `tagts` markers' TTL possibly deferred: the caller then owes
+    /// a [`RedisSink::expire_pending_markers`] before it acknowledges the changes.
+    async fn flush_with(
+        &mut self,
+        sink: &RedisSink,
+        batch: Batch,
+        marker_ttl: MarkerTtl,
+    ) -> Result<(), SessionError> {
         if let Some(delay) = self.settings.second_pass
             && !batch.is_empty()
         {
             self.schedule_second_pass(delay, &batch.targets);
         }
-        self.flush_once(sink, batch).await
+        self.flush_once(sink, batch, marker_ttl).await
     }
 
     fn schedule_second_pass(&mut self, delay: Duration, targets: &Targets) {
@@ -336,7 +351,12 @@ impl Daemon {
         }
     }
 
-    async fn flush_once(&mut self, sink: &RedisSink, batch: Batch) -> Result<(), SessionError> {
+    async fn flush_once(
+        &mut self,
+        sink: &RedisSink,
+        batch: Batch,
+        marker_ttl: MarkerTtl,
+    ) -> Result<(), SessionError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -346,7 +366,7 @@ impl Daemon {
         let span = batch_span(&batch);
         let report = loop {
             match sink
-                .invalidate(&batch.targets)
+                .invalidate_with(&batch.targets, marker_ttl)
                 .instrument(span.clone())
                 .await
             {
@@ -416,7 +436,7 @@ impl Daemon {
             ..Batch::default()
         };
         // Boxed: a resync can start from inside a flush (Redis came back restarted).
-        Box::pin(self.flush_once(sink, batch)).await
+        Box::pin(self.flush_once(sink, batch, MarkerTtl::Now)).await
     }
 
     async fn health_check(

@@ -48,6 +48,24 @@ async fn migrate_is_idempotent_and_uninstall_removes_everything() {
         16,
         "four triggers on each of four tables: {before:#?}"
     );
+    // Big events are compressed with lz4 wherever the server has it.
+    let row = env
+        .pg
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_settings WHERE name = 'default_toast_compression' \
+                            AND 'lz4'::text = ANY (enumvals)), \
+                    attcompression::text \
+             FROM pg_attribute WHERE attrelid = 'evictd.outbox'::regclass AND attname = 'payload'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (has_lz4, compression): (bool, String) = (row.get(0), row.get(1));
+    assert_eq!(
+        compression,
+        if has_lz4 { "l" } else { "" },
+        "outbox payload compression (lz4 available: {has_lz4})"
+    );
 
     let second = run(&env, &["migrate"]);
     assert!(second.status.success(), "{}", text(&second));

@@ -61,6 +61,20 @@ CREATE TABLE IF NOT EXISTS evictd.outbox (
     payload text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- A statement's event can be megabytes (8 MB for 100,000 rows): lz4 compresses it in the
+-- writer's statement ~10x faster than the default pglz (~50 ms less for those 8 MB), where
+-- the server has it (PostgreSQL 14+ built with lz4). The inner test runs only there.
+DO $lz4$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_settings WHERE name = 'default_toast_compression'
+               AND 'lz4'::pg_catalog.text = ANY (enumvals)) THEN
+        IF (SELECT attcompression FROM pg_catalog.pg_attribute
+            WHERE attrelid = 'evictd.outbox'::regclass AND attname = 'payload') <> 'l' THEN
+            ALTER TABLE evictd.outbox ALTER COLUMN payload SET COMPRESSION lz4;
+        END IF;
+    END IF;
+END
+$lz4$;
 
 -- Events the daemon could not process, kept with the reason instead of blocking the queue.
 CREATE TABLE IF NOT EXISTS evictd.dead_letter (

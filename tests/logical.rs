@@ -24,6 +24,16 @@ async fn seeded(toml: &str) -> Env {
     env
 }
 
+/// Inserts products `00000000-0000-0000-{group}-…` numbered 1 to `count` (12 digits), of `client`.
+async fn insert_products(env: &Env, group: &str, count: usize, client: &str) {
+    env.sql(&format!(
+        "INSERT INTO products (id, client_id, name)
+         SELECT ('00000000-0000-0000-{group}-' || lpad(i::text, 12, '0'))::uuid, '{client}', 'n' || i
+         FROM generate_series(1, {count}) i"
+    ))
+    .await;
+}
+
 async fn query_strings(env: &Env, sql: &str) -> Vec<String> {
     env.pg
         .query(sql, &[])
@@ -199,12 +209,7 @@ async fn commits_within_the_linger_share_a_batch() {
     let entries: Vec<String> = (1..=10)
         .map(|i| format!("00000000-0000-0000-0002-{i:012}"))
         .collect();
-    env.sql(&format!(
-        "INSERT INTO products (id, client_id, name)
-         SELECT ('00000000-0000-0000-0002-' || lpad(i::text, 12, '0'))::uuid, '{C2}', 'n' || i
-         FROM generate_series(1, 10) i"
-    ))
-    .await;
+    insert_products(&env, "0002", 10, C2).await;
     env.barrier().await;
     let before = counter(&daemon, "evictd_batches_total");
     let mut cached = Vec::new();
@@ -242,12 +247,7 @@ async fn commits_within_the_linger_share_a_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_shares_one_invalidation() {
     let env = seeded("").await;
-    env.sql(&format!(
-        "INSERT INTO products (id, client_id, name)
-         SELECT ('00000000-0000-0000-0001-' || lpad(i::text, 12, '0'))::uuid, '{C1}', 'n' || i
-         FROM generate_series(1, 5000) i"
-    ))
-    .await;
+    insert_products(&env, "0001", 5000, C1).await;
     // Ready means caught up: the INSERT above is counted already.
     let daemon = env.start_daemon().await;
     let before = tags_invalidated(&daemon);
@@ -286,12 +286,7 @@ async fn a_transaction_shares_one_invalidation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn markers_of_a_huge_transaction_get_their_ttl() {
     let env = seeded("").await;
-    env.sql(&format!(
-        "INSERT INTO products (id, client_id, name)
-         SELECT ('00000000-0000-0000-0003-' || lpad(i::text, 12, '0'))::uuid, '{C1}', 'n' || i
-         FROM generate_series(1, 30000) i"
-    ))
-    .await;
+    insert_products(&env, "0003", 30000, C1).await;
     let _daemon = env.start_daemon().await;
     let first = env
         .cache(

@@ -179,9 +179,7 @@ impl Daemon {
         }
         self.land(work.in_flight.take()).await?;
         work.markers_owed |= marker_ttl == MarkerTtl::Deferred;
-        if let Some(delay) = self.settings.second_pass {
-            self.schedule_second_pass(delay, &batch.targets);
-        }
+        self.schedule_second_pass(&batch);
         let span = batch_span(&batch);
         let sink = sink.clone();
         let task = tokio::spawn(
@@ -210,9 +208,7 @@ impl Daemon {
         if batch.is_empty() {
             return Ok(());
         }
-        if let Some(delay) = self.settings.second_pass {
-            self.schedule_second_pass(delay, &batch.targets);
-        }
+        self.schedule_second_pass(&batch);
         let started = Instant::now();
         let span = batch_span(&batch);
         let report = sink

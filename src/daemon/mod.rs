@@ -332,15 +332,19 @@ impl Daemon {
         batch: Batch,
         marker_ttl: MarkerTtl,
     ) -> Result<(), SessionError> {
-        if let Some(delay) = self.settings.second_pass
-            && !batch.is_empty()
-        {
-            self.schedule_second_pass(delay, &batch.targets);
-        }
+        self.schedule_second_pass(&batch);
         self.flush_once(sink, batch, marker_ttl).await
     }
 
-    fn schedule_second_pass(&mut self, delay: Duration, targets: &Targets) {
+    /// Queues `batch`'s tags for a second invalidation, if the `second_pass` setting asks for one.
+    fn schedule_second_pass(&mut self, batch: &Batch) {
+        let Some(delay) = self.settings.second_pass else {
+            return;
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let targets = &batch.targets;
         let due = Instant::now() + delay;
         // Batches a few milliseconds apart share one second pass.
         match self.second_passes.back_mut() {

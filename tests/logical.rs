@@ -242,6 +242,32 @@ async fn commits_within_the_linger_share_a_batch() {
     );
 }
 
+/// While a batch lingers the daemon asks the kernel not to wake it for every message of the
+/// stream (`SO_RCVLOWAT`); when the linger ends, what arrived meanwhile is read at once, even if
+/// nothing else follows. (Without that, the change below would wait for the walsender's next
+/// keepalive, tens of seconds later: the health ticks' WAL markers are an hour apart here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_arrives_during_the_linger_is_read_when_it_ends() {
+    let env = seeded("batch_linger_ms = 300\nhealth_interval_ms = 3600000\n").await;
+    let _daemon = env.start_daemon().await;
+    let first = env.cache("first", &[&format!("products:id:{P1}")]).await;
+    let second = env.cache("second", &[&format!("products:id:{P2}")]).await;
+
+    env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{P1}'"))
+        .await;
+    env.wait_gone(std::slice::from_ref(&first)).await;
+    // Within the linger that follows the first batch, and the last change for an hour.
+    env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{P2}'"))
+        .await;
+    let committed = std::time::Instant::now();
+    env.wait_gone(std::slice::from_ref(&second)).await;
+    let took = committed.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the change that arrived during the linger took {took:?} to be invalidated"
+    );
+}
+
 /// A transaction is invalidated whole, not slice by slice as its rows stream in: the tags all
 /// its rows share (`products:all`, the client's) go to Redis once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

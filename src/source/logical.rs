@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 
 use super::SourceError;
 use super::pgoutput::{self, Message, Relation, Value};
-use super::walsender::{Frame, Lsn, Target, WalStream};
+use super::walsender::{Frame, Lsn, Quiet, Target, WalStream};
 use crate::batch::Batch;
 use crate::config::Settings;
 use crate::event::{ChangeEvent, Op};
@@ -137,6 +137,11 @@ pub async fn write_marker(client: &Client, nonce: &str) -> Result<(), SourceErro
 }
 
 impl LogicalStream {
+    /// See [`WalStream::quiet_until`].
+    pub fn quiet_until(&self, bytes: usize) -> Quiet<'_> {
+        self.wal.quiet_until(bytes)
+    }
+
     /// Starts streaming from the slot's confirmed position, over the same host, credentials
     /// and TLS as `settings.database_url`.
     pub async fn start(settings: &Settings, slot: &str) -> Result<Self, SourceError> {

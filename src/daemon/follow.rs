@@ -78,8 +78,14 @@ impl Daemon {
         if let Some(flushed) = self.last_logical_flush
             && flushed.elapsed() < self.settings.batch_linger
         {
-            let _quiet = stream.quiet_until(LINGER_WAKE_BYTES);
+            let quiet = stream.quiet_until(LINGER_WAKE_BYTES);
             tokio::time::sleep_until(flushed + self.settings.batch_linger).await;
+            drop(quiet);
+            // The kernel signals what arrived meanwhile as the socket is restored; the runtime
+            // takes notice when it next polls for I/O, which a yielded task waits for. Folding
+            // before that would see none of it, and leave it for the batch after the next
+            // linger (latency p50 3.8 → 9 ms at 500 commits/s).
+            tokio::task::yield_now().await;
         }
         let mut marker_seen = false;
         let threshold = self.settings.wide_row_threshold;

@@ -266,7 +266,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "cache:";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9750";
 /// 20 ms: `logical` is the low-overhead delivery (latency budget 100 ms). Against 5 ms, at
 /// 6,000–9,000 durable commits/s on two shared cores, it halves the daemon's and Redis' CPU
-/// per commit again and gives the writers a point or three (BENCHMARKS.md); p99 ~22 ms.
+/// per commit again and gives the writers a point or three (BENCHMARKS.md); p99 22–34 ms.
 const DEFAULT_BATCH_LINGER_MS: u64 = 20;
 /// Past a second the daemon would look stuck to anyone watching the cache.
 const MAX_BATCH_LINGER_MS: u64 = 1_000;

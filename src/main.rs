@@ -12,6 +12,7 @@ use evictd::config::{ConfigError, LogFormat, Settings};
 use evictd::schema::SchemaError;
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let settings = match Settings::load(&cli.global.overrides()) {
         Ok(settings) => settings,
@@ -40,6 +41,23 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("evictd: {e:#}");
             ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// One glibc malloc arena for the whole process, unless the operator chose otherwise
+/// (`MALLOC_ARENA_MAX`). glibc gives each thread that allocates an arena of its own (up to 8 per
+/// core) and keeps what is freed in each: a 100,000-row statement, parsed on one runtime thread
+/// and invalidated on the other, left the daemon at 32 MB peak RSS with the default and 25 MB
+/// with one arena (`cargo bench --bench evictd -- --bulk`). The daemon allocates little and
+/// rarely from two threads at once, so the shared arena's lock costs nothing measurable.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists; mallopt only
+        // sets an allocator parameter.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }

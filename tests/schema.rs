@@ -260,3 +260,60 @@ async fn migrate_retries_behind_a_long_transaction() {
         .get(0);
     assert!(installed);
 }
+
+/// In outbox mode a statement of many rows writes one event per `OUTBOX_EVENT_ROWS` distinct
+/// rows (so the daemon can start on the first while the rest are read), each a complete event;
+/// together they carry every distinct (old and new) row exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_statement_writes_one_outbox_event_per_run_of_rows() {
+    use evictd::event::{Change, ChangeEvent};
+    use evictd::schema::ddl::OUTBOX_EVENT_ROWS;
+    const PRODUCTS: usize = 25_000;
+    let env = Env::new(Delivery::Outbox).await;
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES
+             ('00000000-0000-0000-0000-0000000000c1', 'one'),
+             ('00000000-0000-0000-0000-0000000000c2', 'two');
+         INSERT INTO products (client_id, name)
+         SELECT '00000000-0000-0000-0000-0000000000c1', 'p' || i FROM generate_series(1, {PRODUCTS}) i;
+         DELETE FROM evictd.outbox;"
+    ))
+    .await;
+    // Moving every product to another client: the old and the new client both count, so
+    // 50,000 distinct (client, id) rows.
+    env.sql("UPDATE products SET client_id = '00000000-0000-0000-0000-0000000000c2'")
+        .await;
+
+    let events = env
+        .pg
+        .query("SELECT payload FROM evictd.outbox ORDER BY id", &[])
+        .await
+        .unwrap();
+    let distinct_rows = 2 * PRODUCTS;
+    assert_eq!(
+        events.len(),
+        distinct_rows.div_ceil(OUTBOX_EVENT_ROWS as usize)
+    );
+    let mut seen = std::collections::HashSet::new();
+    for event in &events {
+        let payload: &str = event.get(0);
+        let event = ChangeEvent::parse(payload).expect("each event is complete JSON");
+        let Change::Rows { columns, rows } = event.change else {
+            panic!("a precise event, not {:?}", event.change);
+        };
+        assert_eq!(columns, ["client_id", "id"]);
+        assert!(
+            rows.len() <= OUTBOX_EVENT_ROWS as usize,
+            "{} rows",
+            rows.len()
+        );
+        for row in rows.iter() {
+            let values: Vec<String> = row
+                .iter()
+                .map(|v| v.as_ref().expect("no NULL here").as_str().to_string())
+                .collect();
+            assert!(seen.insert(values), "a row sent twice");
+        }
+    }
+    assert_eq!(seen.len(), distinct_rows);
+}

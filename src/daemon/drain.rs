@@ -65,21 +65,21 @@ impl Daemon {
             let claim = outbox::begin(&mut source.connection.client)
                 .await
                 .map_err(SourceError::from)?;
-            let mut rows = claim.take(limit as i64).await.map_err(SourceError::from)?;
-            if rows.is_empty() {
-                self.observed.metrics.outbox_backlog.set(0);
-                return Ok(total);
-            }
             let mut poison = Vec::new();
             let mut work = ClaimWork::default();
-            let mut takes = 1;
+            let mut takes = 0;
             let more = loop {
-                total += rows.len();
-                let full = rows.len() == limit;
-                let batch = self
-                    .fold_claimed(sink, &rows, &mut poison, &mut work)
+                let rows = claim.take(limit as i64).await.map_err(SourceError::from)?;
+                takes += 1;
+                let (batch, taken) = self
+                    .fold_claimed(sink, rows, &mut poison, &mut work)
                     .await?;
-                drop(rows);
+                if taken == 0 && takes == 1 {
+                    self.observed.metrics.outbox_backlog.set(0);
+                    return Ok(total);
+                }
+                total += taken;
+                let full = taken == limit;
                 if !full || takes == TAKES_PER_TRANSACTION {
                     // Nothing left to overlap with: invalidated right here, which spares the
                     // common small claim two hops between threads.
@@ -94,14 +94,9 @@ impl Daemon {
                     self.invalidate_claimed(sink, batch, marker_ttl).await?;
                     break full;
                 }
+                // PostgreSQL deletes the next rows while Redis invalidates these.
                 self.send_claimed(sink, batch, MarkerTtl::Now, &mut work)
                     .await?;
-                // PostgreSQL deletes the next rows while Redis invalidates these.
-                rows = claim.take(limit as i64).await.map_err(SourceError::from)?;
-                takes += 1;
-                if rows.is_empty() {
-                    break false;
-                }
             };
             // On a Redis error the claim is dropped: its rows go back, untouched.
             self.land(work.in_flight.take()).await?;
@@ -115,26 +110,30 @@ impl Daemon {
         }
     }
 
-    /// Parses claimed rows into a batch; a statement of many rows is sent to Redis in pieces
-    /// along the way, bounding memory (its row is acknowledged with the rest of the claim,
-    /// after every piece succeeded), and tags the pieces share are sent only until they recur
-    /// ([`SentTags`]). Unusable rows are added to `poison`.
+    /// Parses claimed rows into a batch as they arrive, and how many there were; a statement
+    /// of many rows is sent to Redis in pieces along the way, bounding memory (its rows are
+    /// acknowledged with the rest of the claim, after every piece succeeded), and tags the
+    /// pieces share are sent only until they recur ([`SentTags`]). Unusable rows are added to
+    /// `poison`.
     async fn fold_claimed(
         &mut self,
         sink: &RedisSink,
-        rows: &[outbox::OutboxRow],
+        mut rows: outbox::Taken,
         poison: &mut Vec<outbox::Poison>,
         work: &mut ClaimWork,
-    ) -> Result<Batch, SessionError> {
+    ) -> Result<(Batch, usize), SessionError> {
         let mut batch = Batch::default();
         let mut sent = SentTags::default();
-        for row in rows {
+        let mut taken = 0;
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(SourceError::from)?;
+            taken += 1;
             let payload = row.payload();
             let event = match ChangeEvent::parse(payload) {
                 Ok(event) => event,
                 Err(e) => {
                     let reason = self.reject("malformed", e.to_string(), payload);
-                    poison.push(outbox::Poison::new(row, reason));
+                    poison.push(outbox::Poison::new(&row, reason));
                     continue;
                 }
             };
@@ -149,7 +148,7 @@ impl Daemon {
             for (i, part) in parts.into_iter().enumerate() {
                 if let Err(e) = batch.add_part(&self.settings.rules, &event, part, i == 0) {
                     let reason = self.reject("unknown_table", e.to_string(), payload);
-                    poison.push(outbox::Poison::new(row, reason));
+                    poison.push(outbox::Poison::new(&row, reason));
                     break;
                 }
                 if batch.targets.tags.len() >= bound {
@@ -162,7 +161,7 @@ impl Daemon {
         if sent.any() {
             sent.prune(&mut batch);
         }
-        Ok(batch)
+        Ok((batch, taken))
     }
 
     /// Starts invalidating a batch drawn from claimed outbox rows (not yet acknowledged) once

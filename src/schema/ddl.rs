@@ -25,6 +25,11 @@ const NOTIFY_PAYLOAD_LIMIT: usize = 7_900;
 /// In notify mode no statement of more rows than this can fit one payload (each row takes at
 /// least four bytes), so the trigger does not even try to build it.
 const NOTIFY_ROW_LIMIT: u64 = 2_000;
+/// Rows per outbox event: a statement of more rows writes one event per this many (distinct)
+/// rows. The daemon fetches the outbox row by row, so it starts on the first event of a
+/// 100,000-row statement while PostgreSQL still reads the others out of TOAST: one event of
+/// 8 MB took ~30 ms to fetch and ~10 ms to parse before Redis had anything to do.
+pub const OUTBOX_EVENT_ROWS: u64 = 10_000;
 
 /// The complete DDL for `settings`, as one script meant to run in a single transaction.
 pub fn render(settings: &Settings) -> String {
@@ -61,7 +66,7 @@ CREATE TABLE IF NOT EXISTS evictd.outbox (
     payload text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
--- A statement's event can be megabytes (8 MB for 100,000 rows): lz4 compresses it in the
+-- A statement's events can be megabytes (8 MB for 100,000 rows): lz4 compresses them in the
 -- writer's statement ~10x faster than the default pglz (~50 ms less for those 8 MB), where
 -- the server has it (PostgreSQL 14+ built with lz4). The inner test runs only there.
 DO $lz4$
@@ -306,8 +311,8 @@ fn concat(parts: &[&str]) -> String {
 ///
 /// It is on every writer's path, so it does the least work that can be done: one query that
 /// counts (reading at most `row_limit + 1` rows) and, only for a statement small enough,
-/// aggregates the distinct values; the event is emitted inline rather than through
-/// `evictd.emit`.
+/// aggregates the distinct values (in `outbox` mode in runs of [`OUTBOX_EVENT_ROWS`], one event
+/// each); the event is emitted inline rather than through `evictd.emit`.
 ///
 /// It is `SECURITY DEFINER` (writers need no privilege on `evictd.outbox`) but has no
 /// `SET search_path` clause: that clause costs every statement a search-path switch and back,
@@ -349,14 +354,30 @@ fn capture_function(
     let probe = row_limit + 1;
     // One query: count the statement's rows (reading at most `probe` of them), and only when
     // they are few enough, aggregate their distinct values (hash de-duplication).
+    // In `outbox` mode the distinct rows are aggregated in runs of `OUTBOX_EVENT_ROWS`, one
+    // body (and event) per run; a NOTIFY carries one body.
+    let chunked = delivery == Delivery::Outbox;
     let capture = |counted: &str, sources: &[&str]| {
         let distinct: Vec<String> = sources
             .iter()
             .map(|t| format!("SELECT {columns} FROM {t}"))
             .collect();
-        format!(
-            "SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) {row_limit} THEN (\n                SELECT pg_catalog.string_agg({row_json}, ',')\n                FROM (SELECT DISTINCT * FROM ({}) u) d) END\n            INTO n, body\n            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM {counted} LIMIT {probe}) x) c;",
+        let distinct = format!(
+            "SELECT DISTINCT * FROM ({}) u",
             distinct.join(" UNION ALL ")
+        );
+        let aggregate = if chunked {
+            format!(
+                "SELECT pg_catalog.array_agg(y.b) FROM (\n                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (\n                        SELECT {row_json} AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) {OUTBOX_EVENT_ROWS} AS run\n                        FROM ({distinct}) d) x\n                    GROUP BY x.run) y"
+            )
+        } else {
+            format!(
+                "SELECT pg_catalog.string_agg({row_json}, ',')\n                FROM ({distinct}) d"
+            )
+        };
+        let into = if chunked { "bodies" } else { "body" };
+        format!(
+            "SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) {row_limit} THEN (\n                {aggregate}) END\n            INTO n, {into}\n            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM {counted} LIMIT {probe}) x) c;"
         )
     };
     let wide_payload = concat(&["head", "',\"wide\":true}'"]);
@@ -366,17 +387,18 @@ fn capture_function(
         ),
         Delivery::Outbox | Delivery::Logical => String::new(),
     };
-    let emit = match (delivery, wakeup) {
-        (Delivery::Notify, _) => format!("PERFORM pg_catalog.pg_notify('{channel}', payload);"),
-        (Delivery::Logical, _) => {
+    let emit = match delivery {
+        Delivery::Notify => format!("PERFORM pg_catalog.pg_notify('{channel}', payload);"),
+        Delivery::Logical => {
             "PERFORM pg_catalog.pg_logical_emit_message(true, 'evictd', payload);".to_string()
         }
-        (Delivery::Outbox, Wakeup::Poll) => {
-            "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string()
+        Delivery::Outbox => "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string(),
+    };
+    let wake = match (delivery, wakeup) {
+        (Delivery::Outbox, Wakeup::Notify) => {
+            format!("\n    PERFORM pg_catalog.pg_notify('{channel}', '');")
         }
-        (Delivery::Outbox, Wakeup::Notify) => format!(
-            "INSERT INTO evictd.outbox (payload) VALUES (payload);\n    PERFORM pg_catalog.pg_notify('{channel}', '');"
-        ),
+        _ => String::new(),
     };
     let head = concat(&[
         "'{\"v\":1,\"op\":\"'",
@@ -384,18 +406,38 @@ fn capture_function(
         &format!("'\",\"table\":\"{table}\",\"ts\":'"),
         "(extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint",
     ]);
-    let rows_payload = concat(&[
-        "head",
-        &format!("',\"cols\":{cols_json},\"rows\":['"),
-        "body",
-        "']}'",
-    ]);
+    let rows_payload = |body: &str| {
+        concat(&[
+            "head",
+            &format!("',\"cols\":{cols_json},\"rows\":['"),
+            body,
+            "']}'",
+        ])
+    };
+    // The precise event(s) and the declaration of what the capture query aggregates into.
+    let (precise, aggregated) = if chunked {
+        (
+            format!(
+                "INSERT INTO evictd.outbox (payload)\n            SELECT {} FROM pg_catalog.unnest(bodies) b;",
+                rows_payload("b")
+            ),
+            "bodies pg_catalog.text[];",
+        )
+    } else {
+        (
+            format!(
+                "payload := {};{size_check}\n        {emit}",
+                rows_payload("body")
+            ),
+            "body pg_catalog.text;",
+        )
+    };
     format!(
         r#"CREATE OR REPLACE FUNCTION evictd.{name}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 DECLARE
     n bigint;
-    body pg_catalog.text;
+    {aggregated}
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
@@ -412,10 +454,10 @@ BEGIN
     head := {head};
     IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' OR n OPERATOR(pg_catalog.>) {row_limit} THEN
         payload := {wide_payload};
+        {emit}
     ELSE
-        payload := {rows_payload};{size_check}
-    END IF;
-    {emit}
+        {precise}
+    END IF;{wake}
     RETURN NULL;
 END
 $fn$;

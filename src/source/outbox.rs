@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use tokio_postgres::{Client, Transaction};
 
 /// One claimed outbox row. The payload stays in the row's own buffer (a statement of 100,000
-/// rows is a payload of megabytes; it is not copied).
+/// rows is megabytes of payloads; they are not copied).
 pub struct OutboxRow(tokio_postgres::Row);
 
 impl OutboxRow {
@@ -22,6 +22,17 @@ impl OutboxRow {
 
     fn created_at(&self) -> SystemTime {
         self.0.get(2)
+    }
+}
+
+/// The rows of one [`Claim::take`], as they arrive.
+pub struct Taken(std::pin::Pin<Box<tokio_postgres::RowStream>>);
+
+impl Taken {
+    /// The next row taken; `None` once every row of this take has arrived.
+    pub async fn next(&mut self) -> Option<Result<OutboxRow, tokio_postgres::Error>> {
+        use futures_util::StreamExt as _;
+        Some(self.0.next().await?.map(OutboxRow))
     }
 }
 
@@ -59,23 +70,23 @@ pub async fn begin(client: &mut Client) -> Result<Claim<'_>, tokio_postgres::Err
 }
 
 impl Claim<'_> {
-    /// Takes up to `limit` of the oldest unclaimed rows. `&self`: it may run while the rows
-    /// taken before are being invalidated.
-    pub async fn take(&self, limit: i64) -> Result<Vec<OutboxRow>, tokio_postgres::Error> {
+    /// Takes up to `limit` of the oldest unclaimed rows, handed over one by one as PostgreSQL
+    /// deletes them: the caller starts on the first event of a big statement while the server
+    /// still reads the next ones out of TOAST. `&self`: it may run while the rows taken before
+    /// are being invalidated. Consume the stream before the next statement of this claim.
+    pub async fn take(&self, limit: i64) -> Result<Taken, tokio_postgres::Error> {
         // One statement instead of a SELECT and a later DELETE of the same ids.
         // (`= ANY(ARRAY(…))` evaluates the locking subquery once.)
-        Ok(self
+        let rows = self
             .tx
-            .query(
+            .query_raw(
                 "DELETE FROM evictd.outbox WHERE id = ANY(ARRAY( \
                      SELECT id FROM evictd.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
                  RETURNING id, payload, created_at",
-                &[&limit],
+                [limit],
             )
-            .await?
-            .into_iter()
-            .map(OutboxRow)
-            .collect())
+            .await?;
+        Ok(Taken(Box::pin(rows)))
     }
 
     /// Moves the poison rows to `evictd.dead_letter` and commits: the deletion of everything

@@ -662,6 +662,72 @@ async fn bulk_repeated(
     median
 }
 
+/// How fast this VM is right now, as Redis' time per lookup of a key that is not in the CPU's
+/// caches (µs): 200,000 keys with a TTL, then 100,000 EXISTS from Lua in a scattered order,
+/// timed by Redis (`INFO commandstats`). Most of what the daemon asks of Redis is such
+/// lookups, and this VM's speed at them drifts by half within an hour, so each setting's
+/// figures come with the speed they were measured at. Leaves Redis empty.
+async fn redis_lookup_us(lab: &Lab) -> f64 {
+    const KEYS: u64 = 200_000;
+    const LOOKUPS: u64 = 100_000;
+    let mut conn = lab.redis().await;
+    for start in (0..KEYS).step_by(20_000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 20_000 {
+            pipe.cmd("SET")
+                .arg(format!("bench:calibrate:{i}"))
+                .arg("v")
+                .arg("EX")
+                .arg(ENTRY_TTL_S)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A prime stride visits the keys in an order unrelated to their insertion.
+    let script = redis::Script::new(
+        "local found = 0
+         for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do
+           found = found + redis.call('EXISTS', 'bench:calibrate:' .. (i * 7919) % tonumber(ARGV[3]))
+         end
+         return found",
+    );
+    let mut found = 0;
+    for start in (0..LOOKUPS).step_by(1_000) {
+        let n: u64 = script
+            .arg(start)
+            .arg(start + 999)
+            .arg(KEYS)
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+        found += n;
+    }
+    assert_eq!(found, LOOKUPS, "every calibration key is there");
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let usec: f64 = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .and_then(|l| l.split("usec=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let () = redis::cmd("FLUSHALL")
+        .arg("ASYNC")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    usec / LOOKUPS as f64
+}
+
 /// Redis' own CPU time so far (user + system), in seconds.
 async fn redis_cpu_s(conn: &mut redis::aio::MultiplexedConnection) -> f64 {
     let info: String = redis::cmd("INFO")
@@ -1038,6 +1104,11 @@ async fn main() {
         keyspace_events(&lab, false).await;
         for setting in &selected {
             let db = format!("bench_{}", setting.name.replace('-', "_"));
+            println!(
+                "{:<14} machine speed: {:.2} µs per Redis lookup of a cold key",
+                setting.name,
+                redis_lookup_us(&lab).await
+            );
             lab.database(&db, Some(setting)).await;
             let daemon = lab.start_daemon(&db, setting).await;
             let result = bulk_repeated(
@@ -1117,6 +1188,7 @@ async fn main() {
     let mut results = Vec::new();
     for setting in &selected {
         eprintln!("setting {}…", setting.name);
+        let lookup_us = redis_lookup_us(&lab).await;
         let db = format!("bench_{}", setting.name.replace('-', "_"));
         lab.database(&db, Some(setting)).await;
         let daemon = lab.start_daemon(&db, setting).await;
@@ -1193,6 +1265,7 @@ async fn main() {
         results.push(json!({
             "setting": setting.name,
             "description": setting.what,
+            "redis_us_per_cold_lookup": round(lookup_us),
             "writer": {
                 "commits_per_s_no_triggers": bare_rate.round(),
                 "commits_per_s_with_triggers": rate.round(),
@@ -1239,9 +1312,10 @@ fn print_table(report: &Value) {
     );
     for r in report["results"].as_array().unwrap() {
         println!(
-            "\n== {} ({})",
+            "\n== {} ({}) — machine speed: {} µs per Redis lookup of a cold key",
             r["setting"].as_str().unwrap(),
-            r["description"].as_str().unwrap()
+            r["description"].as_str().unwrap(),
+            r["redis_us_per_cold_lookup"]
         );
         let w = &r["writer"];
         println!(

@@ -408,19 +408,25 @@ async fn daemon_killed_mid_statement_loses_nothing_logical() {
     killed_mid_statement(Delivery::Logical).await;
 }
 
-async fn killed_mid_statement(delivery: Delivery) {
-    const ROWS: usize = 60_000;
-    let env = Env::new(delivery).await;
+/// `rows + 1` products, each with a cache entry tagged `products:id:<id>`, and a daemon
+/// (started with `daemon_args`) that has caught up with their INSERT before the entries were
+/// written. Returns the daemon and the entries, product by product.
+async fn products_with_entries(
+    env: &Env,
+    rows: usize,
+    daemon_args: &[&str],
+) -> (support::Daemon, Vec<String>) {
     env.sql(&format!(
         "INSERT INTO clients (id, name) VALUES ('00000000-0000-0000-0000-0000000000c1', 'c');
          INSERT INTO products (id, client_id, name)
          SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid,
                 '00000000-0000-0000-0000-0000000000c1', 'p' || i
-         FROM generate_series(0, {ROWS}) i;"
+         FROM generate_series(0, {rows}) i;"
     ))
     .await;
-    let mut daemon = env.start_daemon().await;
-    let entries: Vec<String> = (0..=ROWS)
+    let daemon = env.spawn_daemon(daemon_args);
+    daemon.wait_ready().await;
+    let entries: Vec<String> = (0..=rows)
         .map(|i| format!("{}product:{i}", env.prefix))
         .collect();
     let mut conn = env.redis.clone();
@@ -437,6 +443,46 @@ async fn killed_mid_statement(delivery: Delivery) {
         }
         let () = pipe.query_async(&mut conn).await.unwrap();
     }
+    (daemon, entries)
+}
+
+/// A short `statement_timeout` on the daemon's role or database must not break a claim: the
+/// daemon folds a claim's rows as they arrive, while Redis invalidates the first ones, so its
+/// `DELETE … RETURNING` stays open for as long as the statement's pieces take. The daemon
+/// turns the timeout off for its own session; otherwise the claim failed and was retried for
+/// ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_outlast_a_short_statement_timeout() {
+    const ROWS: usize = 60_000;
+    let env = Env::new(Delivery::Outbox).await;
+    // Over the Unix socket, whose small buffers make PostgreSQL wait for the daemon to read on
+    // (over loopback TCP a 60,000-row statement's events fit the kernel's buffers).
+    let url = format!(
+        "{}?options=-c%20statement_timeout%3D50",
+        env.pg_server().unix_url(&env.name)
+    );
+    let (daemon, entries) = products_with_entries(&env, ROWS, &["--database-url", &url]).await;
+    let (touched, untouched) = entries.split_at(ROWS);
+    env.sql(&format!(
+        "UPDATE products SET name = name || '!' WHERE id <= '{}'",
+        product_id(ROWS - 1)
+    ))
+    .await;
+    env.wait_gone(touched).await;
+    env.wait_outbox_empty().await;
+    env.assert_present(untouched).await;
+    assert!(
+        !daemon.log().contains("statement timeout"),
+        "a claim was cancelled: {}",
+        daemon.log()
+    );
+}
+
+async fn killed_mid_statement(delivery: Delivery) {
+    const ROWS: usize = 60_000;
+    let env = Env::new(delivery).await;
+    let (mut daemon, entries) = products_with_entries(&env, ROWS, &[]).await;
+    let mut conn = env.redis.clone();
     let (touched, untouched) = entries.split_at(ROWS);
     let unrelated = env.cache("unrelated", &["unrelated:tag"]).await;
 

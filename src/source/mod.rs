@@ -69,13 +69,17 @@ impl Session {
         // The daemon's own commits only acknowledge outbox rows. Losing the last few acks in a
         // PostgreSQL crash means invalidating those events again (at-least-once holds); not
         // waiting for their WAL flush keeps the daemon off the writers' commit path.
-        // No statement timeout from the role or database: a claim's `DELETE … RETURNING` stays
-        // open while Redis invalidates the rows read so far (the daemon reads on as it goes),
-        // and a timeout there failed the claim, and its retry, for ever.
+        // No statement or idle-in-transaction timeout from the role or database: a claim's
+        // `DELETE … RETURNING` stays open while Redis invalidates the rows read so far (the
+        // daemon reads on as it goes), and its transaction idles while Redis works on the last
+        // of them; a short timeout failed the claim, and every retry, for ever. (A daemon that
+        // dies mid-claim closes its connection; one waiting on Redis gives up after its
+        // response timeout and rolls back.)
         connection
             .client
             .batch_execute(&format!(
-                "SET synchronous_commit = off; SET statement_timeout = 0; LISTEN {}",
+                "SET synchronous_commit = off; SET statement_timeout = 0; \
+                 SET idle_in_transaction_session_timeout = 0; LISTEN {}",
                 db::quote_ident(&installed.channel)
             ))
             .await?;

@@ -454,8 +454,19 @@ async fn products_with_entries(
 /// ever (the daemon never even became ready: its start-up backlog failed the same way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_outlast_short_session_timeouts() {
+    outlasts_short_session_timeouts(Delivery::Outbox).await;
+}
+
+/// The same in `logical` delivery, whose replication connection and slot queries run under
+/// the same role defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_stream_outlasts_short_session_timeouts() {
+    outlasts_short_session_timeouts(Delivery::Logical).await;
+}
+
+async fn outlasts_short_session_timeouts(delivery: Delivery) {
     const ROWS: usize = 60_000;
-    let env = Env::new(Delivery::Outbox).await;
+    let env = Env::new(delivery).await;
     // Over the Unix socket, whose small buffers make PostgreSQL wait for the daemon to read on
     // (over loopback TCP a 60,000-row statement's events fit the kernel's buffers).
     let url = format!(
@@ -470,7 +481,9 @@ async fn claims_outlast_short_session_timeouts() {
     ))
     .await;
     env.wait_gone(touched).await;
-    env.wait_outbox_empty().await;
+    if delivery == Delivery::Outbox {
+        env.wait_outbox_empty().await;
+    }
     env.assert_present(untouched).await;
     assert!(
         !daemon.log().contains("not serving"),

@@ -71,8 +71,9 @@ pub async fn begin(client: &mut Client) -> Result<Claim<'_>, tokio_postgres::Err
 
 impl Claim<'_> {
     /// Takes up to `limit` of the oldest unclaimed rows, handed over one by one as PostgreSQL
-    /// deletes them: the caller starts on the first event of a big statement while the server
-    /// still reads the next ones out of TOAST. `&self`: it may run while the rows taken before
+    /// sends them (it deletes them all first, then reads each payload out of TOAST as it sends
+    /// it): the caller starts on the first event of a big statement while the server still
+    /// reads the next ones. `&self`: it may run while the rows taken before
     /// are being invalidated. Consume the stream before the next statement of this claim.
     pub async fn take(&self, limit: i64) -> Result<Taken, tokio_postgres::Error> {
         // One statement instead of a SELECT and a later DELETE of the same ids.

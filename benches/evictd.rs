@@ -4,6 +4,7 @@
 //!
 //!     cargo bench --bench evictd              # full run, a few minutes on 2 cores
 //!     cargo bench --bench evictd -- --quick   # shorter phases, for a smoke test
+//!     cargo bench --bench evictd -- --speed   # the machine-speed gauge alone (seconds)
 //!
 //! Latency is measured end to end: the time from a writer's COMMIT returning to Redis telling
 //! (keyspace notification) that the entry tagged with the changed row was deleted.
@@ -667,10 +668,14 @@ async fn bulk_repeated(
 /// timed by Redis (`INFO commandstats`). Most of what the daemon asks of Redis is such
 /// lookups, and this VM's speed at them drifts by half within an hour, so each setting's
 /// figures come with the speed they were measured at. Leaves Redis empty.
-async fn redis_lookup_us(lab: &Lab) -> f64 {
+async fn redis_lookup_us(server: &Redis) -> f64 {
     const KEYS: u64 = 200_000;
     const LOOKUPS: u64 = 100_000;
-    let mut conn = lab.redis().await;
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     for start in (0..KEYS).step_by(20_000) {
         let mut pipe = redis::pipe();
         for i in start..start + 20_000 {
@@ -965,6 +970,14 @@ async fn backlog(lab: &Lab, db: &str, setting: &Setting, events: usize) -> Value
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::args().any(|a| a == "--speed") {
+        // The machine-speed gauge alone, in a few seconds: what kind of hour this VM is
+        // having, before spending a quarter of an hour on a full run.
+        let server = Redis::start().unwrap_or_else(|e| panic!("{e:#}"));
+        let us = redis_lookup_us(&server).await;
+        println!("machine speed: {us:.2} µs per Redis lookup of a cold key");
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let lab = Lab {
         pg: Postgres::start_with(&[
@@ -1107,7 +1120,7 @@ async fn main() {
             println!(
                 "{:<14} machine speed: {:.2} µs per Redis lookup of a cold key",
                 setting.name,
-                redis_lookup_us(&lab).await
+                redis_lookup_us(&lab.redis).await
             );
             lab.database(&db, Some(setting)).await;
             let daemon = lab.start_daemon(&db, setting).await;
@@ -1188,7 +1201,7 @@ async fn main() {
     let mut results = Vec::new();
     for setting in &selected {
         eprintln!("setting {}…", setting.name);
-        let lookup_us = redis_lookup_us(&lab).await;
+        let lookup_us = redis_lookup_us(&lab.redis).await;
         let db = format!("bench_{}", setting.name.replace('-', "_"));
         lab.database(&db, Some(setting)).await;
         let daemon = lab.start_daemon(&db, setting).await;

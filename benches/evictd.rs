@@ -1102,6 +1102,9 @@ async fn main() {
             let seconds = t.elapsed().as_secs_f64();
             let daemon_cpu = (cpu(daemon_pid) - daemon_before) / seconds * 100.0;
             let walsender_cpu = (cpu(walsender_pid) - walsender_before) / seconds * 100.0;
+            if std::env::var_os("EVICTD_BENCH_LOG").is_some() {
+                eprintln!("{}", daemon.log());
+            }
             drop(daemon);
             println!(
                 "{:<14} {rate:.0} commits/s, lag {lags}; CPU: daemon {daemon_cpu:.0} %, walsender {walsender_cpu:.0} %",

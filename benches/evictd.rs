@@ -314,13 +314,24 @@ const WRITER_ROUNDS: usize = 5;
 /// halve or double the no-trigger rate within a minute): short runs alternating without and
 /// with evictd, each "with" run compared with the mean of the "without" runs on either side.
 /// Returns (median ratio, mean rate without, mean rate with).
-async fn writer_ratio(lab: &Lab, db: &str) -> (f64, f64, f64) {
+///
+/// `daemon`, when given, is stopped for every baseline run and started again after it: in
+/// `logical` delivery its walsender costs the writers of *every* database in the cluster
+/// (PostgreSQL 15 wakes each walsender at every WAL flush, and it reads and decodes every
+/// record: with `pg_recvlogical` streaming an idle database, pgbench's single-row UPDATEs on
+/// another ran 15 % slower, the walsender using 16 % of a core in 5,000 context switches a
+/// second). A baseline beside it would hide that cost; a database without evictd has none.
+async fn writer_ratio(
+    lab: &Lab,
+    db: &str,
+    daemon: &mut Option<StoppedForBaseline<'_>>,
+) -> (f64, f64, f64) {
     let each = lab.phase() / 2;
-    let mut bare = vec![writer_rate_for(lab, "bench_bare", each).await];
+    let mut bare = vec![baseline_rate(lab, db, each, daemon).await];
     let mut with = Vec::new();
     for _ in 0..WRITER_ROUNDS {
         with.push(writer_rate_for(lab, db, each).await);
-        bare.push(writer_rate_for(lab, "bench_bare", each).await);
+        bare.push(baseline_rate(lab, db, each, daemon).await);
     }
     let mut ratios: Vec<f64> = with
         .iter()
@@ -330,6 +341,43 @@ async fn writer_ratio(lab: &Lab, db: &str) -> (f64, f64, f64) {
     ratios.sort_by(f64::total_cmp);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     (ratios[WRITER_ROUNDS / 2], mean(&bare), mean(&with))
+}
+
+/// The daemon [`writer_ratio`] stops during its baseline runs (in `logical` delivery only),
+/// and the CPU seconds the daemons it stopped had used.
+struct StoppedForBaseline<'a> {
+    setting: &'a Setting,
+    daemon: &'a mut Daemon,
+    cpu_s_of_stopped: f64,
+}
+
+fn stopped_for_baseline<'a>(
+    setting: &'a Setting,
+    daemon: &'a mut Daemon,
+) -> Option<StoppedForBaseline<'a>> {
+    (setting.delivery == "logical").then_some(StoppedForBaseline {
+        setting,
+        daemon,
+        cpu_s_of_stopped: 0.0,
+    })
+}
+
+/// One no-trigger baseline run of [`writer_ratio`], the daemon (if given) stopped meanwhile.
+async fn baseline_rate(
+    lab: &Lab,
+    db: &str,
+    phase: Duration,
+    daemon: &mut Option<StoppedForBaseline<'_>>,
+) -> f64 {
+    if let Some(stopped) = daemon {
+        stopped.cpu_s_of_stopped += process_stats(stopped.daemon.child.id()).2;
+        stopped.daemon.kill9();
+    }
+    let rate = writer_rate_for(lab, "bench_bare", phase).await;
+    if let Some(stopped) = daemon {
+        *stopped.daemon = lab.start_daemon(db, stopped.setting).await;
+    }
+    rate
 }
 
 async fn writer_rate(lab: &Lab, db: &str) -> f64 {
@@ -1173,18 +1221,23 @@ async fn main() {
         for setting in &selected {
             let db = format!("bench_{}", setting.name.replace('-', "_"));
             lab.database(&db, Some(setting)).await;
-            let (alone, bare, with) = writer_ratio(&lab, &db).await;
-            let daemon = lab.start_daemon(&db, setting).await;
+            let (alone, bare, with) = writer_ratio(&lab, &db, &mut None).await;
+            let mut daemon = lab.start_daemon(&db, setting).await;
             let mut redis = lab.redis().await;
             let (daemon_before, redis_before) = (
                 process_stats(daemon.child.id()).2,
                 redis_cpu_s(&mut redis).await,
             );
-            let (together, bare_again, with_daemon) = writer_ratio(&lab, &db).await;
-            // What the daemon and Redis spent per commit (they idle during the baseline runs).
+            let mut stopped = stopped_for_baseline(setting, &mut daemon);
+            let (together, bare_again, with_daemon) = writer_ratio(&lab, &db, &mut stopped).await;
+            let cpu_s_of_stopped = stopped.map_or(0.0, |s| s.cpu_s_of_stopped);
+            // What the daemon and Redis spent per commit (they idle during the baseline runs,
+            // or in `logical` delivery are stopped then; the restarted daemons' start-up is
+            // counted in).
             let commits = with_daemon * (lab.phase() / 2).as_secs_f64() * WRITER_ROUNDS as f64;
             let per_commit = |seconds: f64| seconds / commits * 1e6;
-            let daemon_us = per_commit(process_stats(daemon.child.id()).2 - daemon_before);
+            let daemon_us =
+                per_commit(cpu_s_of_stopped + process_stats(daemon.child.id()).2 - daemon_before);
             let redis_us = per_commit(redis_cpu_s(&mut redis).await - redis_before);
             drop(daemon);
             println!(
@@ -1207,12 +1260,14 @@ async fn main() {
         let lookup_us = redis_lookup_us(&lab.redis).await;
         let db = format!("bench_{}", setting.name.replace('-', "_"));
         lab.database(&db, Some(setting)).await;
-        let daemon = lab.start_daemon(&db, setting).await;
-        let pid = daemon.child.id();
-        let (idle_kb, _, _) = process_stats(pid);
+        let mut daemon = lab.start_daemon(&db, setting).await;
+        let (idle_kb, _, _) = process_stats(daemon.child.id());
 
         // Alternating with the no-trigger baseline, so both see the same machine.
-        let (ratio, bare_rate, rate) = writer_ratio(&lab, &db).await;
+        let (ratio, bare_rate, rate) =
+            writer_ratio(&lab, &db, &mut stopped_for_baseline(setting, &mut daemon)).await;
+        // (A logical daemon was restarted for each baseline run: this one is the last.)
+        let pid = daemon.child.id();
         // CPU per event is measured over the latency phases, whose events are counted (the
         // writer phase's are not).
         let (_, _, cpu_before) = process_stats(pid);

@@ -105,11 +105,7 @@ impl Lab {
     }
 
     async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+        connect_redis(&self.redis).await
     }
 
     fn evictd(&self, db: &str, setting: &Setting, args: &[&str]) -> std::process::Command {
@@ -165,6 +161,15 @@ impl Lab {
             assert!(output.status.success(), "{}", support::text(&output));
         }
     }
+}
+
+/// A connection to `server` (no [`Lab`] needed: `--speed` starts only Redis).
+async fn connect_redis(server: &Redis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
 }
 
 /// Turns Redis keyspace notifications on (for per-commit latency) or off (for bulk phases,
@@ -719,11 +724,7 @@ async fn bulk_repeated(
 async fn redis_lookup_us(server: &Redis) -> f64 {
     const KEYS: u64 = 200_000;
     const LOOKUPS: u64 = 100_000;
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = connect_redis(server).await;
     for start in (0..KEYS).step_by(20_000) {
         let mut pipe = redis::pipe();
         for i in start..start + 20_000 {

@@ -116,7 +116,34 @@ DECLARE
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
-    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"UPDATE","table":"public.products","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.array_agg(y.b) FROM (
+                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
+                        SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
+                        FROM (SELECT DISTINCT * FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows) u) d) x
+                    GROUP BY x.run) y) END
+            INTO n, bodies
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"INSERT","table":"public.products","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
@@ -126,6 +153,15 @@ BEGIN
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"DELETE","table":"public.products","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
@@ -134,15 +170,6 @@ BEGIN
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
-                SELECT pg_catalog.array_agg(y.b) FROM (
-                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
-                        SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows) u) d) x
-                    GROUP BY x.run) y) END
-            INTO n, bodies
-            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
     IF n OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;
@@ -178,7 +205,34 @@ DECLARE
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
-    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"UPDATE","table":"public.job_readiness_expert_sessions","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.array_agg(y.b) FROM (
+                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
+                        SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
+                        FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows) u) d) x
+                    GROUP BY x.run) y) END
+            INTO n, bodies
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"INSERT","table":"public.job_readiness_expert_sessions","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
@@ -188,6 +242,15 @@ BEGIN
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"DELETE","table":"public.job_readiness_expert_sessions","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
@@ -196,15 +259,6 @@ BEGIN
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
-                SELECT pg_catalog.array_agg(y.b) FROM (
-                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
-                        SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows) u) d) x
-                    GROUP BY x.run) y) END
-            INTO n, bodies
-            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
     IF n OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;
@@ -240,7 +294,34 @@ DECLARE
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
-    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"UPDATE","table":"public.modules","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.array_agg(y.b) FROM (
+                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
+                        SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
+                        FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows) u) d) x
+                    GROUP BY x.run) y) END
+            INTO n, bodies
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"INSERT","table":"public.modules","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
@@ -250,6 +331,15 @@ BEGIN
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"DELETE","table":"public.modules","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
@@ -258,15 +348,6 @@ BEGIN
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
-                SELECT pg_catalog.array_agg(y.b) FROM (
-                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
-                        SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows) u) d) x
-                    GROUP BY x.run) y) END
-            INTO n, bodies
-            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
     IF n OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;
@@ -302,7 +383,34 @@ DECLARE
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
-    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"UPDATE","table":"public.clients","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0 FROM new_rows LIMIT 2001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
+        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
+                SELECT pg_catalog.array_agg(y.b) FROM (
+                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
+                        SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
+                        FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0 FROM new_rows) u) d) x
+                    GROUP BY x.run) y) END
+            INTO n, bodies
+            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"INSERT","table":"public.clients","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0 FROM new_rows LIMIT 1001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
@@ -312,6 +420,15 @@ BEGIN
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        INSERT INTO evictd.outbox (payload)
+        SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
+            SELECT '{"v":1,"op":"DELETE","table":"public.clients","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
+            FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows LIMIT 1001) d
+            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
+        IF FOUND THEN
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            RETURN NULL;
+        END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
@@ -320,15 +437,6 @@ BEGIN
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-        SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
-                SELECT pg_catalog.array_agg(y.b) FROM (
-                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
-                        SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0 FROM new_rows) u) d) x
-                    GROUP BY x.run) y) END
-            INTO n, bodies
-            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
     END IF;
     IF n OPERATOR(pg_catalog.=) 0 THEN
         RETURN NULL;

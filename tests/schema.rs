@@ -317,3 +317,231 @@ async fn big_statement_writes_one_outbox_event_per_run_of_rows() {
     }
     assert_eq!(seen.len(), distinct_rows);
 }
+
+/// What the capture triggers emit for `statement`, as (operation, table-wide?, distinct rows):
+/// read from the outbox, or in notify mode heard on the channel up to a closing NOTIFY.
+async fn events_of(env: &Env, statement: &str) -> Vec<(String, bool, Vec<Vec<String>>)> {
+    use evictd::event::{Change, ChangeEvent};
+    use futures_util::StreamExt;
+    let payloads: Vec<String> = if env.delivery == Delivery::Notify {
+        let (listener, mut connection) =
+            tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = stream.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+        });
+        listener
+            .batch_execute("LISTEN cache_invalidation")
+            .await
+            .unwrap();
+        env.sql(statement).await;
+        env.sql("SELECT pg_notify('cache_invalidation', 'end')")
+            .await;
+        let mut payloads = Vec::new();
+        loop {
+            let payload = tokio::time::timeout(support::DEADLINE, rx.recv())
+                .await
+                .expect("the closing NOTIFY within the deadline")
+                .unwrap();
+            if payload == "end" {
+                break payloads;
+            }
+            payloads.push(payload);
+        }
+    } else {
+        env.sql("DELETE FROM evictd.outbox").await;
+        env.sql(statement).await;
+        let rows = env
+            .pg
+            .query("SELECT payload FROM evictd.outbox ORDER BY id", &[])
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    };
+    payloads
+        .iter()
+        .map(|payload| {
+            let event = ChangeEvent::parse(payload).expect("each event is complete JSON");
+            let op = format!("{:?}", event.op).to_uppercase();
+            match event.change {
+                Change::TableWide => (op, true, Vec::new()),
+                Change::Rows { columns, rows } => {
+                    assert_eq!(columns, ["client_id", "id"]);
+                    let rows: Vec<Vec<String>> = rows
+                        .iter()
+                        .map(|row| {
+                            row.iter()
+                                .map(|v| v.as_ref().map_or("NULL", |v| v.as_str()).to_string())
+                                .collect()
+                        })
+                        .collect();
+                    let distinct: std::collections::HashSet<_> = rows.iter().collect();
+                    assert_eq!(distinct.len(), rows.len(), "a row sent twice: {payload}");
+                    (op, false, rows)
+                }
+                Change::Tags(_) => panic!("no explicit tags here: {payload}"),
+            }
+        })
+        .collect()
+}
+
+/// Clients c1 and c2, and products 1..=`n` of client c1.
+async fn seed_products(env: &Env, n: usize) {
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES
+             ('00000000-0000-0000-0000-0000000000c1', 'one'),
+             ('00000000-0000-0000-0000-0000000000c2', 'two');
+         INSERT INTO products (id, client_id, name)
+         SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid,
+                '00000000-0000-0000-0000-0000000000c1', 'p' || i
+         FROM generate_series(1, {n}) i;"
+    ))
+    .await;
+}
+
+fn product_rows(client: &str, ids: std::ops::RangeInclusive<usize>) -> Vec<Vec<String>> {
+    ids.map(|i| {
+        vec![
+            format!("00000000-0000-0000-0000-0000000000{client}"),
+            format!("00000000-0000-0000-0000-{i:012}"),
+        ]
+    })
+    .collect()
+}
+
+fn sorted(mut rows: Vec<Vec<String>>) -> Vec<Vec<String>> {
+    rows.sort();
+    rows
+}
+
+/// Statements of up to 1,000 rows take the capture function's one-statement fast path, larger
+/// ones the general path; both emit the same events: every distinct old and new row once, no
+/// event for a statement that changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_and_large_statements_emit_the_same_events() {
+    let env = Env::new(Delivery::Outbox).await;
+    seed_products(&env, 2_100).await;
+    let precise = |op: &str, rows: Vec<Vec<String>>| vec![(op.to_string(), false, sorted(rows))];
+    let sorted_events = |mut events: Vec<(String, bool, Vec<Vec<String>>)>| {
+        for event in &mut events {
+            event.2.sort();
+        }
+        events
+    };
+    let id = |i: usize| format!("00000000-0000-0000-0000-{i:012}");
+
+    // One row, its key columns unchanged: old and new are the same row, sent once.
+    let events = events_of(
+        &env,
+        &format!("UPDATE products SET price_cents = 1 WHERE id = '{}'", id(1)),
+    )
+    .await;
+    assert_eq!(
+        sorted_events(events),
+        precise("UPDATE", product_rows("c1", 1..=1))
+    );
+    // Moved to another client: both clients.
+    let events = events_of(
+        &env,
+        &format!(
+            "UPDATE products SET client_id = '00000000-0000-0000-0000-0000000000c2' WHERE id = '{}'",
+            id(2)
+        ),
+    )
+    .await;
+    let mut both = product_rows("c1", 2..=2);
+    both.extend(product_rows("c2", 2..=2));
+    assert_eq!(sorted_events(events), precise("UPDATE", both));
+    // Nothing changed, nothing sent.
+    let events = events_of(&env, "UPDATE products SET price_cents = 1 WHERE false").await;
+    assert_eq!(events, []);
+    // Exactly 1,000 rows (fast path) and 1,001 (general path), all moving: old and new.
+    for (first, last) in [(3, 1_002), (1_003, 2_003)] {
+        let events = events_of(
+            &env,
+            &format!(
+                "UPDATE products SET client_id = '00000000-0000-0000-0000-0000000000c2'
+                 WHERE id BETWEEN '{}' AND '{}'",
+                id(first),
+                id(last)
+            ),
+        )
+        .await;
+        let mut both = product_rows("c1", first..=last);
+        both.extend(product_rows("c2", first..=last));
+        assert_eq!(
+            sorted_events(events),
+            precise("UPDATE", both),
+            "{first}..={last}"
+        );
+    }
+    // INSERT and DELETE take it too.
+    let events = events_of(
+        &env,
+        &format!(
+            "INSERT INTO products (id, client_id, name) VALUES ('{}', '00000000-0000-0000-0000-0000000000c1', 'new')",
+            id(5_000)
+        ),
+    )
+    .await;
+    assert_eq!(
+        sorted_events(events),
+        precise("INSERT", product_rows("c1", 5_000..=5_000))
+    );
+    let events = events_of(
+        &env,
+        &format!(
+            "DELETE FROM products WHERE id BETWEEN '{}' AND '{}'",
+            id(2_050),
+            id(2_055)
+        ),
+    )
+    .await;
+    assert_eq!(
+        sorted_events(events),
+        precise("DELETE", product_rows("c1", 2_050..=2_055))
+    );
+}
+
+/// A `wide_row_threshold` below the fast path's size still decides: above it a statement is
+/// table-wide, at it precise. In notify mode a small statement whose rows do not fit one
+/// payload goes table-wide too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_respects_the_threshold_and_the_payload_limit() {
+    let env = Env::with_config(Delivery::Outbox, "wide_row_threshold = 5\n").await;
+    seed_products(&env, 10).await;
+    let between = |a: usize, b: usize| {
+        format!(
+            "UPDATE products SET price_cents = 2 WHERE id BETWEEN '00000000-0000-0000-0000-{a:012}' AND '00000000-0000-0000-0000-{b:012}'"
+        )
+    };
+    let events = events_of(&env, &between(1, 5)).await;
+    assert_eq!(events.len(), 1);
+    assert!(!events[0].1, "5 rows: precise");
+    assert_eq!(events[0].2.len(), 5);
+    let events = events_of(&env, &between(1, 6)).await;
+    assert_eq!(
+        events,
+        [("UPDATE".to_string(), true, Vec::new())],
+        "6 rows: wide"
+    );
+
+    let env = Env::new(Delivery::Notify).await;
+    seed_products(&env, 300).await;
+    let events = events_of(&env, &between(1, 1)).await;
+    assert_eq!(events.len(), 1);
+    assert!(!events[0].1, "one row fits a payload");
+    let events = events_of(&env, &between(1, 300)).await;
+    assert_eq!(
+        events,
+        [("UPDATE".to_string(), true, Vec::new())],
+        "300 rows do not fit 8000 bytes"
+    );
+}

@@ -2,17 +2,18 @@
 //! statement in bounded pieces — and acknowledge only after Redis confirmed; poison rows go to
 //! the dead-letter table with their reason.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{Instrument as _, Span};
+use tracing::{Instrument as _, Span, debug};
 
 use super::report::batch_span;
-use super::{Daemon, FLUSH_TAGS, ROWS_PER_PART, SessionError};
+use super::{Daemon, FLUSH_TAGS, OUTBOX_POLL, ROWS_PER_PART, SessionError};
 use crate::batch::{Batch, SentTags};
+use crate::config::Wakeup;
 use crate::event::ChangeEvent;
 use crate::sink::{MarkerTtl, RedisSink, Report, SinkError};
-use crate::source::{Session, SourceError, outbox};
+use crate::source::{Session, SourceError, doorbell, outbox};
 
 /// Claims taken in one transaction before it is committed: while Redis invalidates one claim's
 /// events, PostgreSQL already deletes (takes) the next rows, instead of each waiting for the
@@ -23,6 +24,39 @@ const TAKES_PER_TRANSACTION: usize = 4;
 /// statement's own payload. Small events fill batches up to `FLUSH_TAGS`, so that a full claim
 /// of them (`batch_max_events`) stays one batch, invalidated while the next claim is taken.
 const PIECE_TAGS: usize = FLUSH_TAGS / 2;
+
+/// Polls while the doorbell says busy: often enough that an event waits about a millisecond…
+const DOORBELL_BUSY_POLL: Duration = Duration::from_millis(1);
+/// …and this many empty polls in a row (a few milliseconds without a commit) make it idle.
+const DOORBELL_QUIET_POLLS: u32 = 5;
+/// How soon a barrier that did not pass is tried again at first (doubling up to `OUTBOX_POLL`).
+pub(super) const DOORBELL_RETRY: Duration = Duration::from_millis(1);
+
+/// Where the daemon is in the doorbell's cycle (`outbox` delivery, `notify` wake-up; see
+/// `source::doorbell`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Doorbell {
+    /// Writers ring; the daemon drains when they do (or at the safety poll).
+    Idle,
+    /// Writers do not ring; the daemon polls. `quiet`: empty polls in a row.
+    Busy { quiet: u32 },
+    /// Set back to idle, but the barrier has not passed: the last drain is owed, tried again
+    /// after `retry`.
+    BarrierOwed { retry: Duration },
+}
+
+impl Doorbell {
+    /// How long the session loop may wait before the next [`Daemon::drain_and_ring`].
+    pub(super) fn next_poll(self) -> Duration {
+        match self {
+            Doorbell::Idle => OUTBOX_POLL,
+            // Work was just found: straight back.
+            Doorbell::Busy { quiet: 0 } => Duration::ZERO,
+            Doorbell::Busy { .. } => DOORBELL_BUSY_POLL,
+            Doorbell::BarrierOwed { retry } => retry,
+        }
+    }
+}
 
 /// The invalidation of one batch of claimed events, running as a task of its own so that
 /// Redis works on it while this task parses and renders the next batch (or claims the next
@@ -45,6 +79,60 @@ struct ClaimWork {
 }
 
 impl Daemon {
+    /// Drains the outbox; with `notify` wake-up, takes the [`Doorbell`] one step further: a
+    /// drain that found work tells writers the daemon is busy (they skip their NOTIFY) and the
+    /// daemon polls instead; after [`DOORBELL_QUIET_POLLS`] empty polls it tells them it is idle
+    /// and, once the barrier passed (every writer that saw it busy has ended), drains a last
+    /// time. The session loop calls again after [`Doorbell::next_poll`]. Returns the events
+    /// drained.
+    pub(super) async fn drain_and_ring(
+        &mut self,
+        source: &mut Session,
+        sink: &RedisSink,
+    ) -> Result<usize, SessionError> {
+        if source.wakeup != Wakeup::Notify {
+            return self.drain_outbox(source, sink).await;
+        }
+        let mut total = 0;
+        loop {
+            if let Doorbell::BarrierOwed { retry } = self.doorbell {
+                if !doorbell::barrier_passed(&source.connection.client)
+                    .await
+                    .map_err(SourceError::from)?
+                {
+                    debug!("doorbell barrier: a writer that saw the daemon busy has not ended");
+                    self.doorbell = Doorbell::BarrierOwed {
+                        retry: (retry * 2).min(OUTBOX_POLL),
+                    };
+                    return Ok(total);
+                }
+                self.doorbell = Doorbell::Idle;
+            }
+            let found = self.drain_outbox(source, sink).await?;
+            total += found;
+            let busy = |busy| doorbell::set_busy(&source.connection.client, busy);
+            self.doorbell = match self.doorbell {
+                Doorbell::Idle if found == 0 => Doorbell::Idle,
+                Doorbell::Idle => {
+                    busy(true).await.map_err(SourceError::from)?;
+                    Doorbell::Busy { quiet: 0 }
+                }
+                Doorbell::Busy { .. } if found > 0 => Doorbell::Busy { quiet: 0 },
+                Doorbell::Busy { quiet } if quiet + 1 < DOORBELL_QUIET_POLLS => {
+                    Doorbell::Busy { quiet: quiet + 1 }
+                }
+                Doorbell::Busy { .. } | Doorbell::BarrierOwed { .. } => {
+                    busy(false).await.map_err(SourceError::from)?;
+                    self.doorbell = Doorbell::BarrierOwed {
+                        retry: DOORBELL_RETRY,
+                    };
+                    continue;
+                }
+            };
+            return Ok(total);
+        }
+    }
+
     /// Claims, invalidates and acknowledges outbox rows until none are left.
     pub(super) async fn drain_outbox(
         &mut self,

@@ -25,6 +25,7 @@ use tokio_postgres::Notification;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, warn};
 
+use self::drain::{DOORBELL_RETRY, Doorbell};
 use crate::backoff::Backoff;
 use crate::batch::Batch;
 use crate::config::{Delivery, Settings, Wakeup};
@@ -33,7 +34,7 @@ use crate::metrics::{EventLabels, Metrics};
 use crate::rules::Targets;
 use crate::schema::SchemaError;
 use crate::sink::{MarkerTtl, RedisSink, Report, SinkError, SinkOptions};
-use crate::source::{Session, SourceError, outbox};
+use crate::source::{Session, SourceError, doorbell, outbox};
 use report::{Summary, batch_span};
 use sweeper::sweep_forever;
 
@@ -93,6 +94,7 @@ pub async fn run(
         second_passes: VecDeque::new(),
         last_logical_flush: None,
         logical_markers_owed: false,
+        doorbell: Doorbell::Idle,
     };
     if let Some(interval) = daemon.settings.sweep_interval {
         tokio::spawn(sweep_forever(
@@ -142,6 +144,8 @@ struct Daemon {
     /// Part of a huge `logical` transaction went to Redis with its markers' TTL deferred; they
     /// get it before the transaction is confirmed.
     logical_markers_owed: bool,
+    /// `outbox` delivery with `notify` wake-up: where the daemon is in the doorbell's cycle.
+    doorbell: Doorbell,
 }
 
 impl Daemon {
@@ -179,12 +183,21 @@ impl Daemon {
                 self.resync(&sink, "start-up: notify mode cannot know what it missed")
                     .await?
             }
-            Delivery::Outbox if redis_restarted => {
-                self.resync(&sink, "redis restarted or failed over").await?;
-                self.drain_outbox(&mut source, &sink).await?;
-            }
             Delivery::Outbox => {
-                self.drain_outbox(&mut source, &sink).await?;
+                if redis_restarted {
+                    self.resync(&sink, "redis restarted or failed over").await?;
+                }
+                if source.wakeup == Wakeup::Notify {
+                    // A daemon that died draining left the doorbell telling writers not to
+                    // ring: set it back, and drain after the barrier as any idle daemon does.
+                    doorbell::set_busy(&source.connection.client, false)
+                        .await
+                        .map_err(SourceError::from)?;
+                    self.doorbell = Doorbell::BarrierOwed {
+                        retry: DOORBELL_RETRY,
+                    };
+                }
+                self.drain_and_ring(&mut source, &sink).await?;
             }
             Delivery::Logical => {}
         }
@@ -212,6 +225,9 @@ impl Daemon {
         } else {
             OUTBOX_POLL
         };
+        if !polling {
+            poll_every = self.doorbell.next_poll();
+        }
         let mut next_poll = tokio::time::Instant::now() + poll_every;
         loop {
             tokio::select! {
@@ -231,7 +247,7 @@ impl Daemon {
                     }
                 }
                 _ = tokio::time::sleep_until(next_poll), if source.delivery == Delivery::Outbox => {
-                    let found = self.drain_outbox(&mut source, &sink).await?;
+                    let found = self.drain_and_ring(&mut source, &sink).await?;
                     if polling {
                         // Adaptive: straight back while there is work, backing off when idle.
                         poll_every = if found > 0 {
@@ -239,12 +255,18 @@ impl Daemon {
                         } else {
                             (poll_every * 2).min(self.settings.outbox_poll_max)
                         };
+                    } else {
+                        poll_every = self.doorbell.next_poll();
                     }
                     next_poll = tokio::time::Instant::now() + poll_every;
                 }
                 notification = source.next_notification() => {
                     let first = notification?;
                     self.on_notifications(first, &mut source, &sink).await?;
+                    if !polling {
+                        next_poll = next_poll
+                            .min(tokio::time::Instant::now() + self.doorbell.next_poll());
+                    }
                 }
                 event = follow::next_event(&mut stream) => {
                     if let Some(stream) = stream.as_mut() {
@@ -289,7 +311,7 @@ impl Daemon {
         }
         self.flush(sink, batch).await?;
         if source.delivery == Delivery::Outbox && (wake || overflowed) {
-            self.drain_outbox(source, sink).await?;
+            self.drain_and_ring(source, sink).await?;
         }
         Ok(())
     }

@@ -10,7 +10,16 @@ use crate::config::{Delivery, Settings, Wakeup};
 use crate::rules::{TableName, TableRule};
 
 /// Bumped whenever the generated objects change shape; recorded in `evictd.settings`.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// `outbox` delivery with `notify` wake-up: the doorbell, a sequence whose value is 1 while a
+/// daemon drains (writers then skip their wake-up NOTIFY) and 0 or unset otherwise. Read and
+/// set outside transactions (a sequence is not transactional), so writers see it at once.
+pub const DOORBELL: &str = "evictd.doorbell";
+/// The advisory lock a writer that skipped its NOTIFY holds (shared) until it ends: a daemon
+/// going idle takes it (exclusive, without waiting) before its last drain, so no such writer
+/// can commit after that drain unseen. See `source::doorbell`.
+pub const DOORBELL_LOCK: i64 = 0x6576_6963_7464_6462; // "evictddb"
 
 /// Names of the four statement triggers evictd puts on every configured table.
 pub const TRIGGER_NAMES: [&str; 4] = [
@@ -86,6 +95,9 @@ BEGIN
     END IF;
 END
 $lz4$;
+
+-- Outbox delivery with NOTIFY wake-up: 1 while a daemon drains, when writers need not wake it.
+CREATE SEQUENCE IF NOT EXISTS {DOORBELL} MINVALUE 0 MAXVALUE 1 START 0;
 
 -- Events the daemon could not process, kept with the reason instead of blocking the queue.
 CREATE TABLE IF NOT EXISTS evictd.dead_letter (
@@ -203,10 +215,9 @@ fn emit_function(delivery: Delivery, wakeup: Wakeup, channel: &str) -> String {
         (Delivery::Outbox, Wakeup::Poll) => {
             "    INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string()
         }
-        // The NOTIFY only wakes the daemon; identical payloads are folded into one per
-        // transaction by PostgreSQL, so a transaction costs one wake-up however many statements.
         (Delivery::Outbox, Wakeup::Notify) => format!(
-            "    INSERT INTO evictd.outbox (payload) VALUES (payload);\n    PERFORM pg_notify('{channel}', '');"
+            "    INSERT INTO evictd.outbox (payload) VALUES (payload);\n{}",
+            ring(channel, "    ")
         ),
     };
     format!(
@@ -220,6 +231,34 @@ REVOKE ALL ON FUNCTION evictd.emit(text) FROM PUBLIC;
 
 "#
     )
+}
+
+/// The wake-up of `outbox` delivery with `notify` wake-up, after the outbox INSERT, indented
+/// by `indent`. The NOTIFY only wakes the daemon (PostgreSQL folds identical payloads, so a
+/// transaction rings once however many statements), and it is skipped while a daemon drains
+/// ([`DOORBELL`] is 1): a notifying commit holds a cluster-wide lock through its WAL flush,
+/// which serialises the writers. A writer that skips it first takes [`DOORBELL_LOCK`] (shared,
+/// until it ends) and looks again: a daemon going idle sets the doorbell to 0 and then waits
+/// for that lock before its last drain, so the row is either rung for or drained.
+fn ring(channel: &str, indent: &str) -> String {
+    let busy = format!(
+        "coalesce(pg_catalog.pg_sequence_last_value('{DOORBELL}'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1"
+    );
+    let notify = format!("PERFORM pg_catalog.pg_notify('{channel}', '');");
+    [
+        format!("IF {busy} THEN"),
+        format!("    PERFORM pg_catalog.pg_advisory_xact_lock_shared({DOORBELL_LOCK});"),
+        format!("    IF NOT {busy} THEN"),
+        format!("        {notify}"),
+        "    END IF;".to_string(),
+        "ELSE".to_string(),
+        format!("    {notify}"),
+        "END IF;".to_string(),
+    ]
+    .iter()
+    .map(|line| format!("{indent}{line}"))
+    .collect::<Vec<_>>()
+    .join("\n")
 }
 
 fn invalidate_tags_function() -> String {
@@ -404,10 +443,8 @@ fn capture_function(
         }
         Delivery::Outbox => "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string(),
     };
-    let wake = match (delivery, wakeup) {
-        (Delivery::Outbox, Wakeup::Notify) => {
-            format!("\n    PERFORM pg_catalog.pg_notify('{channel}', '');")
-        }
+    let wake = |indent: &str| match (delivery, wakeup) {
+        (Delivery::Outbox, Wakeup::Notify) => format!("\n{}", ring(channel, indent)),
         _ => String::new(),
     };
     let timestamp =
@@ -454,7 +491,10 @@ fn capture_function(
                 "INSERT INTO evictd.outbox (payload)\n        SELECT {payload} FROM (\n            {aggregated}) x;"
             ),
         };
-        format!("{emit}\n        IF FOUND THEN{wake}\n            RETURN NULL;\n        END IF;")
+        format!(
+            "{emit}\n        IF FOUND THEN{}\n            RETURN NULL;\n        END IF;",
+            wake("            ")
+        )
     };
     let rows_payload = |body: &str| {
         concat(&[
@@ -523,6 +563,7 @@ REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
         insert = capture("new_rows", &["new_rows"]),
         delete = capture("old_rows", &["old_rows"]),
         both_sides = capture("new_rows", &["old_rows", "new_rows"]),
+        wake = wake("    "),
     )
 }
 

@@ -2,6 +2,7 @@
 //! mode, the outbox table it drains. Connection loss surfaces as an error; the daemon's
 //! supervisor reconnects.
 
+pub mod doorbell;
 pub mod logical;
 pub mod outbox;
 pub mod pgoutput;

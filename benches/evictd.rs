@@ -43,7 +43,7 @@ struct Setting {
     what: &'static str,
 }
 
-const SETTINGS: [Setting; 4] = [
+const SETTINGS: [Setting; 5] = [
     Setting {
         name: "outbox-notify",
         delivery: "outbox",
@@ -55,6 +55,12 @@ const SETTINGS: [Setting; 4] = [
         delivery: "outbox",
         wakeup: "poll",
         what: "outbox, adaptive poll (low writer overhead)",
+    },
+    Setting {
+        name: "outbox-doorbell",
+        delivery: "outbox",
+        wakeup: "doorbell",
+        what: "outbox, NOTIFY only while no daemon drains",
     },
     Setting {
         name: "notify",

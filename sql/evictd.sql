@@ -39,7 +39,7 @@ BEGIN
 END
 $lz4$;
 
--- Outbox delivery with NOTIFY wake-up: 1 while a daemon drains, when writers need not wake it.
+-- Outbox delivery with doorbell wake-up: 1 while a daemon drains, when writers need not wake it.
 CREATE SEQUENCE IF NOT EXISTS evictd.doorbell MINVALUE 0 MAXVALUE 1 START 0;
 
 -- Events the daemon could not process, kept with the reason instead of blocking the queue.
@@ -55,14 +55,7 @@ CREATE OR REPLACE FUNCTION evictd.emit(payload text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     INSERT INTO evictd.outbox (payload) VALUES (payload);
-    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-        END IF;
-    ELSE
-        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-    END IF;
+    PERFORM pg_notify('cache_invalidation', '');
 END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.emit(text) FROM PUBLIC;
@@ -133,14 +126,7 @@ BEGIN
             FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -158,14 +144,7 @@ BEGIN
             FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -183,14 +162,7 @@ BEGIN
             FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -213,14 +185,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
-    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-        END IF;
-    ELSE
-        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-    END IF;
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -250,14 +215,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -275,14 +233,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -300,14 +251,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -330,14 +274,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
-    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-        END IF;
-    ELSE
-        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-    END IF;
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -367,14 +304,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -392,14 +322,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -417,14 +340,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -447,14 +363,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
-    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-        END IF;
-    ELSE
-        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-    END IF;
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;
@@ -484,14 +393,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -509,14 +411,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -534,14 +429,7 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-                END IF;
-            ELSE
-                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-            END IF;
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -564,14 +452,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
-    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
-        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-        END IF;
-    ELSE
-        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
-    END IF;
+    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     RETURN NULL;
 END
 $fn$;

@@ -64,6 +64,11 @@ pub enum Wakeup {
     /// No NOTIFY: the daemon polls the outbox on an adaptive interval (1 ms while busy, backing
     /// off to `outbox_poll_max_ms` when idle): lowest writer cost, latency up to that interval.
     Poll,
+    /// A NOTIFY only while no daemon is draining: a daemon that found work says so (the
+    /// doorbell) and polls every millisecond until the outbox stays empty for a few. Writers
+    /// under load skip the commit-time lock; invalidation waits up to a millisecond or two
+    /// longer meanwhile.
+    Doorbell,
 }
 
 impl Wakeup {
@@ -71,6 +76,7 @@ impl Wakeup {
         match self {
             Wakeup::Notify => "notify",
             Wakeup::Poll => "poll",
+            Wakeup::Doorbell => "doorbell",
         }
     }
 }
@@ -81,8 +87,9 @@ impl FromStr for Wakeup {
         match s {
             "notify" => Ok(Wakeup::Notify),
             "poll" => Ok(Wakeup::Poll),
+            "doorbell" => Ok(Wakeup::Doorbell),
             other => Err(format!(
-                "unknown outbox wake-up `{other}` (use notify or poll)"
+                "unknown outbox wake-up `{other}` (use notify, poll or doorbell)"
             )),
         }
     }

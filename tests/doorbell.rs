@@ -1,6 +1,6 @@
-//! The default delivery's wake-up: writers skip their NOTIFY while a daemon drains (the
-//! doorbell), and still nothing committed is left stale — the daemon's last drain waits for
-//! every writer that saw it busy.
+//! The outbox's doorbell wake-up: writers skip their NOTIFY while a daemon drains, and still
+//! nothing committed is left stale — the daemon's last drain waits for every writer that saw
+//! it busy.
 
 mod support;
 
@@ -8,6 +8,8 @@ use evictd::config::Delivery;
 use futures_util::StreamExt;
 use support::{DEADLINE, Env};
 
+/// The configuration that installs the doorbell wake-up.
+const DOORBELL: &str = "outbox_wakeup = \"doorbell\"\n";
 const C1: &str = "00000000-0000-0000-0000-0000000000c1";
 
 fn product(i: usize) -> String {
@@ -108,7 +110,7 @@ async fn doorbell(env: &Env) -> i64 {
 /// so, and the next one sets it back and drains what was written meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_doorbell_silences_writers_and_a_new_daemon_resets_it() {
-    let env = Env::new(Delivery::Outbox).await;
+    let env = Env::with_config(Delivery::Outbox, DOORBELL).await;
     let keys = seed(&env, 2).await;
     let mut listener = Listener::start(&env).await;
     env.sql(&format!(
@@ -137,7 +139,7 @@ async fn busy_doorbell_silences_writers_and_a_new_daemon_resets_it() {
 /// behind: the daemon's last drain waits (without blocking) until that writer has ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_drain_waits_for_writers_that_saw_the_daemon_busy() {
-    let env = Env::new(Delivery::Outbox).await;
+    let env = Env::with_config(Delivery::Outbox, DOORBELL).await;
     let keys = seed(&env, 2).await;
     let daemon = env.start_daemon().await;
     wait_idle(&env).await;
@@ -176,7 +178,7 @@ async fn the_last_drain_waits_for_writers_that_saw_the_daemon_busy() {
 async fn concurrent_writers_lose_nothing_and_ring_less() {
     const WRITERS: usize = 4;
     const EACH: usize = 250;
-    let env = Env::new(Delivery::Outbox).await;
+    let env = Env::with_config(Delivery::Outbox, DOORBELL).await;
     let keys = seed(&env, WRITERS * EACH + 10).await;
     let _daemon = env.start_daemon().await;
     let mut listener = Listener::start(&env).await;

@@ -223,6 +223,12 @@ async fn each_table_and_operation_outbox_polled() {
     table_matrix(Delivery::Outbox, "outbox_wakeup = \"poll\"\n").await;
 }
 
+/// The same matrix with the doorbell wake-up (writers ring only while no daemon drains).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_table_and_operation_outbox_doorbell() {
+    table_matrix(Delivery::Outbox, "outbox_wakeup = \"doorbell\"\n").await;
+}
+
 /// In poll wake-up mode the writers send no NOTIFY at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_table_and_operation_logical() {

@@ -32,7 +32,7 @@ const DOORBELL_QUIET_POLLS: u32 = 5;
 /// How soon a barrier that did not pass is tried again at first (doubling up to `OUTBOX_POLL`).
 pub(super) const DOORBELL_RETRY: Duration = Duration::from_millis(1);
 
-/// Where the daemon is in the doorbell's cycle (`outbox` delivery, `notify` wake-up; see
+/// Where the daemon is in the doorbell's cycle (`outbox` delivery, `doorbell` wake-up; see
 /// `source::doorbell`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Doorbell {
@@ -79,7 +79,7 @@ struct ClaimWork {
 }
 
 impl Daemon {
-    /// Drains the outbox; with `notify` wake-up, takes the [`Doorbell`] one step further: a
+    /// Drains the outbox; with `doorbell` wake-up, takes the [`Doorbell`] one step further: a
     /// drain that found work tells writers the daemon is busy (they skip their NOTIFY) and the
     /// daemon polls instead; after [`DOORBELL_QUIET_POLLS`] empty polls it tells them it is idle
     /// and, once the barrier passed (every writer that saw it busy has ended), drains a last
@@ -90,7 +90,7 @@ impl Daemon {
         source: &mut Session,
         sink: &RedisSink,
     ) -> Result<usize, SessionError> {
-        if source.wakeup != Wakeup::Notify {
+        if source.wakeup != Wakeup::Doorbell {
             return self.drain_outbox(source, sink).await;
         }
         let mut total = 0;

@@ -144,7 +144,7 @@ struct Daemon {
     /// Part of a huge `logical` transaction went to Redis with its markers' TTL deferred; they
     /// get it before the transaction is confirmed.
     logical_markers_owed: bool,
-    /// `outbox` delivery with `notify` wake-up: where the daemon is in the doorbell's cycle.
+    /// `outbox` delivery with `doorbell` wake-up: where the daemon is in the doorbell's cycle.
     doorbell: Doorbell,
 }
 
@@ -187,7 +187,7 @@ impl Daemon {
                 if redis_restarted {
                     self.resync(&sink, "redis restarted or failed over").await?;
                 }
-                if source.wakeup == Wakeup::Notify {
+                if source.wakeup == Wakeup::Doorbell {
                     // A daemon that died draining left the doorbell telling writers not to
                     // ring: set it back, and drain after the barrier as any idle daemon does.
                     doorbell::set_busy(&source.connection.client, false)

@@ -12,7 +12,7 @@ use crate::rules::{TableName, TableRule};
 /// Bumped whenever the generated objects change shape; recorded in `evictd.settings`.
 pub const SCHEMA_VERSION: u32 = 2;
 
-/// `outbox` delivery with `notify` wake-up: the doorbell, a sequence whose value is 1 while a
+/// `outbox` delivery with `doorbell` wake-up: the doorbell, a sequence whose value is 1 while a
 /// daemon drains (writers then skip their wake-up NOTIFY) and 0 or unset otherwise. Read and
 /// set outside transactions (a sequence is not transactional), so writers see it at once.
 pub const DOORBELL: &str = "evictd.doorbell";
@@ -96,7 +96,7 @@ BEGIN
 END
 $lz4$;
 
--- Outbox delivery with NOTIFY wake-up: 1 while a daemon drains, when writers need not wake it.
+-- Outbox delivery with doorbell wake-up: 1 while a daemon drains, when writers need not wake it.
 CREATE SEQUENCE IF NOT EXISTS {DOORBELL} MINVALUE 0 MAXVALUE 1 START 0;
 
 -- Events the daemon could not process, kept with the reason instead of blocking the queue.
@@ -215,7 +215,12 @@ fn emit_function(delivery: Delivery, wakeup: Wakeup, channel: &str) -> String {
         (Delivery::Outbox, Wakeup::Poll) => {
             "    INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string()
         }
+        // The NOTIFY only wakes the daemon; identical payloads are folded into one per
+        // transaction by PostgreSQL, so a transaction costs one wake-up however many statements.
         (Delivery::Outbox, Wakeup::Notify) => format!(
+            "    INSERT INTO evictd.outbox (payload) VALUES (payload);\n    PERFORM pg_notify('{channel}', '');"
+        ),
+        (Delivery::Outbox, Wakeup::Doorbell) => format!(
             "    INSERT INTO evictd.outbox (payload) VALUES (payload);\n{}",
             ring(channel, "    ")
         ),
@@ -233,7 +238,7 @@ REVOKE ALL ON FUNCTION evictd.emit(text) FROM PUBLIC;
     )
 }
 
-/// The wake-up of `outbox` delivery with `notify` wake-up, after the outbox INSERT, indented
+/// The wake-up of `outbox` delivery with `doorbell` wake-up, after the outbox INSERT, indented
 /// by `indent`. The NOTIFY only wakes the daemon (PostgreSQL folds identical payloads, so a
 /// transaction rings once however many statements), and it is skipped while a daemon drains
 /// ([`DOORBELL`] is 1): a notifying commit holds a cluster-wide lock through its WAL flush,
@@ -444,7 +449,10 @@ fn capture_function(
         Delivery::Outbox => "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string(),
     };
     let wake = |indent: &str| match (delivery, wakeup) {
-        (Delivery::Outbox, Wakeup::Notify) => format!("\n{}", ring(channel, indent)),
+        (Delivery::Outbox, Wakeup::Notify) => {
+            format!("\n{indent}PERFORM pg_catalog.pg_notify('{channel}', '');")
+        }
+        (Delivery::Outbox, Wakeup::Doorbell) => format!("\n{}", ring(channel, indent)),
         _ => String::new(),
     };
     let timestamp =

@@ -5,7 +5,6 @@
 mod support;
 
 use evictd::config::Delivery;
-use futures_util::StreamExt;
 use support::{DEADLINE, Env};
 
 /// The configuration that installs the doorbell wake-up.
@@ -38,42 +37,24 @@ async fn seed(env: &Env, n: usize) -> Vec<String> {
     keys
 }
 
-/// Counts the NOTIFYs on the channel, from a connection of its own.
-struct Listener {
-    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
-    client: tokio_postgres::Client,
-}
+/// Counts the wake-ups heard on the channel.
+struct Listener(support::Listener);
 
 impl Listener {
     async fn start(env: &Env) -> Listener {
-        let (client, mut connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = stream.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    let _ = tx.send(n.payload().to_string());
-                }
-            }
-        });
-        client
-            .batch_execute("LISTEN cache_invalidation")
-            .await
-            .unwrap();
-        Listener { rx, client }
+        Listener(env.listen().await)
     }
 
     /// The wake-ups (empty payloads) heard until now: sends a closing NOTIFY and reads up to it.
     async fn wakeups(&mut self) -> usize {
-        self.client
+        self.0
+            .client
             .batch_execute("SELECT pg_notify('cache_invalidation', 'end')")
             .await
             .unwrap();
         let mut wakeups = 0;
         loop {
-            let payload = tokio::time::timeout(DEADLINE, self.rx.recv())
+            let payload = tokio::time::timeout(DEADLINE, self.0.payloads.recv())
                 .await
                 .expect("the closing NOTIFY within the deadline")
                 .unwrap();

@@ -364,22 +364,7 @@ async fn huge_update_sends_one_table_wide_event_in_notify_mode() {
     let _daemon = env.start_daemon().await;
 
     // Our own listener counts what goes over the channel.
-    let (listener, mut connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = stream.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                let _ = tx.send(n.payload().to_string());
-            }
-        }
-    });
-    listener
-        .batch_execute("LISTEN cache_invalidation")
-        .await
-        .unwrap();
+    let mut listener = env.listen().await;
 
     let entries = cache_everything(&env).await;
     env.sql("UPDATE products SET price_cents = price_cents + 1")
@@ -387,7 +372,7 @@ async fn huge_update_sends_one_table_wide_event_in_notify_mode() {
     env.barrier().await;
 
     let mut payloads = Vec::new();
-    while let Some(payload) = tokio::time::timeout(support::DEADLINE, rx.recv())
+    while let Some(payload) = tokio::time::timeout(support::DEADLINE, listener.payloads.recv())
         .await
         .unwrap()
     {

@@ -322,31 +322,14 @@ async fn big_statement_writes_one_outbox_event_per_run_of_rows() {
 /// read from the outbox, or in notify mode heard on the channel up to a closing NOTIFY.
 async fn events_of(env: &Env, statement: &str) -> Vec<(String, bool, Vec<Vec<String>>)> {
     use evictd::event::{Change, ChangeEvent};
-    use futures_util::StreamExt;
     let payloads: Vec<String> = if env.delivery == Delivery::Notify {
-        let (listener, mut connection) =
-            tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = stream.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    let _ = tx.send(n.payload().to_string());
-                }
-            }
-        });
-        listener
-            .batch_execute("LISTEN cache_invalidation")
-            .await
-            .unwrap();
+        let mut listener = env.listen().await;
         env.sql(statement).await;
         env.sql("SELECT pg_notify('cache_invalidation', 'end')")
             .await;
         let mut payloads = Vec::new();
         loop {
-            let payload = tokio::time::timeout(support::DEADLINE, rx.recv())
+            let payload = tokio::time::timeout(support::DEADLINE, listener.payloads.recv())
                 .await
                 .expect("the closing NOTIFY within the deadline")
                 .unwrap();

@@ -297,6 +297,29 @@ impl Env {
         }
     }
 
+    /// A connection of its own LISTENing on the default channel: what it hears arrives on
+    /// `payloads`.
+    pub async fn listen(&self) -> Listener {
+        use futures_util::StreamExt as _;
+        let (client, mut connection) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls)
+            .await
+            .expect("listener connection");
+        let (tx, payloads) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = stream.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+        });
+        client
+            .batch_execute("LISTEN cache_invalidation")
+            .await
+            .expect("LISTEN");
+        Listener { client, payloads }
+    }
+
     pub async fn sql(&self, sql: &str) {
         self.pg
             .batch_execute(sql)
@@ -387,6 +410,12 @@ impl Env {
 }
 
 /// The daemon as a child process. Killed on drop.
+/// See [`Env::listen`].
+pub struct Listener {
+    pub client: tokio_postgres::Client,
+    pub payloads: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
 pub struct Daemon {
     pub child: Child,
     log: Arc<Mutex<String>>,

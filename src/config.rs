@@ -61,7 +61,7 @@ pub enum Wakeup {
     /// Each committing transaction also NOTIFYs: lowest latency, but PostgreSQL serialises
     /// notifying commits on a cluster-wide lock, which costs writers throughput.
     Notify,
-    /// No NOTIFY: the daemon polls the outbox on an adaptive interval (1 ms while busy, backing
+    /// No NOTIFY: the daemon polls the outbox on an adaptive interval (10 ms while busy, backing
     /// off to `outbox_poll_max_ms` when idle): lowest writer cost, latency up to that interval.
     Poll,
     /// A NOTIFY only while no daemon is draining: a daemon that found work says so (the

@@ -193,3 +193,42 @@ async fn concurrent_writers_lose_nothing_and_ring_less() {
     env.wait_outbox_empty().await;
     wait_idle(&env).await;
 }
+
+/// The doctor's `doorbell` line, as (status, message, hint).
+fn doctor_doorbell(env: &Env) -> (String, String, String) {
+    let output = env.run_cli(&["doctor", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", support::text(&output)));
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "doorbell")
+        .unwrap_or_else(|| panic!("no doorbell check: {report}"));
+    let field = |name: &str| check[name].as_str().unwrap_or_default().to_string();
+    (field("status"), field("message"), field("hint"))
+}
+
+/// A doorbell left busy by a daemon that died draining, with events waiting, is a WARN that
+/// says what to do; an idle one, or a busy one with nothing old waiting, is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_a_doorbell_left_busy() {
+    let env = Env::with_config(Delivery::Outbox, DOORBELL).await;
+    seed(&env, 1).await;
+    assert_eq!(doctor_doorbell(&env).0, "OK", "idle");
+
+    env.sql("SELECT setval('evictd.doorbell', 1)").await;
+    assert_eq!(doctor_doorbell(&env).0, "OK", "busy, nothing waiting");
+
+    env.sql(&format!(
+        "UPDATE products SET price_cents = 1 WHERE id = '{}';
+         UPDATE evictd.outbox SET created_at = created_at - interval '1 minute';",
+        product(1)
+    ))
+    .await;
+    let (status, message, hint) = doctor_doorbell(&env);
+    assert_eq!(status, "WARN", "{message}");
+    assert!(message.contains("no daemon is draining"), "{message}");
+    assert!(hint.contains("evictd run"), "{hint}");
+    assert_eq!(env.outbox_len().await, 1, "doctor changes nothing");
+}

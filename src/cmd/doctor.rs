@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::config::{Delivery, Settings};
+use crate::config::{Delivery, Settings, Wakeup};
 use crate::db;
 use crate::redact::redact_url;
 use crate::schema::{self, ddl};
@@ -44,6 +44,9 @@ fn check(name: &'static str, status: Status, message: String, hint: Option<&str>
 const ROUND_TRIP: Duration = Duration::from_secs(3);
 /// An outbox event older than this means the daemon is not keeping up (or not running).
 const BACKLOG_AGE_WARN_SECS: f64 = 60.0;
+/// A busy doorbell with an event older than this: no daemon is draining (one that is claims
+/// within milliseconds), so the doorbell was left busy and writers are not ringing.
+const DOORBELL_STUCK_SECS: f64 = 5.0;
 
 pub async fn doctor(settings: &Settings, json: bool) -> anyhow::Result<bool> {
     let checks = run_checks(settings).await;
@@ -251,6 +254,9 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
     if let Some(installed) = &installed {
         checks.push(listen_round_trip(settings, &installed.channel).await);
         checks.push(outbox_check(client).await);
+        if installed.wakeup == Wakeup::Doorbell {
+            checks.push(doorbell_check(client).await);
+        }
     }
     checks
 }
@@ -540,6 +546,60 @@ async fn outbox_check(client: &Client) -> Check {
         }
         Err(e) => check(
             "outbox",
+            Status::Fail,
+            e.to_string(),
+            Some("run `evictd migrate`"),
+        ),
+    }
+}
+
+/// `doorbell` wake-up: whether writers ring. A daemon killed while draining leaves the doorbell
+/// busy; writers then skip their wake-up until a daemon starts again (it resets it), so their
+/// events wait for the daemon's safety poll at best.
+async fn doorbell_check(client: &Client) -> Check {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT coalesce(pg_catalog.pg_sequence_last_value('{}'), 0) = 1, \
+                 coalesce(extract(epoch FROM clock_timestamp() - \
+                 (SELECT min(created_at) FROM evictd.outbox)), 0)::float8",
+                ddl::DOORBELL
+            ),
+            &[],
+        )
+        .await;
+    match row {
+        Ok(row) => {
+            let (busy, age): (bool, f64) = (row.get(0), row.get(1));
+            if !busy {
+                check(
+                    "doorbell",
+                    Status::Ok,
+                    "idle: writers wake the daemon".to_string(),
+                    None,
+                )
+            } else if age > DOORBELL_STUCK_SECS {
+                check(
+                    "doorbell",
+                    Status::Warn,
+                    format!(
+                        "busy, yet an event has waited {age:.1}s: no daemon is draining, and writers skip their wake-up"
+                    ),
+                    Some(
+                        "start `evictd run` (it resets the doorbell), or SELECT setval('evictd.doorbell', 0)",
+                    ),
+                )
+            } else {
+                check(
+                    "doorbell",
+                    Status::Ok,
+                    "busy: a daemon is draining, writers skip their wake-up".to_string(),
+                    None,
+                )
+            }
+        }
+        Err(e) => check(
+            "doorbell",
             Status::Fail,
             e.to_string(),
             Some("run `evictd migrate`"),

@@ -220,14 +220,12 @@ impl Daemon {
         let mut health = tokio::time::interval(tick);
         health.reset();
         let polling = source.wakeup == Wakeup::Poll;
+        // Without the poll wake-up the poll is a safety net, or the doorbell's busy polling.
         let mut poll_every = if polling {
             OUTBOX_POLL_BUSY
         } else {
-            OUTBOX_POLL
+            self.doorbell.next_poll()
         };
-        if !polling {
-            poll_every = self.doorbell.next_poll();
-        }
         let mut next_poll = tokio::time::Instant::now() + poll_every;
         loop {
             tokio::select! {

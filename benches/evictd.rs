@@ -301,7 +301,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Percentiles of `lags_ms` (in commit order), and whether the lag stayed bounded.
 fn summary(mut lags_ms: Vec<f64>, lost: usize) -> Value {
+    let (first_quarter, last_quarter) = quarter_medians(&lags_ms);
     lags_ms.sort_by(|a, b| a.total_cmp(b));
     json!({
         "samples": lags_ms.len(),
@@ -310,7 +312,47 @@ fn summary(mut lags_ms: Vec<f64>, lost: usize) -> Value {
         "p90_ms": round(percentile(&lags_ms, 0.9)),
         "p99_ms": round(percentile(&lags_ms, 0.99)),
         "max_ms": round(lags_ms.last().copied().unwrap_or(f64::NAN)),
+        "first_quarter_p50_ms": round(first_quarter),
+        "last_quarter_p50_ms": round(last_quarter),
+        "bounded": lost == 0 && lag_bounded(first_quarter, last_quarter),
     })
+}
+
+/// The median lag of the first and of the last quarter of the commits (in commit order).
+fn quarter_medians(lags_ms: &[f64]) -> (f64, f64) {
+    let quarter = lags_ms.len() / 4;
+    let median = |part: &[f64]| {
+        let mut part = part.to_vec();
+        part.sort_by(|a, b| a.total_cmp(b));
+        percentile(&part, 0.5)
+    };
+    (
+        median(&lags_ms[..quarter]),
+        median(&lags_ms[lags_ms.len() - quarter..]),
+    )
+}
+
+/// Whether a closed loop's lag stayed bounded: a daemon that cannot keep up falls further
+/// behind as the phase goes on, so the lag of the last quarter of the commits is a multiple of
+/// the first's; one that keeps up shows about the same lag throughout (20 ms of slack for
+/// batching and this VM's hiccups). When it is bounded, the closed loop's rate is the highest
+/// commit rate at which the lag stays bounded: the database commits no faster.
+fn lag_bounded(first_quarter_ms: f64, last_quarter_ms: f64) -> bool {
+    last_quarter_ms <= (2.0 * first_quarter_ms).max(first_quarter_ms + 20.0)
+}
+
+/// How `summary`'s trend reads in a report line.
+fn trend(lag: &Value) -> String {
+    format!(
+        "{} (median {} ms in the first quarter of the commits, {} ms in the last)",
+        if lag["bounded"].as_bool() == Some(true) {
+            "bounded"
+        } else {
+            "GROWING"
+        },
+        lag["first_quarter_p50_ms"],
+        lag["last_quarter_p50_ms"]
+    )
 }
 
 fn round(x: f64) -> f64 {
@@ -1162,8 +1204,9 @@ async fn main() {
             }
             drop(daemon);
             println!(
-                "{:<14} {rate:.0} commits/s, lag {lags}; CPU: daemon {daemon_cpu:.0} %, walsender {walsender_cpu:.0} %",
-                setting.name
+                "{:<14} {rate:.0} commits/s, lag {lags}, {}; CPU: daemon {daemon_cpu:.0} %, walsender {walsender_cpu:.0} %",
+                setting.name,
+                trend(&lags)
             );
         }
         return;
@@ -1416,12 +1459,13 @@ fn print_table(report: &Value) {
         }
         let s = &r["synchronous_commit_off"];
         println!(
-            "  synchronous_commit=off: {} commits/s (bare {}), lag p50 {} ms, p99 {} ms, max {} ms",
+            "  synchronous_commit=off: {} commits/s (bare {}), lag p50 {} ms, p99 {} ms, max {} ms, {}",
             s["commits_per_s"],
             s["commits_per_s_no_triggers"],
             s["lag"]["p50_ms"],
             s["lag"]["p99_ms"],
-            s["lag"]["max_ms"]
+            s["lag"]["max_ms"],
+            trend(&s["lag"])
         );
         for key in ["bulk_100k", "bulk_1m"] {
             let b = &r[key];

@@ -1,5 +1,5 @@
-//! `logical` delivery: what differs from the trigger-based modes. No triggers on the writers'
-//! tables; old values through replica identity FULL; a large transaction goes table-wide; the
+//! `logical` delivery: what differs from the trigger-based modes. Triggers only for old values
+//! the WAL lacks; a large transaction goes table-wide; the
 //! slot is created, kept, and removed with the installation. (The per-table matrix is in
 //! `invalidation.rs`, the kill -9 tests in `faults.rs`.)
 
@@ -44,29 +44,42 @@ async fn query_strings(env: &Env, sql: &str) -> Vec<String> {
         .collect()
 }
 
-/// Writers pay no trigger: none is installed. Tables whose rules need a non-key column log
-/// their old rows in full; `clients` (rules on its primary key only) keeps the default.
+/// Writers pay a trigger only for old values the WAL lacks: rule columns outside the primary
+/// key, of rows deleted or of rows whose such a column changed. Replica identities stay as
+/// they were, and each table is published with its key and rule columns only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_triggers_and_replica_identity_only_where_needed() {
+async fn triggers_only_for_old_values_the_wal_lacks() {
     let env = seeded("").await;
     let triggers = query_strings(
         &env,
-        "SELECT tgname::text FROM pg_trigger WHERE tgname LIKE 'evictd%'",
+        "SELECT tgrelid::regclass::text || '.' || tgname FROM pg_trigger \
+         WHERE tgname LIKE 'evictd%' ORDER BY 1",
     )
     .await;
-    assert!(triggers.is_empty(), "{triggers:?}");
+    assert_eq!(
+        triggers,
+        [
+            "job_readiness_expert_sessions.evictd_old_delete",
+            "job_readiness_expert_sessions.evictd_old_update",
+            "modules.evictd_old_delete",
+            "modules.evictd_old_update",
+            "products.evictd_old_delete",
+            "products.evictd_old_update",
+        ]
+    );
     let published = query_strings(
         &env,
-        "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'evictd' ORDER BY 1",
+        "SELECT tablename::text || ' ' || array_to_string(attnames, ',') \
+         FROM pg_publication_tables WHERE pubname = 'evictd' ORDER BY 1",
     )
     .await;
     assert_eq!(
         published,
         [
-            "clients",
-            "job_readiness_expert_sessions",
-            "modules",
-            "products"
+            "clients id",
+            "job_readiness_expert_sessions id,product_id",
+            "modules id,product_id",
+            "products id,client_id",
         ]
     );
     let identities = query_strings(
@@ -75,7 +88,7 @@ async fn no_triggers_and_replica_identity_only_where_needed() {
          WHERE relname IN ('clients', 'products') ORDER BY 1",
     )
     .await;
-    assert_eq!(identities, ["clients=d", "products=f"]);
+    assert_eq!(identities, ["clients=d", "products=d"]);
     let slots = query_strings(
         &env,
         "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()",
@@ -113,6 +126,19 @@ async fn no_triggers_and_replica_identity_only_where_needed() {
     );
     assert!(report.contains("wal_writer_delay = '10ms'"), "{report}");
 
+    // An old-row trigger disabled (as a bulk load or a restore may leave it) is a FAIL.
+    env.sql("ALTER TABLE products DISABLE TRIGGER evictd_old_update")
+        .await;
+    let doctor = support::finish(env.command(&["doctor"]));
+    let report = support::text(&doctor);
+    assert_eq!(doctor.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("public.products: evictd_old_update missing or disabled"),
+        "{report}"
+    );
+    env.sql("ALTER TABLE products ENABLE TRIGGER evictd_old_update")
+        .await;
+
     // A table dropped from the publication (as if added to the configuration without
     // `evictd migrate`) is a FAIL naming it.
     env.sql("ALTER PUBLICATION evictd DROP TABLE modules").await;
@@ -123,6 +149,151 @@ async fn no_triggers_and_replica_identity_only_where_needed() {
         report.contains("not published (their changes are ignored): public.modules"),
         "{report}"
     );
+}
+
+/// The old-row messages (`evictd-old`) a statement emits, read through a slot of the test's
+/// own with pgoutput, as their JSON contents.
+async fn old_row_messages(env: &Env, slot: &str) -> Vec<String> {
+    query_strings(
+        env,
+        &format!(
+            "SELECT convert_from(substring(data FROM position('evictd-old'::bytea || '\\x00'::bytea IN data) + 15), 'UTF8') \
+             FROM pg_logical_slot_get_binary_changes('{slot}', NULL, NULL, 'proto_version', '1', \
+                  'publication_names', 'evictd', 'messages', 'true') \
+             WHERE get_byte(data, 0) = 77 AND position('evictd-old'::bytea IN data) > 0"
+        ),
+    )
+    .await
+}
+
+/// What the old-row triggers emit: nothing for an UPDATE that leaves the rule columns outside
+/// the key alone, the old row for one that moves a product, one message for a DELETE
+/// statement, and past `wide_row_threshold` moved rows in a transaction one table-wide event
+/// and then nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_rows_are_emitted_only_where_the_wal_lacks_them() {
+    let env = seeded("wide_row_threshold = 3\n").await;
+    insert_products(&env, "0001", 6, C1).await;
+    let slot = format!("probe_{}", env.name);
+    env.sql(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    ))
+    .await;
+
+    env.sql(&format!(
+        "UPDATE products SET price_cents = 5 WHERE id = '{P1}'"
+    ))
+    .await;
+    assert_eq!(old_row_messages(&env, &slot).await, Vec::<String>::new());
+
+    env.sql(&format!(
+        "UPDATE products SET client_id = '{C2}' WHERE id = '{P1}'"
+    ))
+    .await;
+    let moved = old_row_messages(&env, &slot).await;
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert!(
+        moved[0].contains(&format!(r#""rows":[["{C1}","{P1}"]]"#)),
+        "the old row: {moved:?}"
+    );
+
+    env.sql(&format!(
+        "DELETE FROM products WHERE id IN ('{P1}', '{P2}')"
+    ))
+    .await;
+    let deleted = old_row_messages(&env, &slot).await;
+    assert_eq!(deleted.len(), 1, "one per statement: {deleted:?}");
+    assert!(
+        deleted[0].contains(&format!(r#"["{C2}","{P1}"]"#))
+            && deleted[0].contains(&format!(r#"["{C2}","{P2}"]"#)),
+        "{deleted:?}"
+    );
+
+    env.sql(&format!(
+        "UPDATE products SET client_id = '{C2}' WHERE id::text LIKE '00000000-0000-0000-0001-%'"
+    ))
+    .await;
+    let mass = old_row_messages(&env, &slot).await;
+    assert_eq!(mass.len(), 4, "3 rows, then table-wide: {mass:?}");
+    assert_eq!(
+        mass.iter().filter(|m| m.contains(r#""wide":true"#)).count(),
+        1,
+        "{mass:?}"
+    );
+    env.sql(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+}
+
+/// A replica identity of the user's is kept and used: FULL (old rows in the WAL, no trigger,
+/// no column list), USING INDEX (its columns are the key); a table without any gets FULL, as
+/// its UPDATEs could not be published otherwise. Old values arrive either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identities_of_the_user_are_kept_and_used() {
+    let config = r#"
+[[tables]]
+table = "products"
+tags = ["products:client:{client_id}", "products:id:{id}"]
+[[tables]]
+table = "clients"
+tags = ["clients:name:{name}"]
+[[tables]]
+table = "notes"
+tags = ["notes:author:{author}"]
+"#;
+    let env = Env::bare(Delivery::Logical, config).await;
+    env.sql(&format!(
+        "CREATE TABLE notes (author text, body text);
+         INSERT INTO notes VALUES ('ann', 'hello');
+         INSERT INTO clients (id, name) VALUES ('{C1}', 'c1'), ('{C2}', 'c2');
+         INSERT INTO products (id, client_id, name) VALUES ('{P1}', '{C1}', 'p1');
+         ALTER TABLE products REPLICA IDENTITY FULL;
+         CREATE UNIQUE INDEX clients_id_name ON clients (id, name);
+         ALTER TABLE clients REPLICA IDENTITY USING INDEX clients_id_name;"
+    ))
+    .await;
+    env.migrate().await;
+    let identities = query_strings(
+        &env,
+        "SELECT relname::text || '=' || relreplident::text FROM pg_class \
+         WHERE relname IN ('clients', 'notes', 'products') ORDER BY 1",
+    )
+    .await;
+    assert_eq!(identities, ["clients=i", "notes=f", "products=f"]);
+    let triggers = query_strings(
+        &env,
+        "SELECT tgname::text FROM pg_trigger WHERE tgname LIKE 'evictd%'",
+    )
+    .await;
+    assert!(triggers.is_empty(), "{triggers:?}");
+    let published = query_strings(
+        &env,
+        "SELECT tablename::text || ' ' || array_to_string(attnames, ',') \
+         FROM pg_publication_tables WHERE pubname = 'evictd' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        published,
+        [
+            "clients id,name",
+            "notes author,body",
+            "products id,client_id,name,price_cents"
+        ]
+    );
+
+    let _daemon = env.start_daemon().await;
+    let old_client = env.cache("old", &[&format!("products:client:{C1}")]).await;
+    let old_name = env.cache("c1", &["clients:name:c1"]).await;
+    let author = env.cache("ann", &["notes:author:ann"]).await;
+    let other = env.cache("c2", &["clients:name:c2"]).await;
+    env.sql(&format!(
+        "UPDATE products SET client_id = '{C2}' WHERE id = '{P1}';
+         UPDATE clients SET name = 'renamed' WHERE id = '{C1}';
+         DELETE FROM notes;"
+    ))
+    .await;
+    env.wait_gone(&[old_client, old_name, author]).await;
+    env.barrier().await;
+    env.assert_present(&[other]).await;
 }
 
 /// An UPDATE moving a product to another client invalidates both clients' tags: the old
@@ -401,9 +572,9 @@ async fn confirmed_position_reaches_the_slot_without_further_traffic() {
 }
 
 /// `uninstall` removes the publication and the slot (an unread slot would keep WAL forever),
-/// and so does migrating to another delivery.
+/// and so does migrating to another delivery; each delivery leaves only its own triggers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slot_goes_with_uninstall_and_with_another_delivery() {
+async fn slot_and_triggers_follow_the_delivery_and_go_with_uninstall() {
     let env = seeded("").await;
     let slots =
         "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()";
@@ -416,10 +587,26 @@ async fn slot_goes_with_uninstall_and_with_another_delivery() {
         .expect("run migrate");
     assert!(migrate.status.success(), "{}", support::text(&migrate));
     assert!(query_strings(&env, slots).await.is_empty());
+    // Each delivery's triggers, and only its own.
+    let products_triggers = "SELECT tgname::text FROM pg_trigger \
+         WHERE tgrelid = 'products'::regclass AND tgname LIKE 'evictd%' ORDER BY 1";
+    assert_eq!(
+        query_strings(&env, products_triggers).await,
+        [
+            "evictd_delete",
+            "evictd_insert",
+            "evictd_truncate",
+            "evictd_update"
+        ]
+    );
 
     let back = support::finish(env.command(&["migrate"]));
     assert!(back.status.success(), "{}", support::text(&back));
     assert_eq!(query_strings(&env, slots).await.len(), 1);
+    assert_eq!(
+        query_strings(&env, products_triggers).await,
+        ["evictd_old_delete", "evictd_old_update"]
+    );
 
     let uninstall = support::finish(env.command(&["uninstall"]));
     assert!(uninstall.status.success(), "{}", support::text(&uninstall));

@@ -248,6 +248,7 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
     {
         checks.push(slot_check(client).await);
         checks.push(publication_check(settings, client).await);
+        checks.extend(old_row_trigger_checks(settings, client).await);
         return checks;
     }
     checks.extend(trigger_checks(settings, client).await);
@@ -447,6 +448,77 @@ async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<Check> {
                 hint: Some(hints.join("; ")),
             });
         }
+    }
+    checks
+}
+
+/// `logical` delivery: where a rule uses columns outside the table's replica identity, their
+/// old values come from triggers `evictd_old_update` and `evictd_old_delete`; without them an
+/// UPDATE moving a row, or a DELETE, leaves the old values' tags stale.
+async fn old_row_trigger_checks(settings: &Settings, client: &Client) -> Vec<Check> {
+    const NAMES: [&str; 2] = ["evictd_old_update", "evictd_old_delete"];
+    let mut checks = Vec::new();
+    for rule in settings.rules.tables() {
+        let row = client
+            .query_opt(
+                "SELECT c.relreplident::text, \
+                   ARRAY(SELECT a.attname::text FROM pg_index i \
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                         WHERE i.indrelid = c.oid AND ((c.relreplident = 'd' AND i.indisprimary) \
+                            OR (c.relreplident = 'i' AND i.indisreplident))), \
+                   ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid \
+                         AND a.attnum > 0 AND NOT a.attisdropped), \
+                   ARRAY(SELECT t.tgname::text FROM pg_trigger t WHERE t.tgrelid = c.oid \
+                         AND t.tgname LIKE 'evictd\\_old\\_%' AND t.tgenabled <> 'D') \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&rule.table.schema, &rule.table.name],
+            )
+            .await;
+        let (replident, key, present, enabled): (String, Vec<String>, Vec<String>, Vec<String>) =
+            match row {
+                Ok(Some(row)) => (row.get(0), row.get(1), row.get(2), row.get(3)),
+                // A missing table is the publication check's to report.
+                Ok(None) => continue,
+                Err(e) => {
+                    checks.push(check("triggers", Status::Fail, e.to_string(), None));
+                    continue;
+                }
+            };
+        let outside = rule
+            .columns
+            .iter()
+            .any(|c| present.contains(c) && !key.contains(c));
+        if replident == "f" || !outside {
+            continue;
+        }
+        let absent: Vec<&str> = NAMES
+            .into_iter()
+            .filter(|name| !enabled.iter().any(|e| e == name))
+            .collect();
+        checks.push(if absent.is_empty() {
+            check(
+                "triggers",
+                Status::Ok,
+                format!("{}: old-row triggers enabled", rule.table),
+                None,
+            )
+        } else {
+            check(
+                "triggers",
+                Status::Fail,
+                format!(
+                    "{}: {} missing or disabled: moved and deleted rows' old tags stay stale",
+                    rule.table,
+                    absent.join(", ")
+                ),
+                Some(&format!(
+                    "run `evictd migrate`, or ALTER TABLE {} ENABLE TRIGGER {}",
+                    rule.table,
+                    absent.join(", ENABLE TRIGGER ")
+                )),
+            )
+        });
     }
     checks
 }

@@ -10,7 +10,7 @@ use crate::config::{Delivery, Settings, Wakeup};
 use crate::rules::{TableName, TableRule};
 
 /// Bumped whenever the generated objects change shape; recorded in `evictd.settings`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// `outbox` delivery with `doorbell` wake-up: the doorbell, a sequence whose value is 1 while a
 /// daemon drains (writers then skip their wake-up NOTIFY) and 0 or unset otherwise. Read and
@@ -114,17 +114,29 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
     ));
     sql.push_str(&emit_function(delivery, settings.outbox_wakeup, channel));
     sql.push_str(&invalidate_tags_function());
+    let tables = settings.rules.tables();
     if delivery == Delivery::Logical {
-        // The WAL is the source: no capture triggers at all.
-        sql.push_str(&drop_stale_captures(&[]));
-        sql.push_str(&publication(settings.rules.tables()));
+        // The WAL is the source. Only what it lacks is captured: old values of rule columns
+        // outside the replica identity (see `publication`).
+        sql.push_str(&drop_stale_captures(tables, tables));
+        for rule in tables {
+            sql.push_str(&capture_function(
+                rule,
+                delivery,
+                settings.outbox_wakeup,
+                channel,
+                settings.wide_row_threshold,
+            ));
+            sql.push_str(&old_row_function(rule, settings.wide_row_threshold));
+        }
+        sql.push_str(&publication(tables));
         return sql;
     }
     sql.push_str(
         "-- Only `logical` delivery publishes the tables.\nDROP PUBLICATION IF EXISTS evictd;\n\n",
     );
-    sql.push_str(&drop_stale_captures(settings.rules.tables()));
-    for rule in settings.rules.tables() {
+    sql.push_str(&drop_stale_captures(tables, &[]));
+    for rule in tables {
         let limit = match delivery {
             Delivery::Notify => settings.wide_row_threshold.min(NOTIFY_ROW_LIMIT),
             Delivery::Outbox | Delivery::Logical => settings.wide_row_threshold,
@@ -149,13 +161,55 @@ pub const SLOT_NAME_SQL: &str =
 /// The publication `logical` delivery streams (named literally in the SQL below).
 pub const PUBLICATION: &str = "evictd";
 
-/// `logical` delivery: publication `evictd` over the configured tables, and for each table
-/// whose rules reference a column outside its primary key (or that has none), replica identity
-/// FULL, so that UPDATEs and DELETEs carry the old row's values (an UPDATE moving a product to
-/// another client must invalidate the old client's tags too).
+/// Prefix of the logical decoding messages that carry old rows the WAL lacks (`logical`
+/// delivery): their rows are invalidated like a change's, but they are not counted as events.
+pub const OLD_ROWS_PREFIX: &str = "evictd-old";
+
+/// `logical` delivery: publication `evictd` over the configured tables, and what each table
+/// needs so that UPDATEs and DELETEs carry the old values of the rule's columns (an UPDATE
+/// moving a product to another client must invalidate the old client's tags too).
+///
+/// The WAL carries the old replica identity (the primary key by default) of a deleted row, and
+/// of an updated one whose identity changed. Rule columns outside it come from two triggers:
+/// `evictd_old_update`, a row trigger whose `WHEN` fires only when such a column changed (so
+/// other UPDATEs run no function at all), and `evictd_old_delete`, a statement trigger; both
+/// emit the old rows as messages ([`OLD_ROWS_PREFIX`]) in the writer's transaction. The
+/// alternative, REPLICA IDENTITY FULL, puts every updated row's old version in the WAL in full
+/// (TOASTed values inlined) and makes the walsender decode and send it: 2–3 points of the
+/// writers' commit rate in the benchmark, and an UPDATE of a row with a large text column
+/// logs that text again. A table already FULL (the user's choice, or an older evictd's) is
+/// left so and needs no trigger; a table without any identity (no primary key, or NOTHING)
+/// is made FULL, as its UPDATEs and DELETEs could not be published otherwise.
+///
+/// From PostgreSQL 15 each table is published with a column list (the identity and the rule
+/// columns): the walsender sends the daemon nothing else.
 fn publication(rules: &[TableRule]) -> String {
-    let tables: Vec<String> = rules.iter().map(|r| qualified(&r.table)).collect();
-    let mut sql = format!(
+    let tables: Vec<String> = rules
+        .iter()
+        .map(|rule| {
+            let columns: Vec<String> = rule
+                .columns
+                .iter()
+                .map(|c| format!("'{}'", c.replace('\'', "''")))
+                .collect();
+            format!(
+                "('{}'::pg_catalog.regclass, ARRAY[{}]::pg_catalog.text[], '{}', '{}')",
+                qualified(&rule.table).replace('\'', "''"),
+                columns.join(", "),
+                capture_function_name(&rule.table),
+                old_row_function_name(&rule.table),
+            )
+        })
+        .collect();
+    let dropped: Vec<String> = TRIGGER_NAMES
+        .iter()
+        .map(|name| {
+            format!(
+                "        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS {name} ON %s', t.tab);"
+            )
+        })
+        .collect();
+    format!(
         r#"-- Logical delivery: the daemon streams these tables' committed changes from slot
 -- `evictd_<database>` (created by `evictd migrate`, or by the daemon when missing).
 DO $do$
@@ -165,42 +219,73 @@ BEGIN
     END IF;
 END
 $do$;
-ALTER PUBLICATION evictd SET TABLE {};
+-- Per table: the replica identity's columns, the triggers for old values of the other rule
+-- columns, and the publication's column list.
+DO $do$
+DECLARE
+    t record;
+    replident "char";
+    key_columns pg_catalog.text[];
+    present pg_catalog.text[];
+    outside pg_catalog.text[];
+    entries pg_catalog.text[] := '{{}}';
+BEGIN
+    FOR t IN SELECT * FROM (VALUES
+        {tables}
+    ) AS v(tab, rule_columns, capture, old_row) LOOP
+{dropped}
+        SELECT c.relreplident INTO replident FROM pg_class c WHERE c.oid = t.tab;
+        SELECT pg_catalog.array_agg(a.attname::pg_catalog.text) INTO key_columns
+        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+        WHERE i.indrelid = t.tab
+          AND ((replident = 'd' AND i.indisprimary) OR (replident = 'i' AND i.indisreplident));
+        IF replident <> 'f' AND key_columns IS NULL THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY FULL', t.tab);
+            replident := 'f';
+        END IF;
+        -- Rule columns the table has and pgoutput sends (not generated ones); a missing one
+        -- makes the daemon invalidate the table wide.
+        SELECT pg_catalog.array_agg(a.attname::pg_catalog.text) INTO present
+        FROM pg_attribute a
+        WHERE a.attrelid = t.tab AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+          AND a.attname::pg_catalog.text = ANY (t.rule_columns);
+        outside := ARRAY(SELECT c FROM pg_catalog.unnest(present) c
+                         WHERE replident <> 'f' AND c <> ALL (key_columns));
+        IF pg_catalog.cardinality(outside) = 0 THEN
+            EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_update ON %s', t.tab);
+            EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_delete ON %s', t.tab);
+        ELSE
+            EXECUTE pg_catalog.format(
+                'CREATE OR REPLACE TRIGGER evictd_old_update AFTER UPDATE ON %s FOR EACH ROW '
+                'WHEN (%s) EXECUTE FUNCTION evictd.%I()',
+                t.tab,
+                (SELECT pg_catalog.string_agg(pg_catalog.format(
+                    'OLD.%1$I::pg_catalog.text IS DISTINCT FROM NEW.%1$I::pg_catalog.text', c), ' OR ')
+                 FROM pg_catalog.unnest(outside) c),
+                t.old_row);
+            EXECUTE pg_catalog.format(
+                'CREATE OR REPLACE TRIGGER evictd_old_delete AFTER DELETE ON %s '
+                'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.%I()',
+                t.tab, t.capture);
+        END IF;
+        IF replident <> 'f' AND pg_catalog.current_setting('server_version_num')::int >= 150000 THEN
+            entries := entries || pg_catalog.format('%s (%s)', t.tab,
+                (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c), ', ')
+                 FROM (SELECT DISTINCT pg_catalog.unnest(key_columns || coalesce(present, '{{}}')) c) u));
+        ELSE
+            entries := entries || t.tab::pg_catalog.text;
+        END IF;
+    END LOOP;
+    EXECUTE 'ALTER PUBLICATION evictd SET TABLE ' || pg_catalog.array_to_string(entries, ', ');
+END
+$do$;
 INSERT INTO evictd.settings (key, value) VALUES ('slot', {SLOT_NAME_SQL})
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
 
 "#,
-        tables.join(", ")
-    );
-    for rule in rules {
-        let table = qualified(&rule.table);
-        let columns: Vec<String> = rule
-            .columns
-            .iter()
-            .map(|c| format!("'{}'", c.replace('\'', "''")))
-            .collect();
-        let _ = write!(
-            sql,
-            r#"DO $do$
-BEGIN
-    IF EXISTS (
-        SELECT FROM unnest(ARRAY[{columns}]::text[]) AS c(name)
-        WHERE c.name NOT IN (
-            SELECT a.attname FROM pg_index i
-            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-            WHERE i.indrelid = '{table_literal}'::regclass AND i.indisprimary)
-    ) AND (SELECT relreplident FROM pg_class WHERE oid = '{table_literal}'::regclass) <> 'f' THEN
-        ALTER TABLE {table} REPLICA IDENTITY FULL;
-    END IF;
-END
-$do$;
-"#,
-            columns = columns.join(", "),
-            table_literal = table.replace('\'', "''"),
-        );
-    }
-    sql.push('\n');
-    sql
+        tables = tables.join(",\n        "),
+        dropped = dropped.join("\n"),
+    )
 }
 
 /// `evictd.emit(payload)`: the one place that knows how an event leaves the transaction.
@@ -315,12 +400,79 @@ pub fn capture_function_name(table: &TableName) -> String {
     format!("capture__{}_{hash:016x}", &name[9..9 + 36])
 }
 
-/// Drops capture functions (and so their triggers) of tables no longer configured.
-fn drop_stale_captures(rules: &[TableRule]) -> String {
-    let keep: Vec<String> = rules
-        .iter()
-        .map(|r| format!("'{}'", capture_function_name(&r.table)))
-        .collect();
+/// The old-row function's name for `table` (`logical` delivery), like
+/// [`capture_function_name`].
+pub fn old_row_function_name(table: &TableName) -> String {
+    capture_function_name(table).replacen("capture__", "old_row__", 1)
+}
+
+/// `logical` delivery: the row trigger function of `evictd_old_update` (see [`publication`]),
+/// run only for rows whose rule columns outside the replica identity changed. It emits the old
+/// row as a message; past `row_limit` such rows in one transaction it emits one table-wide
+/// event instead and then nothing, so a mass move costs the walsender and the daemon no more
+/// than a big statement does (the count lives in a transaction-local setting).
+fn old_row_function(rule: &TableRule, row_limit: u64) -> String {
+    let name = old_row_function_name(&rule.table);
+    let table = rule.table.to_string();
+    let cols_json = serde_json::to_string(&rule.columns).unwrap_or_else(|_| "[]".into());
+    let counter = format!("evictd.rows_{:016x}", fnv1a64(name.as_bytes()));
+    let mut row = vec!["'['".to_string()];
+    for (i, c) in rule.columns.iter().enumerate() {
+        if i > 0 {
+            row.push("','".to_string());
+        }
+        row.push(format!(
+            "coalesce(pg_catalog.to_json(OLD.{}::pg_catalog.text)::pg_catalog.text, 'null')",
+            ident(c)
+        ));
+    }
+    row.push("']'".to_string());
+    let row: Vec<&str> = row.iter().map(String::as_str).collect();
+    let timestamp =
+        "(extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint";
+    let head = concat(&[
+        &format!("'{{\"v\":1,\"op\":\"UPDATE\",\"table\":\"{table}\",\"ts\":'"),
+        timestamp,
+    ]);
+    let precise = concat(&[
+        &head,
+        &format!("',\"cols\":{cols_json},\"rows\":['"),
+        &concat(&row),
+        "']}'",
+    ]);
+    let wide = concat(&[&head, "',\"wide\":true}'"]);
+    format!(
+        r#"CREATE OR REPLACE FUNCTION evictd.{name}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
+DECLARE
+    n bigint := coalesce(NULLIF(pg_catalog.current_setting('{counter}', true), ''), '0')::bigint OPERATOR(pg_catalog.+) 1;
+BEGIN
+    PERFORM pg_catalog.set_config('{counter}', n::pg_catalog.text, true);
+    IF n OPERATOR(pg_catalog.<=) {row_limit} THEN
+        PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {precise});
+    ELSIF n OPERATOR(pg_catalog.=) {wide_at} THEN
+        PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {wide});
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
+
+"#,
+        wide_at = row_limit + 1,
+    )
+}
+
+/// Drops capture functions (and so their triggers) of tables no longer configured, and old-row
+/// functions (`logical` delivery only) of tables that are not `old_rows`.
+fn drop_stale_captures(captures: &[TableRule], old_rows: &[TableRule]) -> String {
+    let names = |rules: &[TableRule], name: fn(&TableName) -> String| {
+        let names: Vec<String> = rules
+            .iter()
+            .map(|r| format!("'{}'", name(&r.table)))
+            .collect();
+        names.join(", ")
+    };
     format!(
         r#"-- Tables no longer configured lose their triggers.
 DO $do$
@@ -329,8 +481,9 @@ DECLARE
 BEGIN
     FOR f IN
         SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE n.nspname = 'evictd' AND p.proname LIKE 'capture\_\_%'
-          AND p.proname <> ALL (ARRAY[{}]::text[])
+        WHERE n.nspname = 'evictd' AND (
+            (p.proname LIKE 'capture\_\_%' AND p.proname <> ALL (ARRAY[{}]::text[]))
+            OR (p.proname LIKE 'old\_row\_\_%' AND p.proname <> ALL (ARRAY[{}]::text[])))
     LOOP
         EXECUTE 'DROP FUNCTION ' || f || ' CASCADE';
     END LOOP;
@@ -338,7 +491,8 @@ END
 $do$;
 
 "#,
-        keep.join(", ")
+        names(captures, capture_function_name),
+        names(old_rows, old_row_function_name),
     )
 }
 
@@ -443,9 +597,10 @@ fn capture_function(
     };
     let emit = match delivery {
         Delivery::Notify => format!("PERFORM pg_catalog.pg_notify('{channel}', payload);"),
-        Delivery::Logical => {
-            "PERFORM pg_catalog.pg_logical_emit_message(true, 'evictd', payload);".to_string()
-        }
+        // Only old rows the WAL lacks are captured in `logical` delivery (see `publication`).
+        Delivery::Logical => format!(
+            "PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', payload);"
+        ),
         Delivery::Outbox => "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string(),
     };
     let wake = |indent: &str| match (delivery, wakeup) {
@@ -495,7 +650,10 @@ fn capture_function(
                 "PERFORM pg_catalog.pg_notify('{channel}', CASE WHEN pg_catalog.octet_length(y.p) OPERATOR(pg_catalog.>) {NOTIFY_PAYLOAD_LIMIT} THEN {} ELSE y.p END)\n        FROM (SELECT x.h, {payload} AS p FROM (\n            {aggregated}) x) y;",
                 concat(&["y.h", "',\"wide\":true}'"]),
             ),
-            Delivery::Outbox | Delivery::Logical => format!(
+            Delivery::Logical => format!(
+                "PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {payload})\n        FROM (\n            {aggregated}) x;"
+            ),
+            Delivery::Outbox => format!(
                 "INSERT INTO evictd.outbox (payload)\n        SELECT {payload} FROM (\n            {aggregated}) x;"
             ),
         };
@@ -587,6 +745,7 @@ CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON {table}
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {function};
 CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON {table}
     FOR EACH STATEMENT EXECUTE FUNCTION {function};
+DROP TRIGGER IF EXISTS evictd_old_delete ON {table};
 
 "#
     )

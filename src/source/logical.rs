@@ -1,6 +1,7 @@
 //! `logical` delivery: committed changes streamed from a logical replication slot (`pgoutput`,
-//! publication `evictd`) instead of written by triggers, so writers pay nothing but a little
-//! more WAL.
+//! publication `evictd`) instead of written by triggers, so writers pay nearly nothing. Only
+//! old values the WAL lacks (rule columns outside the replica identity, of rows deleted or
+//! moved) come from triggers, as messages with prefix `evictd-old` (`schema::ddl::publication`).
 //!
 //! The slot is the durable queue: PostgreSQL keeps the WAL from the last position we confirmed,
 //! and we confirm a transaction's end only after Redis confirmed its invalidation
@@ -19,7 +20,7 @@ use crate::batch::Batch;
 use crate::config::Settings;
 use crate::event::{ChangeEvent, Op};
 use crate::rules::Rules;
-use crate::schema::ddl::{PUBLICATION, SLOT_NAME_SQL};
+use crate::schema::ddl::{OLD_ROWS_PREFIX, PUBLICATION, SLOT_NAME_SQL};
 
 /// Milliseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_UNIX_MS: i64 = 946_684_800_000;
@@ -266,10 +267,14 @@ impl Folder {
             }
             Message::Logical {
                 prefix, content, ..
-            } if prefix == "evictd" => {
+            } if prefix == "evictd" || prefix == OLD_ROWS_PREFIX => {
                 let text = String::from_utf8_lossy(content);
                 let event = ChangeEvent::parse(&text).map_err(|e| e.to_string())?;
-                batch.add(rules, &event).map_err(|e| e.to_string())?;
+                // Old rows the WAL lacks belong to a change already counted as an event.
+                let counted = prefix == "evictd";
+                batch
+                    .add_part(rules, &event, 0..usize::MAX, counted)
+                    .map_err(|e| e.to_string())?;
             }
             change => self.fold_change(change, rules, wide_threshold, batch)?,
         }

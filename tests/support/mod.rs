@@ -324,7 +324,10 @@ impl Env {
         self.pg
             .batch_execute(sql)
             .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap_or_else(|e| match e.as_db_error() {
+                Some(db) => panic!("{sql}: {db}"),
+                None => panic!("{sql}: {e}"),
+            });
     }
 
     /// Runs psql against this test's database (a file or commands), as an operator would.

@@ -72,7 +72,7 @@ const SETTINGS: [Setting; 5] = [
         name: "logical",
         delivery: "logical",
         wakeup: "notify",
-        what: "logical replication slot, no triggers (lowest writer cost)",
+        what: "logical replication slot (lowest writer cost)",
     },
 ];
 

@@ -229,12 +229,14 @@ async fn each_table_and_operation_outbox_doorbell() {
     table_matrix(Delivery::Outbox, "outbox_wakeup = \"doorbell\"\n").await;
 }
 
-/// In poll wake-up mode the writers send no NOTIFY at all.
+/// The same matrix streamed from a replication slot (old values of deleted and moved rows
+/// through the old-row triggers).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_table_and_operation_logical() {
     table_matrix(Delivery::Logical, "").await;
 }
 
+/// In poll wake-up mode the writers send no NOTIFY at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_wakeup_sends_no_notify() {
     let env = Env::with_config(Delivery::Outbox, "outbox_wakeup = \"poll\"\n").await;

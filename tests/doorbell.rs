@@ -121,7 +121,7 @@ async fn busy_doorbell_silences_writers_and_a_new_daemon_resets_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_drain_waits_for_writers_that_saw_the_daemon_busy() {
     let env = Env::with_config(Delivery::Outbox, DOORBELL).await;
-    let keys = seed(&env, 2).await;
+    let keys = seed(&env, 4).await;
     let daemon = env.start_daemon().await;
     wait_idle(&env).await;
 
@@ -134,13 +134,16 @@ async fn the_last_drain_waits_for_writers_that_saw_the_daemon_busy() {
     ))
     .await
     .unwrap();
-    // Another writer commits, silently too; a wake-up sends the daemon through a busy period
-    // and back to idle, where the open writer holds up its last drain.
-    env.sql(&format!(
-        "UPDATE products SET price_cents = 2 WHERE id = '{}'",
-        product(2)
-    ))
-    .await;
+    // Other writers commit, silently too; a wake-up finds their three events, which sends the
+    // daemon through a busy period and back to idle, where the open writer holds up its last
+    // drain.
+    for i in 2..=4 {
+        env.sql(&format!(
+            "UPDATE products SET price_cents = 2 WHERE id = '{}'",
+            product(i)
+        ))
+        .await;
+    }
     env.sql("SELECT pg_notify('cache_invalidation', '')").await;
     env.wait_gone(&keys[1..]).await;
     daemon
@@ -151,6 +154,26 @@ async fn the_last_drain_waits_for_writers_that_saw_the_daemon_busy() {
 
     open.batch_execute("COMMIT").await.unwrap();
     env.wait_gone(&keys[..1]).await;
+}
+
+/// At a low rate each wake-up finds one event, and the daemon stays idle: every commit rings,
+/// and none waits for a poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_at_a_time_keeps_the_doorbell_idle() {
+    let env = Env::with_config(Delivery::Outbox, DOORBELL).await;
+    let keys = seed(&env, 5).await;
+    let _daemon = env.start_daemon().await;
+    let mut listener = Listener::start(&env).await;
+    for (i, key) in keys.iter().enumerate() {
+        env.sql(&format!(
+            "UPDATE products SET price_cents = 3 WHERE id = '{}'",
+            product(i + 1)
+        ))
+        .await;
+        env.wait_gone(std::slice::from_ref(key)).await;
+    }
+    assert_eq!(listener.wakeups().await, keys.len(), "every commit rang");
+    assert_eq!(doorbell(&env).await, 0);
 }
 
 /// Four writers flat out against a running daemon: every touched entry goes, the others stay,

@@ -1,7 +1,7 @@
 //! The doorbell of `outbox` delivery with `doorbell` wake-up. A writer's wake-up NOTIFY makes
 //! its commit hold a cluster-wide lock through the WAL flush, so notifying writers commit one
-//! at a time; while a daemon drains anyway, the NOTIFY is wasted. So a daemon that found work
-//! marks itself busy ([`DOORBELL`] = 1) and writers skip the NOTIFY; going idle it sets 0 and
+//! at a time; while a daemon drains anyway, the NOTIFY is wasted. So a daemon that found
+//! several events marks itself busy ([`DOORBELL`] = 1) and writers skip the NOTIFY; going idle it sets 0 and
 //! passes the [barrier](barrier_passed) before its last drain.
 //!
 //! Why nothing is missed: a writer that skips the NOTIFY has first taken [`DOORBELL_LOCK`]

@@ -45,22 +45,22 @@ struct Setting {
 
 const SETTINGS: [Setting; 5] = [
     Setting {
+        name: "outbox-doorbell",
+        delivery: "outbox",
+        wakeup: "doorbell",
+        what: "outbox, NOTIFY only while no daemon drains (default)",
+    },
+    Setting {
         name: "outbox-notify",
         delivery: "outbox",
         wakeup: "notify",
-        what: "outbox, NOTIFY wake-up (default; low latency)",
+        what: "outbox, a NOTIFY per commit (lowest latency under load)",
     },
     Setting {
         name: "outbox-poll",
         delivery: "outbox",
         wakeup: "poll",
         what: "outbox, adaptive poll (low writer overhead)",
-    },
-    Setting {
-        name: "outbox-doorbell",
-        delivery: "outbox",
-        wakeup: "doorbell",
-        what: "outbox, NOTIFY only while no daemon drains",
     },
     Setting {
         name: "notify",

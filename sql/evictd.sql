@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS evictd.settings (
 INSERT INTO evictd.settings (key, value) VALUES
     ('schema_version', '3'),
     ('delivery', 'outbox'),
-    ('wakeup', 'notify'),
+    ('wakeup', 'doorbell'),
     ('channel', 'cache_invalidation')
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
 
@@ -55,7 +55,14 @@ CREATE OR REPLACE FUNCTION evictd.emit(payload text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     INSERT INTO evictd.outbox (payload) VALUES (payload);
-    PERFORM pg_notify('cache_invalidation', '');
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
 END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.emit(text) FROM PUBLIC;
@@ -127,7 +134,14 @@ BEGIN
             FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -145,7 +159,14 @@ BEGIN
             FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -163,7 +184,14 @@ BEGIN
             FROM (SELECT "client_id"::pg_catalog.text AS c0, "id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -186,7 +214,14 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
-    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
     RETURN NULL;
 END
 $fn$;
@@ -217,7 +252,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -235,7 +277,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -253,7 +302,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -276,7 +332,14 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
-    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
     RETURN NULL;
 END
 $fn$;
@@ -307,7 +370,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -325,7 +395,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -343,7 +420,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0, "product_id"::pg_catalog.text AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -366,7 +450,14 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
-    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
     RETURN NULL;
 END
 $fn$;
@@ -397,7 +488,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows UNION ALL SELECT "id"::pg_catalog.text AS c0 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -415,7 +513,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -433,7 +538,14 @@ BEGIN
             FROM (SELECT "id"::pg_catalog.text AS c0 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
-            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+                IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+                    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+                END IF;
+            ELSE
+                PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+            END IF;
             RETURN NULL;
         END IF;
         SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) 150000 THEN (
@@ -456,7 +568,14 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
-    PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
     RETURN NULL;
 END
 $fn$;

@@ -58,16 +58,16 @@ impl FromStr for Delivery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Wakeup {
-    /// Each committing transaction also NOTIFYs: lowest latency, but PostgreSQL serialises
-    /// notifying commits on a cluster-wide lock, which costs writers throughput.
+    /// Each committing transaction also NOTIFYs: lowest latency under load, but PostgreSQL
+    /// serialises notifying commits on a cluster-wide lock, which costs writers throughput.
     Notify,
     /// No NOTIFY: the daemon polls the outbox on an adaptive interval (10 ms while busy, backing
     /// off to `outbox_poll_max_ms` when idle): lowest writer cost, latency up to that interval.
     Poll,
-    /// A NOTIFY only while no daemon is draining: a daemon that found work says so (the
-    /// doorbell) and polls every millisecond until the outbox stays empty for a few. Writers
-    /// under load skip the commit-time lock; invalidation waits up to a millisecond or two
-    /// longer meanwhile.
+    /// The default. A NOTIFY only while no daemon is draining: a daemon whose drain found
+    /// several events says so (the doorbell) and polls every millisecond until its polls find
+    /// few. Writers under load skip the commit-time lock (and are asked to ring again when the
+    /// daemon falls behind them); invalidation waits a millisecond or two longer meanwhile.
     Doorbell,
 }
 
@@ -477,7 +477,7 @@ impl Settings {
                 .delivery
                 .or(raw.delivery)
                 .unwrap_or(Delivery::Outbox),
-            outbox_wakeup: raw.outbox_wakeup.unwrap_or(Wakeup::Notify),
+            outbox_wakeup: raw.outbox_wakeup.unwrap_or(Wakeup::Doorbell),
             outbox_poll_max: Duration::from_millis(outbox_poll_max_ms),
             http_addr,
             log_format: overrides

@@ -210,7 +210,7 @@ async fn each_table_and_operation_notify() {
     table_matrix(Delivery::Notify, "").await;
 }
 
-/// The same matrix through the outbox.
+/// The same matrix through the outbox, with the default (doorbell) wake-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_table_and_operation_outbox() {
     table_matrix(Delivery::Outbox, "").await;
@@ -223,10 +223,11 @@ async fn each_table_and_operation_outbox_polled() {
     table_matrix(Delivery::Outbox, "outbox_wakeup = \"poll\"\n").await;
 }
 
-/// The same matrix with the doorbell wake-up (writers ring only while no daemon drains).
+/// The same matrix with a NOTIFY per commit (the default is the doorbell: writers ring only
+/// while no daemon drains).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_table_and_operation_outbox_doorbell() {
-    table_matrix(Delivery::Outbox, "outbox_wakeup = \"doorbell\"\n").await;
+async fn each_table_and_operation_outbox_notify() {
+    table_matrix(Delivery::Outbox, "outbox_wakeup = \"notify\"\n").await;
 }
 
 /// The same matrix streamed from a replication slot (old values of deleted and moved rows

@@ -22,7 +22,7 @@ GRANT SELECT ON evictd.settings TO evictd_daemon;
 -- SELECT ... FOR UPDATE SKIP LOCKED needs UPDATE; acknowledging needs DELETE.
 GRANT SELECT, UPDATE, DELETE ON evictd.outbox TO evictd_daemon;
 GRANT SELECT, INSERT ON evictd.dead_letter TO evictd_daemon;
--- The doorbell (outbox delivery, NOTIFY wake-up): setval tells writers the daemon is draining.
+-- The doorbell (outbox delivery, doorbell wake-up, the default): setval tells writers the daemon is draining.
 GRANT SELECT, UPDATE ON SEQUENCE evictd.doorbell TO evictd_daemon;
 
 -- `delivery = "logical"` streams from a replication slot, which takes the REPLICATION attribute

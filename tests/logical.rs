@@ -34,6 +34,10 @@ async fn insert_products(env: &Env, group: &str, count: usize, client: &str) {
     .await;
 }
 
+/// Each published table with the columns the walsender sends of it.
+const PUBLISHED_COLUMNS: &str = "SELECT tablename::text || ' ' || array_to_string(attnames, ',') \
+     FROM pg_publication_tables WHERE pubname = 'evictd' ORDER BY 1";
+
 async fn query_strings(env: &Env, sql: &str) -> Vec<String> {
     env.pg
         .query(sql, &[])
@@ -67,12 +71,7 @@ async fn triggers_only_for_old_values_the_wal_lacks() {
             "products.evictd_old_update",
         ]
     );
-    let published = query_strings(
-        &env,
-        "SELECT tablename::text || ' ' || array_to_string(attnames, ',') \
-         FROM pg_publication_tables WHERE pubname = 'evictd' ORDER BY 1",
-    )
-    .await;
+    let published = query_strings(&env, PUBLISHED_COLUMNS).await;
     assert_eq!(
         published,
         [
@@ -151,9 +150,10 @@ async fn triggers_only_for_old_values_the_wal_lacks() {
     );
 }
 
-/// The old-row messages (`evictd-old`) a statement emits, read through a slot of the test's
-/// own with pgoutput, as their JSON contents.
-async fn old_row_messages(env: &Env, slot: &str) -> Vec<String> {
+/// Runs `sql`, and returns the old-row messages (`evictd-old`) it emitted, read through a slot
+/// of the test's own with pgoutput, as their JSON contents.
+async fn old_rows_of(env: &Env, slot: &str, sql: &str) -> Vec<String> {
+    env.sql(sql).await;
     query_strings(
         env,
         &format!(
@@ -180,28 +180,32 @@ async fn old_rows_are_emitted_only_where_the_wal_lacks_them() {
     ))
     .await;
 
-    env.sql(&format!(
-        "UPDATE products SET price_cents = 5 WHERE id = '{P1}'"
-    ))
+    let priced = old_rows_of(
+        &env,
+        &slot,
+        &format!("UPDATE products SET price_cents = 5 WHERE id = '{P1}'"),
+    )
     .await;
-    assert_eq!(old_row_messages(&env, &slot).await, Vec::<String>::new());
+    assert_eq!(priced, Vec::<String>::new());
 
-    env.sql(&format!(
-        "UPDATE products SET client_id = '{C2}' WHERE id = '{P1}'"
-    ))
+    let moved = old_rows_of(
+        &env,
+        &slot,
+        &format!("UPDATE products SET client_id = '{C2}' WHERE id = '{P1}'"),
+    )
     .await;
-    let moved = old_row_messages(&env, &slot).await;
     assert_eq!(moved.len(), 1, "{moved:?}");
     assert!(
         moved[0].contains(&format!(r#""rows":[["{C1}","{P1}"]]"#)),
         "the old row: {moved:?}"
     );
 
-    env.sql(&format!(
-        "DELETE FROM products WHERE id IN ('{P1}', '{P2}')"
-    ))
+    let deleted = old_rows_of(
+        &env,
+        &slot,
+        &format!("DELETE FROM products WHERE id IN ('{P1}', '{P2}')"),
+    )
     .await;
-    let deleted = old_row_messages(&env, &slot).await;
     assert_eq!(deleted.len(), 1, "one per statement: {deleted:?}");
     assert!(
         deleted[0].contains(&format!(r#"["{C2}","{P1}"]"#))
@@ -209,11 +213,14 @@ async fn old_rows_are_emitted_only_where_the_wal_lacks_them() {
         "{deleted:?}"
     );
 
-    env.sql(&format!(
-        "UPDATE products SET client_id = '{C2}' WHERE id::text LIKE '00000000-0000-0000-0001-%'"
-    ))
+    let mass = old_rows_of(
+        &env,
+        &slot,
+        &format!(
+            "UPDATE products SET client_id = '{C2}' WHERE id::text LIKE '00000000-0000-0000-0001-%'"
+        ),
+    )
     .await;
-    let mass = old_row_messages(&env, &slot).await;
     assert_eq!(mass.len(), 4, "3 rows, then table-wide: {mass:?}");
     assert_eq!(
         mass.iter().filter(|m| m.contains(r#""wide":true"#)).count(),
@@ -265,12 +272,7 @@ tags = ["notes:author:{author}"]
     )
     .await;
     assert!(triggers.is_empty(), "{triggers:?}");
-    let published = query_strings(
-        &env,
-        "SELECT tablename::text || ' ' || array_to_string(attnames, ',') \
-         FROM pg_publication_tables WHERE pubname = 'evictd' ORDER BY 1",
-    )
-    .await;
+    let published = query_strings(&env, PUBLISHED_COLUMNS).await;
     assert_eq!(
         published,
         [

@@ -268,4 +268,17 @@ async fn least_privilege_role_runs_the_daemon() {
         support::text(&as_role)
     );
     drop(output);
+
+    // A role made before the doorbell existed cannot say the daemon is busy: doctor says so.
+    drop(daemon);
+    env.sql("REVOKE UPDATE ON SEQUENCE evictd.doorbell FROM evictd_daemon")
+        .await;
+    let mut doctor = env.command(&["doctor"]);
+    doctor.env("DATABASE_URL", &url);
+    let report = support::text(&support::finish(doctor));
+    assert!(
+        report.contains("FAIL doorbell")
+            && report.contains("role evictd_daemon cannot set the doorbell"),
+        "{report}"
+    );
 }

@@ -632,9 +632,10 @@ async fn doorbell_check(client: &Client) -> Check {
     let row = client
         .query_one(
             &format!(
-                "SELECT coalesce(pg_catalog.pg_sequence_last_value('{}'), 0) = 1, \
+                "SELECT coalesce(pg_catalog.pg_sequence_last_value('{0}'), 0) = 1, \
                  coalesce(extract(epoch FROM clock_timestamp() - \
-                 (SELECT min(created_at) FROM evictd.outbox)), 0)::float8",
+                 (SELECT min(created_at) FROM evictd.outbox)), 0)::float8, \
+                 pg_catalog.has_sequence_privilege('{0}', 'UPDATE'), current_user::text",
                 ddl::DOORBELL
             ),
             &[],
@@ -643,7 +644,20 @@ async fn doorbell_check(client: &Client) -> Check {
     match row {
         Ok(row) => {
             let (busy, age): (bool, f64) = (row.get(0), row.get(1));
-            if !busy {
+            let (may_ring, role): (bool, String) = (row.get(2), row.get(3));
+            if !may_ring {
+                check(
+                    "doorbell",
+                    Status::Fail,
+                    format!(
+                        "role {role} cannot set the doorbell: the daemon would fail when it has work"
+                    ),
+                    Some(&format!(
+                        "GRANT SELECT, UPDATE ON SEQUENCE {} TO {role} (deploy/sql/evictd-role.sql)",
+                        ddl::DOORBELL
+                    )),
+                )
+            } else if !busy {
                 check(
                     "doorbell",
                     Status::Ok,

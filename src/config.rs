@@ -24,9 +24,10 @@ pub enum Delivery {
     Outbox,
     /// Events travel in NOTIFY payloads only; after any gap the daemon resyncs table-wide.
     Notify,
-    /// No triggers: the daemon reads committed changes from the WAL through a logical
-    /// replication slot (`pgoutput`, publication `evictd`). Nothing is lost while the daemon is
-    /// down (the slot keeps the WAL), and writers pay nothing but a little more WAL.
+    /// The daemon reads committed changes from the WAL through a logical replication slot
+    /// (`pgoutput`, publication `evictd`); triggers only supply old values the WAL lacks (of
+    /// deleted rows, and of rows moved to another client or product). Nothing is lost while the
+    /// daemon is down (the slot keeps the WAL), and most writes run no trigger at all.
     Logical,
 }
 

@@ -461,17 +461,15 @@ async fn old_row_trigger_checks(settings: &Settings, client: &Client) -> Vec<Che
     for rule in settings.rules.tables() {
         let row = client
             .query_opt(
-                "SELECT c.relreplident::text, \
-                   ARRAY(SELECT a.attname::text FROM pg_index i \
-                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
-                         WHERE i.indrelid = c.oid AND ((c.relreplident = 'd' AND i.indisprimary) \
-                            OR (c.relreplident = 'i' AND i.indisreplident))), \
-                   ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid \
-                         AND a.attnum > 0 AND NOT a.attisdropped), \
-                   ARRAY(SELECT t.tgname::text FROM pg_trigger t WHERE t.tgrelid = c.oid \
-                         AND t.tgname LIKE 'evictd\\_old\\_%' AND t.tgenabled <> 'D') \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2",
+                &format!(
+                    "SELECT c.relreplident::text, {}, {}, \
+                       ARRAY(SELECT t.tgname::text FROM pg_trigger t WHERE t.tgrelid = c.oid \
+                             AND t.tgname LIKE 'evictd\\_old\\_%' AND t.tgenabled <> 'D') \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2",
+                    ddl::identity_columns_sql("c.oid", "c.relreplident"),
+                    ddl::sent_columns_sql("c.oid"),
+                ),
                 &[&rule.table.schema, &rule.table.name],
             )
             .await;

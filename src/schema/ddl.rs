@@ -234,20 +234,14 @@ BEGIN
     ) AS v(tab, rule_columns, capture, old_row) LOOP
 {dropped}
         SELECT c.relreplident INTO replident FROM pg_class c WHERE c.oid = t.tab;
-        SELECT pg_catalog.array_agg(a.attname::pg_catalog.text) INTO key_columns
-        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-        WHERE i.indrelid = t.tab
-          AND ((replident = 'd' AND i.indisprimary) OR (replident = 'i' AND i.indisreplident));
-        IF replident <> 'f' AND key_columns IS NULL THEN
+        key_columns := {key_columns};
+        IF replident <> 'f' AND pg_catalog.cardinality(key_columns) = 0 THEN
             EXECUTE pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY FULL', t.tab);
             replident := 'f';
         END IF;
         -- Rule columns the table has and pgoutput sends (not generated ones); a missing one
         -- makes the daemon invalidate the table wide.
-        SELECT pg_catalog.array_agg(a.attname::pg_catalog.text) INTO present
-        FROM pg_attribute a
-        WHERE a.attrelid = t.tab AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-          AND a.attname::pg_catalog.text = ANY (t.rule_columns);
+        present := ARRAY(SELECT c FROM pg_catalog.unnest({sent}) c WHERE c = ANY (t.rule_columns));
         outside := ARRAY(SELECT c FROM pg_catalog.unnest(present) c
                          WHERE replident <> 'f' AND c <> ALL (key_columns));
         IF pg_catalog.cardinality(outside) = 0 THEN
@@ -284,6 +278,30 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
 "#,
         tables = tables.join(",\n        "),
         dropped = dropped.join("\n"),
+        key_columns = identity_columns_sql("t.tab", "replident"),
+        sent = sent_columns_sql("t.tab"),
+    )
+}
+
+/// The columns of relation `rel` (an OID expression) that its replica identity `replident`
+/// (a `relreplident` expression) logs for a deleted or updated row, as a `text[]`: the primary
+/// key's (`d`) or the chosen index's (`i`); none for `f` (every column) or `n`. `migrate` and
+/// `doctor` both decide with it which rule columns need the old-row triggers.
+pub fn identity_columns_sql(rel: &str, replident: &str) -> String {
+    format!(
+        "ARRAY(SELECT a.attname::pg_catalog.text FROM pg_catalog.pg_index i \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indrelid = {rel} AND (({replident} = 'd' AND i.indisprimary) \
+         OR ({replident} = 'i' AND i.indisreplident)))"
+    )
+}
+
+/// The columns of relation `rel` that pgoutput sends (not dropped, not generated), as a
+/// `text[]`: a rule column outside them makes the daemon invalidate the table wide.
+pub fn sent_columns_sql(rel: &str) -> String {
+    format!(
+        "ARRAY(SELECT a.attname::pg_catalog.text FROM pg_catalog.pg_attribute a \
+         WHERE a.attrelid = {rel} AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '')"
     )
 }
 

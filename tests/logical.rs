@@ -272,6 +272,16 @@ tags = ["notes:author:{author}"]
     )
     .await;
     assert!(triggers.is_empty(), "{triggers:?}");
+    // doctor points at the FULL of a table with a primary key (perhaps left by schema
+    // version 2), not at the one a table without any key needs.
+    let doctor = support::finish(env.command(&["doctor"]));
+    let report = support::text(&doctor);
+    assert!(doctor.status.success(), "{report}");
+    assert!(
+        report.contains("public.products: REPLICA IDENTITY FULL"),
+        "{report}"
+    );
+    assert!(!report.contains("public.notes: REPLICA"), "{report}");
     let published = query_strings(&env, PUBLISHED_COLUMNS).await;
     assert_eq!(
         published,

@@ -464,7 +464,8 @@ async fn old_row_trigger_checks(settings: &Settings, client: &Client) -> Vec<Che
                 &format!(
                     "SELECT c.relreplident::text, {}, {}, \
                        ARRAY(SELECT t.tgname::text FROM pg_trigger t WHERE t.tgrelid = c.oid \
-                             AND t.tgname LIKE 'evictd\\_old\\_%' AND t.tgenabled <> 'D') \
+                             AND t.tgname LIKE 'evictd\\_old\\_%' AND t.tgenabled <> 'D'), \
+                       EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                      WHERE n.nspname = $1 AND c.relname = $2",
                     ddl::identity_columns_sql("c.oid", "c.relreplident"),
@@ -473,20 +474,29 @@ async fn old_row_trigger_checks(settings: &Settings, client: &Client) -> Vec<Che
                 &[&rule.table.schema, &rule.table.name],
             )
             .await;
-        let (replident, key, present, enabled): (String, Vec<String>, Vec<String>, Vec<String>) =
-            match row {
-                Ok(Some(row)) => (row.get(0), row.get(1), row.get(2), row.get(3)),
-                // A missing table is the publication check's to report.
-                Ok(None) => continue,
-                Err(e) => {
-                    checks.push(check("triggers", Status::Fail, e.to_string(), None));
-                    continue;
-                }
-            };
+        let (replident, key, present, enabled, primary_key): (
+            String,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+            bool,
+        ) = match row {
+            Ok(Some(row)) => (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)),
+            // A missing table is the publication check's to report.
+            Ok(None) => continue,
+            Err(e) => {
+                checks.push(check("triggers", Status::Fail, e.to_string(), None));
+                continue;
+            }
+        };
         let outside = rule
             .columns
             .iter()
             .any(|c| present.contains(c) && !key.contains(c));
+        if replident == "f" && primary_key {
+            checks.push(full_identity_advice(&rule.table.to_string()));
+            continue;
+        }
         if replident == "f" || !outside {
             continue;
         }
@@ -519,6 +529,24 @@ async fn old_row_trigger_checks(settings: &Settings, client: &Client) -> Vec<Che
         });
     }
     checks
+}
+
+/// A table with a primary key and `REPLICA IDENTITY FULL`: every UPDATE logs the old row whole,
+/// TOASTed values inlined, and the walsender decodes it all, which evictd does not need (its
+/// old-row triggers give the rule columns' old values). Schema version 2 set FULL on every
+/// published table and migrate leaves identities as they are, so such a table may be a
+/// leftover; it may also be the user's choice, hence OK with advice rather than a warning.
+fn full_identity_advice(table: &str) -> Check {
+    check(
+        "identity",
+        Status::Ok,
+        format!(
+            "{table}: REPLICA IDENTITY FULL logs each updated row's old version whole; evictd \
+             needs only the primary key (unless you chose FULL, ALTER TABLE {table} REPLICA \
+             IDENTITY DEFAULT, then `evictd migrate`, saves that WAL)"
+        ),
+        None,
+    )
 }
 
 /// LISTEN on one connection, NOTIFY from another, and wait for it. A transaction-pooling

@@ -1,13 +1,25 @@
 //! Generates the database side from the configuration: schema `evictd`, its tables, the
-//! per-table capture functions and triggers, and `evictd.invalidate_tags`.
+//! per-table capture functions and triggers, and `evictd.invalidate_tags`. The statement
+//! triggers' capture functions are in `capture`, what `logical` delivery adds (publication,
+//! slot name, old-row triggers) in `publication`; this file holds the rest and puts it together.
 //!
 //! Pure text generation; `schema::migrate` runs it. `evictd sql` prints exactly this, and
 //! `sql/evictd.sql` holds it for the default configuration (a test keeps them identical).
+
+mod capture;
+mod publication;
 
 use std::fmt::Write as _;
 
 use crate::config::{Delivery, Settings, Wakeup};
 use crate::rules::{TableName, TableRule};
+
+pub use capture::OUTBOX_EVENT_ROWS;
+use capture::{capture_function, triggers};
+pub use publication::{
+    OLD_ROWS_PREFIX, PUBLICATION, SLOT_NAME_SQL, identity_columns_sql, sent_columns_sql,
+};
+use publication::{old_row_function, old_row_function_name, publication};
 
 /// Bumped whenever the generated objects change shape; recorded in `evictd.settings`.
 pub const SCHEMA_VERSION: u32 = 3;
@@ -34,17 +46,6 @@ const NOTIFY_PAYLOAD_LIMIT: usize = 7_900;
 /// In notify mode no statement of more rows than this can fit one payload (each row takes at
 /// least four bytes), so the trigger does not even try to build it.
 const NOTIFY_ROW_LIMIT: u64 = 2_000;
-/// Rows per outbox event: a statement of more rows writes one event per this many (distinct)
-/// rows. The daemon fetches the outbox row by row, so it starts on the first event of a
-/// 100,000-row statement while PostgreSQL still reads the others out of TOAST: one event of
-/// 8 MB took ~30 ms to fetch and ~10 ms to parse before Redis had anything to do.
-pub const OUTBOX_EVENT_ROWS: u64 = 10_000;
-/// Statements of at most this many rows (and of no more than the wide threshold) take the
-/// capture function's fast path: one statement that aggregates and emits, with no counting
-/// query before it and no runs. Nearly every application write is such a statement, and for
-/// a single-row UPDATE the fast path halves the trigger's cost to the writer's backend (~45 →
-/// ~22 µs of CPU): executor start-up of the general path's many plan nodes is most of it.
-const SMALL_STATEMENT_ROWS: u64 = 1_000;
 
 /// The complete DDL for `settings`, as one script meant to run in a single transaction.
 pub fn render(settings: &Settings) -> String {
@@ -151,158 +152,6 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
         sql.push_str(&triggers(rule));
     }
     sql
-}
-
-/// The replication slot of `logical` delivery, as an SQL expression: one per database (slot
-/// names are cluster-wide), `evictd_` and the database name folded to `[a-z0-9_]`.
-pub const SLOT_NAME_SQL: &str =
-    "left('evictd_' || regexp_replace(lower(current_database()), '[^a-z0-9_]', '_', 'g'), 63)";
-
-/// The publication `logical` delivery streams (named literally in the SQL below).
-pub const PUBLICATION: &str = "evictd";
-
-/// Prefix of the logical decoding messages that carry old rows the WAL lacks (`logical`
-/// delivery): their rows are invalidated like a change's, but they are not counted as events.
-pub const OLD_ROWS_PREFIX: &str = "evictd-old";
-
-/// `logical` delivery: publication `evictd` over the configured tables, and what each table
-/// needs so that UPDATEs and DELETEs carry the old values of the rule's columns (an UPDATE
-/// moving a product to another client must invalidate the old client's tags too).
-///
-/// The WAL carries the old replica identity (the primary key by default) of a deleted row, and
-/// of an updated one whose identity changed. Rule columns outside it come from two triggers:
-/// `evictd_old_update`, a row trigger whose `WHEN` fires only when such a column changed (so
-/// other UPDATEs run no function at all), and `evictd_old_delete`, a statement trigger; both
-/// emit the old rows as messages ([`OLD_ROWS_PREFIX`]) in the writer's transaction. The
-/// alternative, REPLICA IDENTITY FULL, puts every updated row's old version in the WAL in full,
-/// TOASTed values inlined, and the walsender decodes and sends it all: a title edit of a row
-/// with 96 KB of content logged 96 KB instead of 206 bytes. A table already FULL (the user's choice, or an older evictd's) is
-/// left so and needs no trigger; a table without any identity (no primary key, or NOTHING)
-/// is made FULL, as its UPDATEs and DELETEs could not be published otherwise.
-///
-/// From PostgreSQL 15 each table is published with a column list (the identity and the rule
-/// columns): the walsender sends the daemon nothing else.
-fn publication(rules: &[TableRule]) -> String {
-    let tables: Vec<String> = rules
-        .iter()
-        .map(|rule| {
-            let columns: Vec<String> = rule
-                .columns
-                .iter()
-                .map(|c| format!("'{}'", c.replace('\'', "''")))
-                .collect();
-            format!(
-                "('{}'::pg_catalog.regclass, ARRAY[{}]::pg_catalog.text[], '{}', '{}')",
-                qualified(&rule.table).replace('\'', "''"),
-                columns.join(", "),
-                capture_function_name(&rule.table),
-                old_row_function_name(&rule.table),
-            )
-        })
-        .collect();
-    let dropped: Vec<String> = TRIGGER_NAMES
-        .iter()
-        .map(|name| {
-            format!(
-                "        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS {name} ON %s', t.tab);"
-            )
-        })
-        .collect();
-    format!(
-        r#"-- Logical delivery: the daemon streams these tables' committed changes from slot
--- `evictd_<database>` (created by `evictd migrate`, or by the daemon when missing).
-DO $do$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'evictd') THEN
-        CREATE PUBLICATION evictd;
-    END IF;
-END
-$do$;
--- Per table: the replica identity's columns, the triggers for old values of the other rule
--- columns, and the publication's column list.
-DO $do$
-DECLARE
-    t record;
-    replident "char";
-    key_columns pg_catalog.text[];
-    present pg_catalog.text[];
-    outside pg_catalog.text[];
-    entries pg_catalog.text[] := '{{}}';
-BEGIN
-    FOR t IN SELECT * FROM (VALUES
-        {tables}
-    ) AS v(tab, rule_columns, capture, old_row) LOOP
-{dropped}
-        SELECT c.relreplident INTO replident FROM pg_class c WHERE c.oid = t.tab;
-        key_columns := {key_columns};
-        IF replident <> 'f' AND pg_catalog.cardinality(key_columns) = 0 THEN
-            EXECUTE pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY FULL', t.tab);
-            replident := 'f';
-        END IF;
-        -- Rule columns the table has and pgoutput sends (not generated ones); a missing one
-        -- makes the daemon invalidate the table wide.
-        present := ARRAY(SELECT c FROM pg_catalog.unnest({sent}) c WHERE c = ANY (t.rule_columns));
-        outside := ARRAY(SELECT c FROM pg_catalog.unnest(present) c
-                         WHERE replident <> 'f' AND c <> ALL (key_columns));
-        IF pg_catalog.cardinality(outside) = 0 THEN
-            EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_update ON %s', t.tab);
-            EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_delete ON %s', t.tab);
-        ELSE
-            EXECUTE pg_catalog.format(
-                'CREATE OR REPLACE TRIGGER evictd_old_update AFTER UPDATE ON %s FOR EACH ROW '
-                'WHEN (%s) EXECUTE FUNCTION evictd.%I()',
-                t.tab,
-                (SELECT pg_catalog.string_agg(pg_catalog.format(
-                    'OLD.%1$I::pg_catalog.text IS DISTINCT FROM NEW.%1$I::pg_catalog.text', c), ' OR ')
-                 FROM pg_catalog.unnest(outside) c),
-                t.old_row);
-            EXECUTE pg_catalog.format(
-                'CREATE OR REPLACE TRIGGER evictd_old_delete AFTER DELETE ON %s '
-                'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.%I()',
-                t.tab, t.capture);
-        END IF;
-        IF replident <> 'f' AND pg_catalog.current_setting('server_version_num')::int >= 150000 THEN
-            entries := entries || pg_catalog.format('%s (%s)', t.tab,
-                (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c), ', ')
-                 FROM (SELECT DISTINCT pg_catalog.unnest(key_columns || coalesce(present, '{{}}')) c) u));
-        ELSE
-            entries := entries || t.tab::pg_catalog.text;
-        END IF;
-    END LOOP;
-    EXECUTE 'ALTER PUBLICATION evictd SET TABLE ' || pg_catalog.array_to_string(entries, ', ');
-END
-$do$;
-INSERT INTO evictd.settings (key, value) VALUES ('slot', {SLOT_NAME_SQL})
-ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
-
-"#,
-        tables = tables.join(",\n        "),
-        dropped = dropped.join("\n"),
-        key_columns = identity_columns_sql("t.tab", "replident"),
-        sent = sent_columns_sql("t.tab"),
-    )
-}
-
-/// The columns of relation `rel` (an OID expression) that its replica identity `replident`
-/// (a `relreplident` expression) logs for a deleted or updated row, as a `text[]`: the primary
-/// key's (`d`) or the chosen index's (`i`); none for `f` (every column) or `n`. `migrate` and
-/// `doctor` both decide with it which rule columns need the old-row triggers.
-pub fn identity_columns_sql(rel: &str, replident: &str) -> String {
-    format!(
-        "ARRAY(SELECT a.attname::pg_catalog.text FROM pg_catalog.pg_index i \
-         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
-         WHERE i.indrelid = {rel} AND (({replident} = 'd' AND i.indisprimary) \
-         OR ({replident} = 'i' AND i.indisreplident)))"
-    )
-}
-
-/// The columns of relation `rel` that pgoutput sends (not dropped, not generated), as a
-/// `text[]`: a rule column outside them makes the daemon invalidate the table wide.
-pub fn sent_columns_sql(rel: &str) -> String {
-    format!(
-        "ARRAY(SELECT a.attname::pg_catalog.text FROM pg_catalog.pg_attribute a \
-         WHERE a.attrelid = {rel} AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '')"
-    )
 }
 
 /// `evictd.emit(payload)`: the one place that knows how an event leaves the transaction.
@@ -417,69 +266,6 @@ pub fn capture_function_name(table: &TableName) -> String {
     format!("capture__{}_{hash:016x}", &name[9..9 + 36])
 }
 
-/// The old-row function's name for `table` (`logical` delivery), like
-/// [`capture_function_name`].
-pub fn old_row_function_name(table: &TableName) -> String {
-    capture_function_name(table).replacen("capture__", "old_row__", 1)
-}
-
-/// `logical` delivery: the row trigger function of `evictd_old_update` (see [`publication`]),
-/// run only for rows whose rule columns outside the replica identity changed. It emits the old
-/// row as a message; past `row_limit` such rows in one transaction it emits one table-wide
-/// event instead and then nothing, so a mass move costs the walsender and the daemon no more
-/// than a big statement does (the count lives in a transaction-local setting).
-fn old_row_function(rule: &TableRule, row_limit: u64) -> String {
-    let name = old_row_function_name(&rule.table);
-    let table = rule.table.to_string();
-    let cols_json = serde_json::to_string(&rule.columns).unwrap_or_else(|_| "[]".into());
-    let counter = format!("evictd.rows_{:016x}", fnv1a64(name.as_bytes()));
-    let mut row = vec!["'['".to_string()];
-    for (i, c) in rule.columns.iter().enumerate() {
-        if i > 0 {
-            row.push("','".to_string());
-        }
-        row.push(format!(
-            "coalesce(pg_catalog.to_json(OLD.{}::pg_catalog.text)::pg_catalog.text, 'null')",
-            ident(c)
-        ));
-    }
-    row.push("']'".to_string());
-    let row: Vec<&str> = row.iter().map(String::as_str).collect();
-    let timestamp =
-        "(extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint";
-    let head = concat(&[
-        &format!("'{{\"v\":1,\"op\":\"UPDATE\",\"table\":\"{table}\",\"ts\":'"),
-        timestamp,
-    ]);
-    let precise = concat(&[
-        &head,
-        &format!("',\"cols\":{cols_json},\"rows\":['"),
-        &concat(&row),
-        "']}'",
-    ]);
-    let wide = concat(&[&head, "',\"wide\":true}'"]);
-    format!(
-        r#"CREATE OR REPLACE FUNCTION evictd.{name}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $fn$
-DECLARE
-    n bigint := coalesce(NULLIF(pg_catalog.current_setting('{counter}', true), ''), '0')::bigint OPERATOR(pg_catalog.+) 1;
-BEGIN
-    PERFORM pg_catalog.set_config('{counter}', n::pg_catalog.text, true);
-    IF n OPERATOR(pg_catalog.<=) {row_limit} THEN
-        PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {precise});
-    ELSIF n OPERATOR(pg_catalog.=) {wide_at} THEN
-        PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {wide});
-    END IF;
-    RETURN NULL;
-END
-$fn$;
-REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
-
-"#,
-        wide_at = row_limit + 1,
-    )
-}
-
 /// Drops capture functions (and so their triggers) of tables no longer configured, and old-row
 /// functions (`logical` delivery only) of tables that are not `old_rows`.
 fn drop_stale_captures(captures: &[TableRule], old_rows: &[TableRule]) -> String {
@@ -521,251 +307,9 @@ fn qualified(table: &TableName) -> String {
     format!("{}.{}", ident(&table.schema), ident(&table.name))
 }
 
-/// `a || b || …` with the operator named in full (see [`capture_function`]).
+/// `a || b || …` with the operator named in full (see [`capture::capture_function`]).
 fn concat(parts: &[&str]) -> String {
     parts.join(" OPERATOR(pg_catalog.||) ")
-}
-
-/// The statement-level capture function of one table. It carries only the referenced columns,
-/// de-duplicated over old and new rows, and goes table-wide above `row_limit` rows (and, in
-/// notify mode, when the payload would not fit).
-///
-/// It is on every writer's path, so it does the least work that can be done. A statement of
-/// at most [`SMALL_STATEMENT_ROWS`] rows (nearly every application write) is aggregated and
-/// emitted by one SQL statement (the fast path: in PostgreSQL 15 each statement a trigger runs,
-/// and each plan node it starts, costs the writer microseconds). Larger statements take the
-/// general path: one query that counts (reading at most `row_limit + 1` rows) and, only for a
-/// statement small enough, aggregates the distinct values (in `outbox` mode in runs of
-/// [`OUTBOX_EVENT_ROWS`], one event each). Events are emitted inline rather than through
-/// `evictd.emit`.
-///
-/// It is `SECURITY DEFINER` (writers need no privilege on `evictd.outbox`) but has no
-/// `SET search_path` clause: that clause costs every statement a search-path switch and back,
-/// about a sixth of the trigger's cost. Instead nothing in the body depends on the caller's
-/// search path: tables, functions, types and operators are all schema-qualified
-/// (`OPERATOR(pg_catalog.=)`, `pg_catalog.text`, …; `bigint`, `extract` and `coalesce` are
-/// grammar, already bound to `pg_catalog`), and the transition tables are resolved before any
-/// schema. A test runs writers under a hostile search path.
-fn capture_function(
-    rule: &TableRule,
-    delivery: Delivery,
-    wakeup: Wakeup,
-    channel: &str,
-    row_limit: u64,
-) -> String {
-    let name = capture_function_name(&rule.table);
-    let table = rule.table.to_string();
-    let cols_json = serde_json::to_string(&rule.columns).unwrap_or_else(|_| "[]".into());
-    let columns: Vec<String> = rule
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("{}::pg_catalog.text AS c{i}", ident(c)))
-        .collect();
-    let columns = columns.join(", ");
-    // Each row as a JSON array of PostgreSQL text values: `["a","b"]`, `null` for NULL.
-    let values: Vec<String> = (0..rule.columns.len())
-        .map(|i| format!("coalesce(pg_catalog.to_json(c{i})::pg_catalog.text, 'null')"))
-        .collect();
-    let mut row_parts = vec!["'['"];
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            row_parts.push("','");
-        }
-        row_parts.push(v);
-    }
-    row_parts.push("']'");
-    let row_json = concat(&row_parts);
-    let probe = row_limit + 1;
-    // One query: count the statement's rows (reading at most `probe` of them), and only when
-    // they are few enough, aggregate their distinct values (hash de-duplication).
-    // In `outbox` mode the distinct rows are aggregated in runs of `OUTBOX_EVENT_ROWS`, one
-    // body (and event) per run; a NOTIFY carries one body.
-    let chunked = delivery == Delivery::Outbox;
-    let capture = |counted: &str, sources: &[&str]| {
-        let distinct: Vec<String> = sources
-            .iter()
-            .map(|t| format!("SELECT {columns} FROM {t}"))
-            .collect();
-        let distinct = format!(
-            "SELECT DISTINCT * FROM ({}) u",
-            distinct.join(" UNION ALL ")
-        );
-        let aggregate = if chunked {
-            format!(
-                "SELECT pg_catalog.array_agg(y.b) FROM (\n                    SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (\n                        SELECT {row_json} AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) {OUTBOX_EVENT_ROWS} AS run\n                        FROM ({distinct}) d) x\n                    GROUP BY x.run) y"
-            )
-        } else {
-            format!(
-                "SELECT pg_catalog.string_agg({row_json}, ',')\n                FROM ({distinct}) d"
-            )
-        };
-        let into = if chunked { "bodies" } else { "body" };
-        format!(
-            "SELECT c.n, CASE WHEN c.n OPERATOR(pg_catalog.<=) {row_limit} THEN (\n                {aggregate}) END\n            INTO n, {into}\n            FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM {counted} LIMIT {probe}) x) c;"
-        )
-    };
-    let wide_payload = concat(&["head", "',\"wide\":true}'"]);
-    let size_check = match delivery {
-        Delivery::Notify => format!(
-            "\n        IF pg_catalog.octet_length(payload) OPERATOR(pg_catalog.>) {NOTIFY_PAYLOAD_LIMIT} THEN\n            payload := {wide_payload};\n        END IF;"
-        ),
-        Delivery::Outbox | Delivery::Logical => String::new(),
-    };
-    let emit = match delivery {
-        Delivery::Notify => format!("PERFORM pg_catalog.pg_notify('{channel}', payload);"),
-        // Only old rows the WAL lacks are captured in `logical` delivery (see `publication`).
-        Delivery::Logical => format!(
-            "PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', payload);"
-        ),
-        Delivery::Outbox => "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string(),
-    };
-    let wake = |indent: &str| match (delivery, wakeup) {
-        (Delivery::Outbox, Wakeup::Notify) => {
-            format!("\n{indent}PERFORM pg_catalog.pg_notify('{channel}', '');")
-        }
-        (Delivery::Outbox, Wakeup::Doorbell) => format!("\n{}", ring(channel, indent)),
-        _ => String::new(),
-    };
-    let timestamp =
-        "(extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint";
-    let head = concat(&[
-        "'{\"v\":1,\"op\":\"'",
-        "TG_OP",
-        &format!("'\",\"table\":\"{table}\",\"ts\":'"),
-        timestamp,
-    ]);
-    // The fast path: one statement that aggregates the statement's rows (distinct, with a sort
-    // inside the aggregate: no plan node of its own) and emits them, or emits nothing when
-    // the statement has no row or more than `small` rows (reading at most one row past that).
-    // FOUND tells which. The operation is a literal here, not TG_OP: no parameter in the plan.
-    let small = SMALL_STATEMENT_ROWS.min(row_limit);
-    let fast_path = |op: &str, sources: &[&str]| {
-        let selects: Vec<String> = sources
-            .iter()
-            .map(|t| format!("SELECT {columns} FROM {t}"))
-            .collect();
-        // An UPDATE reads each row twice, old and new.
-        let most = small * sources.len() as u64;
-        let aggregated = format!(
-            "SELECT {} AS h, pg_catalog.string_agg(DISTINCT {row_json}, ',') AS body\n            FROM ({} LIMIT {}) d\n            HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) {most}",
-            concat(&[
-                &format!("'{{\"v\":1,\"op\":\"{op}\",\"table\":\"{table}\",\"ts\":'"),
-                timestamp,
-            ]),
-            selects.join(" UNION ALL "),
-            most + 1,
-        );
-        let payload = concat(&[
-            "x.h",
-            &format!("',\"cols\":{cols_json},\"rows\":['"),
-            "x.body",
-            "']}'",
-        ]);
-        let emit = match delivery {
-            Delivery::Notify => format!(
-                "PERFORM pg_catalog.pg_notify('{channel}', CASE WHEN pg_catalog.octet_length(y.p) OPERATOR(pg_catalog.>) {NOTIFY_PAYLOAD_LIMIT} THEN {} ELSE y.p END)\n        FROM (SELECT x.h, {payload} AS p FROM (\n            {aggregated}) x) y;",
-                concat(&["y.h", "',\"wide\":true}'"]),
-            ),
-            Delivery::Logical => format!(
-                "PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {payload})\n        FROM (\n            {aggregated}) x;"
-            ),
-            Delivery::Outbox => format!(
-                "INSERT INTO evictd.outbox (payload)\n        SELECT {payload} FROM (\n            {aggregated}) x;"
-            ),
-        };
-        format!(
-            "{emit}\n        IF FOUND THEN{}\n            RETURN NULL;\n        END IF;",
-            wake("            ")
-        )
-    };
-    let rows_payload = |body: &str| {
-        concat(&[
-            "head",
-            &format!("',\"cols\":{cols_json},\"rows\":['"),
-            body,
-            "']}'",
-        ])
-    };
-    // The precise event(s) and the declaration of what the capture query aggregates into.
-    let (precise, aggregated) = if chunked {
-        (
-            format!(
-                "INSERT INTO evictd.outbox (payload)\n            SELECT {} FROM pg_catalog.unnest(bodies) b;",
-                rows_payload("b")
-            ),
-            "bodies pg_catalog.text[];",
-        )
-    } else {
-        (
-            format!(
-                "payload := {};{size_check}\n        {emit}",
-                rows_payload("body")
-            ),
-            "body pg_catalog.text;",
-        )
-    };
-    format!(
-        r#"CREATE OR REPLACE FUNCTION evictd.{name}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $fn$
-DECLARE
-    n bigint;
-    {aggregated}
-    head pg_catalog.text;
-    payload pg_catalog.text;
-BEGIN
-    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-        {fast_update}
-        {both_sides}
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-        {fast_insert}
-        {insert}
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-        {fast_delete}
-        {delete}
-    END IF;
-    IF n OPERATOR(pg_catalog.=) 0 THEN
-        RETURN NULL;
-    END IF;
-    head := {head};
-    IF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' OR n OPERATOR(pg_catalog.>) {row_limit} THEN
-        payload := {wide_payload};
-        {emit}
-    ELSE
-        {precise}
-    END IF;{wake}
-    RETURN NULL;
-END
-$fn$;
-REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
-
-"#,
-        fast_update = fast_path("UPDATE", &["old_rows", "new_rows"]),
-        fast_insert = fast_path("INSERT", &["new_rows"]),
-        fast_delete = fast_path("DELETE", &["old_rows"]),
-        insert = capture("new_rows", &["new_rows"]),
-        delete = capture("old_rows", &["old_rows"]),
-        both_sides = capture("new_rows", &["old_rows", "new_rows"]),
-        wake = wake("    "),
-    )
-}
-
-fn triggers(rule: &TableRule) -> String {
-    let table = qualified(&rule.table);
-    let function = format!("evictd.{}()", capture_function_name(&rule.table));
-    format!(
-        r#"CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON {table}
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {function};
-CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON {table}
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {function};
-CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON {table}
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {function};
-CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON {table}
-    FOR EACH STATEMENT EXECUTE FUNCTION {function};
-DROP TRIGGER IF EXISTS evictd_old_delete ON {table};
-
-"#
-    )
 }
 
 /// FNV-1a, 64 bit: a stable fingerprint (not a security hash) for names and DDL text.

@@ -1,0 +1,221 @@
+//! What `logical` delivery adds to the database side: publication `evictd` with its column
+//! lists, the slot's name, and the old-row triggers for rule columns outside the replica
+//! identity (the WAL lacks their old values).
+
+use super::{TRIGGER_NAMES, capture_function_name, concat, fnv1a64, ident, qualified};
+use crate::rules::{TableName, TableRule};
+
+/// The replication slot of `logical` delivery, as an SQL expression: one per database (slot
+/// names are cluster-wide), `evictd_` and the database name folded to `[a-z0-9_]`.
+pub const SLOT_NAME_SQL: &str =
+    "left('evictd_' || regexp_replace(lower(current_database()), '[^a-z0-9_]', '_', 'g'), 63)";
+
+/// The publication `logical` delivery streams (named literally in the SQL below).
+pub const PUBLICATION: &str = "evictd";
+
+/// Prefix of the logical decoding messages that carry old rows the WAL lacks (`logical`
+/// delivery): their rows are invalidated like a change's, but they are not counted as events.
+pub const OLD_ROWS_PREFIX: &str = "evictd-old";
+
+/// `logical` delivery: publication `evictd` over the configured tables, and what each table
+/// needs so that UPDATEs and DELETEs carry the old values of the rule's columns (an UPDATE
+/// moving a product to another client must invalidate the old client's tags too).
+///
+/// The WAL carries the old replica identity (the primary key by default) of a deleted row, and
+/// of an updated one whose identity changed. Rule columns outside it come from two triggers:
+/// `evictd_old_update`, a row trigger whose `WHEN` fires only when such a column changed (so
+/// other UPDATEs run no function at all), and `evictd_old_delete`, a statement trigger; both
+/// emit the old rows as messages ([`OLD_ROWS_PREFIX`]) in the writer's transaction. The
+/// alternative, REPLICA IDENTITY FULL, puts every updated row's old version in the WAL in full,
+/// TOASTed values inlined, and the walsender decodes and sends it all: a title edit of a row
+/// with 96 KB of content logged 96 KB instead of 206 bytes. A table already FULL (the user's choice, or an older evictd's) is
+/// left so and needs no trigger; a table without any identity (no primary key, or NOTHING)
+/// is made FULL, as its UPDATEs and DELETEs could not be published otherwise.
+///
+/// From PostgreSQL 15 each table is published with a column list (the identity and the rule
+/// columns): the walsender sends the daemon nothing else.
+pub(super) fn publication(rules: &[TableRule]) -> String {
+    let tables: Vec<String> = rules
+        .iter()
+        .map(|rule| {
+            let columns: Vec<String> = rule
+                .columns
+                .iter()
+                .map(|c| format!("'{}'", c.replace('\'', "''")))
+                .collect();
+            format!(
+                "('{}'::pg_catalog.regclass, ARRAY[{}]::pg_catalog.text[], '{}', '{}')",
+                qualified(&rule.table).replace('\'', "''"),
+                columns.join(", "),
+                capture_function_name(&rule.table),
+                old_row_function_name(&rule.table),
+            )
+        })
+        .collect();
+    let dropped: Vec<String> = TRIGGER_NAMES
+        .iter()
+        .map(|name| {
+            format!(
+                "        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS {name} ON %s', t.tab);"
+            )
+        })
+        .collect();
+    format!(
+        r#"-- Logical delivery: the daemon streams these tables' committed changes from slot
+-- `evictd_<database>` (created by `evictd migrate`, or by the daemon when missing).
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'evictd') THEN
+        CREATE PUBLICATION evictd;
+    END IF;
+END
+$do$;
+-- Per table: the replica identity's columns, the triggers for old values of the other rule
+-- columns, and the publication's column list.
+DO $do$
+DECLARE
+    t record;
+    replident "char";
+    key_columns pg_catalog.text[];
+    present pg_catalog.text[];
+    outside pg_catalog.text[];
+    entries pg_catalog.text[] := '{{}}';
+BEGIN
+    FOR t IN SELECT * FROM (VALUES
+        {tables}
+    ) AS v(tab, rule_columns, capture, old_row) LOOP
+{dropped}
+        SELECT c.relreplident INTO replident FROM pg_class c WHERE c.oid = t.tab;
+        key_columns := {key_columns};
+        IF replident <> 'f' AND pg_catalog.cardinality(key_columns) = 0 THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY FULL', t.tab);
+            replident := 'f';
+        END IF;
+        -- Rule columns the table has and pgoutput sends (not generated ones); a missing one
+        -- makes the daemon invalidate the table wide.
+        present := ARRAY(SELECT c FROM pg_catalog.unnest({sent}) c WHERE c = ANY (t.rule_columns));
+        outside := ARRAY(SELECT c FROM pg_catalog.unnest(present) c
+                         WHERE replident <> 'f' AND c <> ALL (key_columns));
+        IF pg_catalog.cardinality(outside) = 0 THEN
+            EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_update ON %s', t.tab);
+            EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_delete ON %s', t.tab);
+        ELSE
+            EXECUTE pg_catalog.format(
+                'CREATE OR REPLACE TRIGGER evictd_old_update AFTER UPDATE ON %s FOR EACH ROW '
+                'WHEN (%s) EXECUTE FUNCTION evictd.%I()',
+                t.tab,
+                (SELECT pg_catalog.string_agg(pg_catalog.format(
+                    'OLD.%1$I::pg_catalog.text IS DISTINCT FROM NEW.%1$I::pg_catalog.text', c), ' OR ')
+                 FROM pg_catalog.unnest(outside) c),
+                t.old_row);
+            EXECUTE pg_catalog.format(
+                'CREATE OR REPLACE TRIGGER evictd_old_delete AFTER DELETE ON %s '
+                'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.%I()',
+                t.tab, t.capture);
+        END IF;
+        IF replident <> 'f' AND pg_catalog.current_setting('server_version_num')::int >= 150000 THEN
+            entries := entries || pg_catalog.format('%s (%s)', t.tab,
+                (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c), ', ')
+                 FROM (SELECT DISTINCT pg_catalog.unnest(key_columns || coalesce(present, '{{}}')) c) u));
+        ELSE
+            entries := entries || t.tab::pg_catalog.text;
+        END IF;
+    END LOOP;
+    EXECUTE 'ALTER PUBLICATION evictd SET TABLE ' || pg_catalog.array_to_string(entries, ', ');
+END
+$do$;
+INSERT INTO evictd.settings (key, value) VALUES ('slot', {SLOT_NAME_SQL})
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+
+"#,
+        tables = tables.join(",\n        "),
+        dropped = dropped.join("\n"),
+        key_columns = identity_columns_sql("t.tab", "replident"),
+        sent = sent_columns_sql("t.tab"),
+    )
+}
+
+/// The columns of relation `rel` (an OID expression) that its replica identity `replident`
+/// (a `relreplident` expression) logs for a deleted or updated row, as a `text[]`: the primary
+/// key's (`d`) or the chosen index's (`i`); none for `f` (every column) or `n`. `migrate` and
+/// `doctor` both decide with it which rule columns need the old-row triggers.
+pub fn identity_columns_sql(rel: &str, replident: &str) -> String {
+    format!(
+        "ARRAY(SELECT a.attname::pg_catalog.text FROM pg_catalog.pg_index i \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indrelid = {rel} AND (({replident} = 'd' AND i.indisprimary) \
+         OR ({replident} = 'i' AND i.indisreplident)))"
+    )
+}
+
+/// The columns of relation `rel` that pgoutput sends (not dropped, not generated), as a
+/// `text[]`: a rule column outside them makes the daemon invalidate the table wide.
+pub fn sent_columns_sql(rel: &str) -> String {
+    format!(
+        "ARRAY(SELECT a.attname::pg_catalog.text FROM pg_catalog.pg_attribute a \
+         WHERE a.attrelid = {rel} AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '')"
+    )
+}
+
+/// The old-row function's name for `table` (`logical` delivery), like
+/// [`capture_function_name`].
+pub fn old_row_function_name(table: &TableName) -> String {
+    capture_function_name(table).replacen("capture__", "old_row__", 1)
+}
+
+/// `logical` delivery: the row trigger function of `evictd_old_update` (see [`publication`]),
+/// run only for rows whose rule columns outside the replica identity changed. It emits the old
+/// row as a message; past `row_limit` such rows in one transaction it emits one table-wide
+/// event instead and then nothing, so a mass move costs the walsender and the daemon no more
+/// than a big statement does (the count lives in a transaction-local setting).
+pub(super) fn old_row_function(rule: &TableRule, row_limit: u64) -> String {
+    let name = old_row_function_name(&rule.table);
+    let table = rule.table.to_string();
+    let cols_json = serde_json::to_string(&rule.columns).unwrap_or_else(|_| "[]".into());
+    let counter = format!("evictd.rows_{:016x}", fnv1a64(name.as_bytes()));
+    let mut row = vec!["'['".to_string()];
+    for (i, c) in rule.columns.iter().enumerate() {
+        if i > 0 {
+            row.push("','".to_string());
+        }
+        row.push(format!(
+            "coalesce(pg_catalog.to_json(OLD.{}::pg_catalog.text)::pg_catalog.text, 'null')",
+            ident(c)
+        ));
+    }
+    row.push("']'".to_string());
+    let row: Vec<&str> = row.iter().map(String::as_str).collect();
+    let timestamp =
+        "(extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint";
+    let head = concat(&[
+        &format!("'{{\"v\":1,\"op\":\"UPDATE\",\"table\":\"{table}\",\"ts\":'"),
+        timestamp,
+    ]);
+    let precise = concat(&[
+        &head,
+        &format!("',\"cols\":{cols_json},\"rows\":['"),
+        &concat(&row),
+        "']}'",
+    ]);
+    let wide = concat(&[&head, "',\"wide\":true}'"]);
+    format!(
+        r#"CREATE OR REPLACE FUNCTION evictd.{name}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
+DECLARE
+    n bigint := coalesce(NULLIF(pg_catalog.current_setting('{counter}', true), ''), '0')::bigint OPERATOR(pg_catalog.+) 1;
+BEGIN
+    PERFORM pg_catalog.set_config('{counter}', n::pg_catalog.text, true);
+    IF n OPERATOR(pg_catalog.<=) {row_limit} THEN
+        PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {precise});
+    ELSIF n OPERATOR(pg_catalog.=) {wide_at} THEN
+        PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {wide});
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
+
+"#,
+        wide_at = row_limit + 1,
+    )
+}

@@ -1,0 +1,234 @@
+//! `doctor`'s checks of `logical` delivery: `wal_level`, the slot, the publication, the old-row
+//! triggers and the replica identities.
+
+use tokio_postgres::Client;
+
+use super::{Check, Status, check};
+use crate::config::Settings;
+use crate::schema::ddl;
+
+/// `logical` delivery: every configured table is in publication `evictd` (a table added to the
+/// configuration without `evictd migrate` would otherwise be silently ignored).
+pub(super) async fn publication_check(settings: &Settings, client: &Client) -> Check {
+    let rows = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables \
+             WHERE pubname = 'evictd'",
+            &[],
+        )
+        .await;
+    let published: Vec<String> = match rows {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => return check("publication", Status::Fail, e.to_string(), None),
+    };
+    let missing: Vec<String> = settings
+        .rules
+        .tables()
+        .iter()
+        .map(|r| r.table.to_string())
+        .filter(|t| !published.contains(t))
+        .collect();
+    if missing.is_empty() {
+        check(
+            "publication",
+            Status::Ok,
+            format!(
+                "publication evictd covers the {} configured tables",
+                published.len()
+            ),
+            None,
+        )
+    } else {
+        check(
+            "publication",
+            Status::Fail,
+            format!(
+                "not published (their changes are ignored): {}",
+                missing.join(", ")
+            ),
+            Some("run `evictd migrate`"),
+        )
+    }
+}
+
+/// WAL a slot nobody reads may hold before it is worth a warning.
+const SLOT_LAG_WARN_BYTES: i64 = 1 << 30;
+/// With asynchronous commits, the lag `logical` delivery adds on top of the invalidation itself.
+const WAL_WRITER_DELAY_WARN_MS: i32 = 20;
+
+/// `logical` delivery: `wal_level`, the slot, and how much WAL it holds back.
+pub(super) async fn slot_check(client: &Client) -> Check {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT current_setting('wal_level'), s.slot_name::text, s.active, s.wal_status, \
+                 pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8, \
+                 current_setting('synchronous_commit'), \
+                 (SELECT setting::int4 FROM pg_settings WHERE name = 'wal_writer_delay') \
+                 FROM (SELECT {}) AS want(name) \
+                 LEFT JOIN pg_replication_slots s ON s.slot_name = want.name",
+                ddl::SLOT_NAME_SQL
+            ),
+            &[],
+        )
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => return check("slot", Status::Fail, e.to_string(), None),
+    };
+    let wal_level: String = row.get(0);
+    let slot: Option<String> = row.get(1);
+    let active: Option<bool> = row.get(2);
+    let wal_status: Option<String> = row.get(3);
+    let behind: Option<i64> = row.get(4);
+    let synchronous_commit: String = row.get(5);
+    let wal_writer_delay_ms: i32 = row.get(6);
+    if wal_level != "logical" {
+        return check(
+            "slot",
+            Status::Fail,
+            format!("wal_level is {wal_level}; logical delivery needs logical"),
+            Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"),
+        );
+    }
+    let Some(slot) = slot else {
+        return check(
+            "slot",
+            Status::Warn,
+            "the replication slot does not exist".to_string(),
+            Some("`evictd migrate` creates it (the daemon too, with a table-wide resync)"),
+        );
+    };
+    let behind = behind.unwrap_or(0);
+    let message = format!(
+        "slot {slot}: {}, {} MB of WAL behind{}",
+        if active == Some(true) {
+            "streaming"
+        } else {
+            "not in use"
+        },
+        behind / (1 << 20),
+        wal_status.map_or(String::new(), |w| format!(", wal_status {w}"))
+    );
+    if active != Some(true) && behind > SLOT_LAG_WARN_BYTES {
+        check(
+            "slot",
+            Status::Warn,
+            message,
+            Some(
+                "no daemon reads the slot and PostgreSQL keeps its WAL: start `evictd run`, or `evictd uninstall`",
+            ),
+        )
+    } else if synchronous_commit == "off" && wal_writer_delay_ms > WAL_WRITER_DELAY_WARN_MS {
+        // Logical decoding streams only WAL already flushed; an asynchronous commit is flushed
+        // by the WAL writer, every `wal_writer_delay`.
+        check(
+            "slot",
+            Status::Warn,
+            format!(
+                "{message}; synchronous_commit is off and wal_writer_delay {wal_writer_delay_ms}ms: \
+                 asynchronous commits reach evictd only when the WAL writer flushes them"
+            ),
+            Some("ALTER SYSTEM SET wal_writer_delay = '10ms'; SELECT pg_reload_conf();"),
+        )
+    } else {
+        check("slot", Status::Ok, message, None)
+    }
+}
+
+/// `logical` delivery: where a rule uses columns outside the table's replica identity, their
+/// old values come from triggers `evictd_old_update` and `evictd_old_delete`; without them an
+/// UPDATE moving a row, or a DELETE, leaves the old values' tags stale.
+pub(super) async fn old_row_trigger_checks(settings: &Settings, client: &Client) -> Vec<Check> {
+    const NAMES: [&str; 2] = ["evictd_old_update", "evictd_old_delete"];
+    let mut checks = Vec::new();
+    for rule in settings.rules.tables() {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT c.relreplident::text, {}, {}, \
+                       ARRAY(SELECT t.tgname::text FROM pg_trigger t WHERE t.tgrelid = c.oid \
+                             AND t.tgname LIKE 'evictd\\_old\\_%' AND t.tgenabled <> 'D'), \
+                       EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2",
+                    ddl::identity_columns_sql("c.oid", "c.relreplident"),
+                    ddl::sent_columns_sql("c.oid"),
+                ),
+                &[&rule.table.schema, &rule.table.name],
+            )
+            .await;
+        let (replident, key, present, enabled, primary_key): (
+            String,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+            bool,
+        ) = match row {
+            Ok(Some(row)) => (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)),
+            // A missing table is the publication check's to report.
+            Ok(None) => continue,
+            Err(e) => {
+                checks.push(check("triggers", Status::Fail, e.to_string(), None));
+                continue;
+            }
+        };
+        let outside = rule
+            .columns
+            .iter()
+            .any(|c| present.contains(c) && !key.contains(c));
+        if replident == "f" && primary_key {
+            checks.push(full_identity_advice(&rule.table.to_string()));
+            continue;
+        }
+        if replident == "f" || !outside {
+            continue;
+        }
+        let absent: Vec<&str> = NAMES
+            .into_iter()
+            .filter(|name| !enabled.iter().any(|e| e == name))
+            .collect();
+        checks.push(if absent.is_empty() {
+            check(
+                "triggers",
+                Status::Ok,
+                format!("{}: old-row triggers enabled", rule.table),
+                None,
+            )
+        } else {
+            check(
+                "triggers",
+                Status::Fail,
+                format!(
+                    "{}: {} missing or disabled: moved and deleted rows' old tags stay stale",
+                    rule.table,
+                    absent.join(", ")
+                ),
+                Some(&format!(
+                    "run `evictd migrate`, or ALTER TABLE {} ENABLE TRIGGER {}",
+                    rule.table,
+                    absent.join(", ENABLE TRIGGER ")
+                )),
+            )
+        });
+    }
+    checks
+}
+
+/// A table with a primary key and `REPLICA IDENTITY FULL`: every UPDATE logs the old row whole,
+/// TOASTed values inlined, and the walsender decodes it all, which evictd does not need (its
+/// old-row triggers give the rule columns' old values). Schema version 2 set FULL on every
+/// published table and migrate leaves identities as they are, so such a table may be a
+/// leftover; it may also be the user's choice, hence OK with advice rather than a warning.
+fn full_identity_advice(table: &str) -> Check {
+    check(
+        "identity",
+        Status::Ok,
+        format!(
+            "{table}: REPLICA IDENTITY FULL logs each updated row's old version whole; evictd \
+             needs only the primary key (unless you chose FULL, ALTER TABLE {table} REPLICA \
+             IDENTITY DEFAULT, then `evictd migrate`, saves that WAL)"
+        ),
+        None,
+    )
+}

@@ -1,0 +1,250 @@
+//! `doctor`'s checks of the trigger deliveries (`outbox`, `notify`): triggers present and
+//! enabled, a LISTEN/NOTIFY round trip, the outbox's backlog and the doorbell.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::{Check, Status, check};
+use crate::config::Settings;
+use crate::db;
+use crate::schema::{self, ddl};
+
+/// How long the LISTEN/NOTIFY round trip may take before it counts as broken.
+const ROUND_TRIP: Duration = Duration::from_secs(3);
+/// An outbox event older than this means the daemon is not keeping up (or not running).
+const BACKLOG_AGE_WARN_SECS: f64 = 60.0;
+/// A busy doorbell with an event older than this: no daemon is draining (one that is claims
+/// within milliseconds), so the doorbell was left busy and writers are not ringing.
+const DOORBELL_STUCK_SECS: f64 = 5.0;
+
+pub(super) async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<Check> {
+    if let Err(e) = schema::check_columns(client, settings).await {
+        return vec![check(
+            "triggers",
+            Status::Fail,
+            e.to_string(),
+            Some("fix the configuration or the table, then run `evictd migrate`"),
+        )];
+    }
+    let mut checks = Vec::new();
+    for rule in settings.rules.tables() {
+        let rows = client
+            .query(
+                "SELECT t.tgname::text, t.tgenabled::text FROM pg_trigger t \
+                 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname LIKE 'evictd\\_%'",
+                &[&rule.table.schema, &rule.table.name],
+            )
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                checks.push(check("triggers", Status::Fail, e.to_string(), None));
+                continue;
+            }
+        };
+        let mut problems = Vec::new();
+        let mut hints = Vec::new();
+        for name in ddl::TRIGGER_NAMES {
+            match rows.iter().find(|r| r.get::<_, &str>(0) == name) {
+                None => {
+                    problems.push(format!("trigger {name} is missing"));
+                    hints.push("run `evictd migrate`".to_string());
+                }
+                Some(row) if row.get::<_, &str>(1) == "D" => {
+                    problems.push(format!("trigger {name} is disabled"));
+                    hints.push(format!("ALTER TABLE {} ENABLE TRIGGER {name}", rule.table));
+                }
+                Some(_) => {}
+            }
+        }
+        if problems.is_empty() {
+            checks.push(check(
+                "triggers",
+                Status::Ok,
+                format!("{}: 4 triggers enabled", rule.table),
+                None,
+            ));
+        } else {
+            hints.dedup();
+            checks.push(Check {
+                name: "triggers",
+                status: Status::Fail,
+                message: format!("{}: {}", rule.table, problems.join(", ")),
+                hint: Some(hints.join("; ")),
+            });
+        }
+    }
+    checks
+}
+
+/// LISTEN on one connection, NOTIFY from another, and wait for it. A transaction-pooling
+/// PgBouncer (or Supabase's pooler on port 6543) accepts LISTEN but never delivers.
+pub(super) async fn listen_round_trip(settings: &Settings, channel: &str) -> Check {
+    let hint = "connect evictd directly to PostgreSQL (Supabase: db.<ref>.supabase.co:5432) or through a session-mode pooler; transaction pooling cannot deliver LISTEN/NOTIFY";
+    let attempt = async {
+        let (mut feed, sender) = db::notification_feed(16);
+        let listener = db::connect(
+            &settings.database_url,
+            settings.tls_ca_file.as_deref(),
+            Some(sender),
+        )
+        .await?;
+        let probe = format!("evictd_doctor_{:08x}", rand::random::<u32>());
+        listener
+            .client
+            .batch_execute(&format!("LISTEN {}", db::quote_ident(&probe)))
+            .await?;
+        let notifier = db::connect(
+            &settings.database_url,
+            settings.tls_ca_file.as_deref(),
+            None,
+        )
+        .await?;
+        notifier
+            .client
+            .execute("SELECT pg_notify($1, 'doctor')", &[&probe])
+            .await?;
+        let received = tokio::time::timeout(ROUND_TRIP, async {
+            while let Some(n) = feed.receiver.recv().await {
+                if n.channel() == probe {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        Ok::<bool, anyhow::Error>(received)
+    };
+    match attempt.await {
+        Ok(true) => check(
+            "listen",
+            Status::Ok,
+            format!("LISTEN/NOTIFY round trip works (daemon channel: {channel})"),
+            None,
+        ),
+        Ok(false) => check(
+            "listen",
+            Status::Fail,
+            format!("a NOTIFY was not delivered to a LISTENing session within {ROUND_TRIP:?}"),
+            Some(hint),
+        ),
+        Err(e) => check(
+            "listen",
+            Status::Fail,
+            format!("LISTEN failed: {e:#}"),
+            Some(hint),
+        ),
+    }
+}
+
+pub(super) async fn outbox_check(client: &Client) -> Check {
+    let row = client
+        .query_one(
+            "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8, \
+             (SELECT count(*) FROM evictd.dead_letter) FROM evictd.outbox",
+            &[],
+        )
+        .await;
+    match row {
+        Ok(row) => {
+            let (backlog, age, dead): (i64, f64, i64) = (row.get(0), row.get(1), row.get(2));
+            let message = format!(
+                "{backlog} events waiting, oldest {age:.1}s old; {dead} in evictd.dead_letter"
+            );
+            if age > BACKLOG_AGE_WARN_SECS {
+                check(
+                    "outbox",
+                    Status::Warn,
+                    message,
+                    Some("is `evictd run` running and ready? see its /readyz and logs"),
+                )
+            } else if dead > 0 {
+                check(
+                    "outbox",
+                    Status::Warn,
+                    message,
+                    Some("inspect SELECT * FROM evictd.dead_letter; the error column says why"),
+                )
+            } else {
+                check("outbox", Status::Ok, message, None)
+            }
+        }
+        Err(e) => check(
+            "outbox",
+            Status::Fail,
+            e.to_string(),
+            Some("run `evictd migrate`"),
+        ),
+    }
+}
+
+/// `doorbell` wake-up: whether writers ring. A daemon killed while draining leaves the doorbell
+/// busy; writers then skip their wake-up until a daemon starts again (it resets it), so their
+/// events wait for the daemon's safety poll at best.
+pub(super) async fn doorbell_check(client: &Client) -> Check {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT coalesce(pg_catalog.pg_sequence_last_value('{0}'), 0) = 1, \
+                 coalesce(extract(epoch FROM clock_timestamp() - \
+                 (SELECT min(created_at) FROM evictd.outbox)), 0)::float8, \
+                 pg_catalog.has_sequence_privilege('{0}', 'UPDATE'), current_user::text",
+                ddl::DOORBELL
+            ),
+            &[],
+        )
+        .await;
+    match row {
+        Ok(row) => {
+            let (busy, age): (bool, f64) = (row.get(0), row.get(1));
+            let (may_ring, role): (bool, String) = (row.get(2), row.get(3));
+            if !may_ring {
+                check(
+                    "doorbell",
+                    Status::Fail,
+                    format!(
+                        "role {role} cannot set the doorbell: the daemon would fail when it has work"
+                    ),
+                    Some(&format!(
+                        "GRANT SELECT, UPDATE ON SEQUENCE {} TO {role} (deploy/sql/evictd-role.sql)",
+                        ddl::DOORBELL
+                    )),
+                )
+            } else if !busy {
+                check(
+                    "doorbell",
+                    Status::Ok,
+                    "idle: writers wake the daemon".to_string(),
+                    None,
+                )
+            } else if age > DOORBELL_STUCK_SECS {
+                check(
+                    "doorbell",
+                    Status::Warn,
+                    format!(
+                        "busy, yet an event has waited {age:.1}s: no daemon is draining, and writers skip their wake-up"
+                    ),
+                    Some(
+                        "start `evictd run` (it resets the doorbell), or SELECT setval('evictd.doorbell', 0)",
+                    ),
+                )
+            } else {
+                check(
+                    "doorbell",
+                    Status::Ok,
+                    "busy: a daemon is draining, writers skip their wake-up".to_string(),
+                    None,
+                )
+            }
+        }
+        Err(e) => check(
+            "doorbell",
+            Status::Fail,
+            e.to_string(),
+            Some("run `evictd migrate`"),
+        ),
+    }
+}

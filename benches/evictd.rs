@@ -383,7 +383,15 @@ async fn writer_ratio(
     let mut bare = vec![baseline_rate(lab, db, each, daemon).await];
     let mut with = Vec::new();
     for _ in 0..WRITER_ROUNDS {
+        let walsender = match daemon {
+            Some(_) => walsender_pid(lab).await,
+            None => None,
+        };
+        let walsender_before = walsender.map_or(0.0, |pid| process_stats(pid).2);
         with.push(writer_rate_for(lab, db, each).await);
+        if let (Some(stopped), Some(pid)) = (daemon.as_mut(), walsender) {
+            stopped.walsender_cpu_s += process_stats(pid).2 - walsender_before;
+        }
         bare.push(baseline_rate(lab, db, each, daemon).await);
     }
     let mut ratios: Vec<f64> = with
@@ -397,11 +405,36 @@ async fn writer_ratio(
 }
 
 /// The daemon [`writer_ratio`] stops during its baseline runs (in `logical` delivery only),
-/// and the CPU seconds the daemons it stopped had used.
+/// the CPU seconds the daemons it stopped had used, and those their walsenders used while the
+/// writers ran beside them.
 struct StoppedForBaseline<'a> {
     setting: &'a Setting,
     daemon: &'a mut Daemon,
     cpu_s_of_stopped: f64,
+    walsender_cpu_s: f64,
+}
+
+/// The process of the `logical` daemon's walsender, once it streams.
+async fn walsender_pid(lab: &Lab) -> Option<u32> {
+    let admin = lab.client("postgres").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'evictd-logical' \
+                 AND backend_type = 'walsender'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            return Some(row.get::<_, i32>(0) as u32);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn stopped_for_baseline<'a>(
@@ -412,6 +445,7 @@ fn stopped_for_baseline<'a>(
         setting,
         daemon,
         cpu_s_of_stopped: 0.0,
+        walsender_cpu_s: 0.0,
     })
 }
 
@@ -1268,6 +1302,7 @@ async fn main() {
     if std::env::args().any(|a| a == "--writers") {
         // Writer cost alone, with and without the daemon running, to separate what the
         // triggers cost from what the daemon's own work costs the writers.
+        keyspace_events(&lab, false).await;
         for setting in &selected {
             let db = format!("bench_{}", setting.name.replace('-', "_"));
             lab.database(&db, Some(setting)).await;
@@ -1280,7 +1315,8 @@ async fn main() {
             );
             let mut stopped = stopped_for_baseline(setting, &mut daemon);
             let (together, bare_again, with_daemon) = writer_ratio(&lab, &db, &mut stopped).await;
-            let cpu_s_of_stopped = stopped.map_or(0.0, |s| s.cpu_s_of_stopped);
+            let (cpu_s_of_stopped, walsender_cpu_s) =
+                stopped.map_or((0.0, 0.0), |s| (s.cpu_s_of_stopped, s.walsender_cpu_s));
             // What the daemon and Redis spent per commit (they idle during the baseline runs,
             // or in `logical` delivery are stopped then; the restarted daemons' start-up is
             // counted in).
@@ -1289,9 +1325,14 @@ async fn main() {
             let daemon_us =
                 per_commit(cpu_s_of_stopped + process_stats(daemon.child.id()).2 - daemon_before);
             let redis_us = per_commit(redis_cpu_s(&mut redis).await - redis_before);
+            let walsender = if setting.delivery == "logical" {
+                format!(", walsender {:.1} µs", per_commit(walsender_cpu_s))
+            } else {
+                String::new()
+            };
             drop(daemon);
             println!(
-                "{:<14} without the daemon: {:>3.0} % ({:>6.0} vs {:>6.0}/s)  | with it running: {:>3.0} % ({:>6.0} vs {:>6.0}/s); CPU per commit: daemon {daemon_us:.1} µs, Redis {redis_us:.1} µs",
+                "{:<14} without the daemon: {:>3.0} % ({:>6.0} vs {:>6.0}/s)  | with it running: {:>3.0} % ({:>6.0} vs {:>6.0}/s); CPU per commit: daemon {daemon_us:.1} µs, Redis {redis_us:.1} µs{walsender}",
                 setting.name,
                 alone * 100.0,
                 with,
@@ -1313,9 +1354,13 @@ async fn main() {
         let mut daemon = lab.start_daemon(&db, setting).await;
         let (idle_kb, _, _) = process_stats(daemon.child.id());
 
-        // Alternating with the no-trigger baseline, so both see the same machine.
+        // Alternating with the no-trigger baseline, so both see the same machine. Without
+        // the latency phases' keyspace notifications: a Redis in production has none, and
+        // each `tagts` marker's TTL would publish one.
+        keyspace_events(&lab, false).await;
         let (ratio, bare_rate, rate) =
             writer_ratio(&lab, &db, &mut stopped_for_baseline(setting, &mut daemon)).await;
+        keyspace_events(&lab, true).await;
         // (A logical daemon was restarted for each baseline run: this one is the last.)
         let pid = daemon.child.id();
         // CPU per event is measured over the latency phases, whose events are counted (the

@@ -157,3 +157,12 @@ fn which(name: &str) -> Result<PathBuf> {
         })
         .ok_or_else(|| anyhow!("`{name}` not found in PATH"))
 }
+
+/// Kills `child` with SIGKILL, if it runs, and reaps it.
+fn kill_and_reap(child: &mut Option<Child>) -> Result<()> {
+    if let Some(mut child) = child.take() {
+        child.kill().ok();
+        child.wait()?;
+    }
+    Ok(())
+}

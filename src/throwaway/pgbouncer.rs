@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 
-use super::{free_port, pg_user, scratch_dir, spawn_guarded, wait_for_text, which};
+use super::{free_port, kill_and_reap, pg_user, scratch_dir, spawn_guarded, wait_for_text, which};
 
 /// A throwaway PgBouncer in front of a PostgreSQL, in transaction pooling mode (the mode in
 /// which LISTEN cannot work), for testing that `doctor` notices.
@@ -71,10 +71,7 @@ impl PgBouncer {
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().ok();
-            child.wait().ok();
-        }
+        kill_and_reap(&mut self.child).ok();
         std::fs::remove_dir_all(&self.dir).ok();
     }
 }

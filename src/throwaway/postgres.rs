@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::{COUNTER, free_port, relaunch, scratch_dir, spawn_guarded, wait_for_text, which};
+use super::{
+    COUNTER, free_port, kill_and_reap, relaunch, scratch_dir, spawn_guarded, wait_for_text, which,
+};
 
 /// Finds a PostgreSQL server binary: `$EVICTD_PG_BIN`, then `PATH`, then Debian's
 /// `/usr/lib/postgresql/<version>/bin` (newest first).
@@ -208,13 +210,9 @@ impl Postgres {
 
     /// Kills the postmaster with SIGKILL (a crash), and waits for it to be gone.
     pub fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().ok();
-            child.wait()?;
-        }
         // Orphaned backends exit once they notice the postmaster is gone; the next start
         // waits for the shared memory they hold to be released.
-        Ok(())
+        kill_and_reap(&mut self.child)
     }
 
     /// Stops the server with a fast shutdown (SIGINT) and waits for it.

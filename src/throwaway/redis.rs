@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::{free_port, relaunch, scratch_dir, spawn_guarded, tail, which};
+use super::{free_port, kill_and_reap, relaunch, scratch_dir, spawn_guarded, tail, which};
 
 /// A throwaway Redis server (no persistence). Killed and removed on drop.
 pub struct Redis {
@@ -120,11 +120,7 @@ impl Redis {
     }
 
     pub fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().ok();
-            child.wait()?;
-        }
-        Ok(())
+        kill_and_reap(&mut self.child)
     }
 
     /// Starts it again on the same port (empty unless persistence was asked for).

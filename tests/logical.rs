@@ -38,6 +38,12 @@ async fn insert_products(env: &Env, group: &str, count: usize, client: &str) {
 const PUBLISHED_COLUMNS: &str = "SELECT tablename::text || ' ' || array_to_string(attnames, ',') \
      FROM pg_publication_tables WHERE pubname = 'evictd' ORDER BY 1";
 
+/// Runs `evictd doctor`: its exit code and what it printed.
+fn doctor(env: &Env) -> (Option<i32>, String) {
+    let output = support::finish(env.command(&["doctor"]));
+    (output.status.code(), support::text(&output))
+}
+
 async fn query_strings(env: &Env, sql: &str) -> Vec<String> {
     env.pg
         .query(sql, &[])
@@ -96,9 +102,8 @@ async fn triggers_only_for_old_values_the_wal_lacks() {
     assert_eq!(slots, [format!("evictd_{}", env.name)]);
 
     // doctor checks the slot instead of triggers and a LISTEN round trip.
-    let doctor = support::finish(env.command(&["doctor"]));
-    let report = support::text(&doctor);
-    assert!(doctor.status.success(), "{report}");
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(0), "{report}");
     assert!(!report.contains("FAIL"), "{report}");
     assert!(
         report.contains(&format!("slot evictd_{}: not in use", env.name)),
@@ -116,9 +121,8 @@ async fn triggers_only_for_old_values_the_wal_lacks() {
         env.name
     ))
     .await;
-    let doctor = support::finish(env.command(&["doctor"]));
-    let report = support::text(&doctor);
-    assert!(doctor.status.success(), "{report}");
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(0), "{report}");
     assert!(
         report.contains("synchronous_commit is off and wal_writer_delay 200ms"),
         "{report}"
@@ -128,9 +132,8 @@ async fn triggers_only_for_old_values_the_wal_lacks() {
     // An old-row trigger disabled (as a bulk load or a restore may leave it) is a FAIL.
     env.sql("ALTER TABLE products DISABLE TRIGGER evictd_old_update")
         .await;
-    let doctor = support::finish(env.command(&["doctor"]));
-    let report = support::text(&doctor);
-    assert_eq!(doctor.status.code(), Some(1), "{report}");
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(1), "{report}");
     assert!(
         report.contains("public.products: evictd_old_update missing or disabled"),
         "{report}"
@@ -141,9 +144,8 @@ async fn triggers_only_for_old_values_the_wal_lacks() {
     // A table dropped from the publication (as if added to the configuration without
     // `evictd migrate`) is a FAIL naming it.
     env.sql("ALTER PUBLICATION evictd DROP TABLE modules").await;
-    let doctor = support::finish(env.command(&["doctor"]));
-    let report = support::text(&doctor);
-    assert_eq!(doctor.status.code(), Some(1), "{report}");
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(1), "{report}");
     assert!(
         report.contains("not published (their changes are ignored): public.modules"),
         "{report}"
@@ -274,9 +276,8 @@ tags = ["notes:author:{author}"]
     assert!(triggers.is_empty(), "{triggers:?}");
     // doctor points at the FULL of a table with a primary key (perhaps left by schema
     // version 2), not at the one a table without any key needs.
-    let doctor = support::finish(env.command(&["doctor"]));
-    let report = support::text(&doctor);
-    assert!(doctor.status.success(), "{report}");
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(0), "{report}");
     assert!(
         report.contains("public.products: REPLICA IDENTITY FULL"),
         "{report}"

@@ -12,6 +12,7 @@
 //! - [`daemon`] — the supervisor and event loop tying them together.
 //! - [`http`], [`metrics`], [`shutdown`] — what an operator sees and how it stops.
 //! - [`cmd`] — one module per subcommand; [`cli`] — the clap types.
+//! - [`signature`] — the check of signed NOTIFY payloads and logical messages (pure).
 //! - [`db`], [`tls`], [`backoff`], [`redact`] — connection helpers.
 //! - [`throwaway`] — local servers for `evictd dev` and the tests.
 
@@ -29,6 +30,7 @@ pub mod redact;
 pub mod rules;
 pub mod schema;
 pub mod shutdown;
+pub mod signature;
 pub mod sink;
 pub mod source;
 pub mod throwaway;

@@ -22,6 +22,9 @@ GRANT SELECT ON evictd.settings TO evictd_daemon;
 -- SELECT ... FOR UPDATE SKIP LOCKED needs UPDATE; acknowledging needs DELETE.
 GRANT SELECT, UPDATE, DELETE ON evictd.outbox TO evictd_daemon;
 GRANT SELECT, INSERT ON evictd.dead_letter TO evictd_daemon;
+-- `notify` and `logical` delivery: the key that signs events sent through channels any role can
+-- write to (NOTIFY, logical decoding messages); the daemon checks every event against it.
+GRANT SELECT ON evictd.signing_key TO evictd_daemon;
 -- The doorbell (outbox delivery, doorbell wake-up, the default): setval tells writers the daemon is draining.
 GRANT SELECT, UPDATE ON SEQUENCE evictd.doorbell TO evictd_daemon;
 

@@ -2,7 +2,7 @@
 //! the stream has nothing more waiting (or the batch is full), invalidated, and only then is
 //! the end of the last complete transaction confirmed to PostgreSQL.
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Daemon, FLUSH_TAGS, SessionError};
 use crate::sink::{MarkerTtl, RedisSink};
@@ -42,15 +42,21 @@ impl Daemon {
         } else if redis_restarted {
             self.resync(sink, "redis restarted or failed over").await?;
         }
-        let mut stream = LogicalStream::start(&self.settings, &slot).await?;
+        let mut stream =
+            LogicalStream::start(&self.settings, &slot, source.signing_key.clone()).await?;
         // A non-transactional message is decoded at its place in the WAL: when it comes back,
         // every transaction committed before it has been delivered.
         let nonce = format!("{:016x}", rand::random::<u64>());
         logical::write_marker(client, &nonce).await?;
+        // A long backlog streams for as long as it takes, but a stream that goes silent for
+        // two health intervals (a half-open connection) is given up, as after readiness.
+        let silence = self.settings.health_interval * 2;
         loop {
             let event = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(SessionError::Shutdown),
-                event = stream.recv() => event?,
+                event = tokio::time::timeout(silence, stream.recv()) => {
+                    event.map_err(|_| SessionError::StreamSilent(silence))??
+                }
             };
             if self
                 .on_logical(event, &mut stream, sink, Some(&nonce))
@@ -99,12 +105,12 @@ impl Daemon {
                 marker_seen = true;
                 break;
             }
-            if let Err(reason) =
+            if let Err(rejected) =
                 stream
                     .state
                     .fold(&event, &self.settings.rules, threshold, &mut batch)
             {
-                self.reject("malformed", reason, "logical replication message");
+                self.reject(rejected.kind, rejected.reason, "logical decoding message");
             }
             events += 1;
             if batch.targets.tags.len() >= FLUSH_TAGS {
@@ -139,6 +145,12 @@ impl Daemon {
         }
         if let Some(lsn) = stream.state.confirmable {
             stream.confirm(lsn);
+        }
+        if let Some(tables) = stream.state.take_unruled() {
+            warn!(
+                tables = %tables.join(", "),
+                "changes of published tables without a rule were ignored; run `evictd migrate` after changing the configuration"
+            );
         }
         Ok(marker_seen)
     }

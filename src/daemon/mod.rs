@@ -286,10 +286,19 @@ impl Daemon {
         let mut wake = false;
         let mut next = Some(first);
         while let Some(n) = next {
-            if n.payload().is_empty() {
-                wake = true;
-            } else {
-                self.add_payload(&mut batch, n.payload());
+            // Only `notify` delivery carries events in notifications, and only signed ones
+            // count: any role may NOTIFY. In the others a notification only wakes the daemon,
+            // whatever it says: the events are in the outbox or the WAL.
+            match (&source.signing_key, source.delivery) {
+                (Some(key), Delivery::Notify) => match key.open_str(n.payload()) {
+                    Ok(payload) => {
+                        self.add_payload(&mut batch, payload);
+                    }
+                    Err(forged) => {
+                        self.reject("forged", forged.to_string(), n.payload());
+                    }
+                },
+                _ => wake = true,
             }
             next = if batch.event_count() < self.settings.batch_max_events as u64 {
                 source.try_next_notification()

@@ -132,21 +132,36 @@ pub enum Migrated {
 const LOCK_TIMEOUT: &str = "2s";
 const LOCK_ATTEMPTS: u32 = 8;
 
-/// Installs or upgrades the database side for `settings`, in one transaction.
+/// Makes a session resolve every name in pg_catalog (and nothing in a temporary schema
+/// first), whatever its role's or database's default: evictd's own queries then cannot run
+/// another role's operator. Session-wide, for the daemon's own session.
+pub const PIN_SEARCH_PATH: &str = "SET search_path = pg_catalog, pg_temp";
+/// [`PIN_SEARCH_PATH`] for one transaction, where the connection may be shared (a pooler).
+const PIN_SEARCH_PATH_LOCAL: &str = "SET LOCAL search_path = pg_catalog, pg_temp";
+
+/// Installs or upgrades the database side for `settings`, in one transaction. The transaction
+/// pins its search path before it reads anything: `migrate` runs as an owner of the tables,
+/// and the database's default path may list a schema other roles can create operators in.
 pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrated, SchemaError> {
-    check_columns(&*client, settings).await?;
     let ddl = ddl::render(settings);
     let hash = format!("{:016x}", ddl::fnv1a64(ddl.as_bytes()));
-    if let Some(installed) = installed(&*client).await?
-        && installed.ddl_hash.as_deref() == Some(hash.as_str())
     {
-        sync_slot(client, settings.delivery).await?;
-        return Ok(Migrated::UpToDate);
+        let tx = client.transaction().await?;
+        tx.batch_execute(PIN_SEARCH_PATH_LOCAL).await?;
+        check_columns(&tx, settings).await?;
+        let up_to_date = installed(&tx)
+            .await?
+            .is_some_and(|installed| installed.ddl_hash.as_deref() == Some(hash.as_str()));
+        tx.commit().await?;
+        if up_to_date {
+            sync_slot(client, settings.delivery).await?;
+            return Ok(Migrated::UpToDate);
+        }
     }
     for attempt in 1..=LOCK_ATTEMPTS {
         let tx = client.transaction().await?;
         tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock(hashtext('evictd.migrate'));"
+            "{PIN_SEARCH_PATH_LOCAL}; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock(hashtext('evictd.migrate'));"
         ))
         .await?;
         match tx.batch_execute(&ddl).await {
@@ -179,7 +194,7 @@ pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrate
 
 /// `logical` delivery needs its replication slot; any other mode must not leave one behind
 /// (an unread slot keeps WAL forever). Slots are not transactional, so this runs after the DDL
-/// committed.
+/// committed, outside a transaction, every name qualified (the search path is not pinned).
 async fn sync_slot(client: &Client, delivery: Delivery) -> Result<(), SchemaError> {
     let slot: String = client
         .query_one(&format!("SELECT {}", ddl::SLOT_NAME_SQL), &[])
@@ -188,8 +203,9 @@ async fn sync_slot(client: &Client, delivery: Delivery) -> Result<(), SchemaErro
     if delivery == Delivery::Logical {
         client
             .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
-                 WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
+                "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput') \
+                 WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots \
+                 WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name)",
                 &[&slot],
             )
             .await?;
@@ -208,8 +224,8 @@ pub async fn uninstall(client: &mut Client) -> Result<bool, SchemaError> {
     let was_installed = installed(&*client).await?.is_some();
     let tx = client.transaction().await?;
     tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; DROP SCHEMA IF EXISTS evictd CASCADE; \
-         DROP PUBLICATION IF EXISTS evictd;"
+        "{PIN_SEARCH_PATH_LOCAL}; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; \
+         DROP SCHEMA IF EXISTS evictd CASCADE; DROP PUBLICATION IF EXISTS evictd;"
     ))
     .await?;
     tx.commit().await?;

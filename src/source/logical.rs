@@ -21,6 +21,7 @@ use crate::config::Settings;
 use crate::event::{ChangeEvent, Op};
 use crate::rules::Rules;
 use crate::schema::ddl::{OLD_ROWS_PREFIX, PUBLICATION, SLOT_NAME_SQL};
+use crate::signature::SigningKey;
 
 /// Milliseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_UNIX_MS: i64 = 946_684_800_000;
@@ -78,12 +79,14 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, Sourc
     Ok(SlotState::Created)
 }
 
-/// Drops slot `slot` if it exists and no daemon streams from it.
+/// Drops slot `slot` if it exists and no daemon streams from it. Every name qualified: `migrate`
+/// runs it outside a transaction, where its search path is the session's.
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, tokio_postgres::Error> {
     let dropped = client
         .execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-             WHERE slot_name = $1 AND NOT active",
+            "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
+             FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name AND NOT active",
             &[&slot],
         )
         .await?;
@@ -119,7 +122,17 @@ pub struct Folder {
     /// The heartbeat marker written into the WAL and not yet seen back, with when it was
     /// written: the end-to-end liveness probe of the replication path.
     pub awaiting: Option<(String, std::time::Instant)>,
+    /// The key evictd's messages are signed with.
+    key: Option<SigningKey>,
+    /// Changes that could not be told to a table, so widened to every table.
+    pub widened_everything: u64,
+    /// Published tables seen without a rule, and whether one is new since the last look.
+    unruled: Vec<String>,
+    unruled_news: bool,
 }
+
+/// Prefix of the messages `evictd.emit` writes in `logical` delivery (`invalidate_tags`).
+pub const EVENTS_PREFIX: &str = "evictd";
 
 /// Prefix of the non-transactional messages the daemon writes into the WAL and reads back:
 /// at start (caught up) and on every health tick (the stream is alive, and everything before
@@ -145,7 +158,11 @@ impl LogicalStream {
 
     /// Starts streaming from the slot's confirmed position, over the same host, credentials
     /// and TLS as `settings.database_url`.
-    pub async fn start(settings: &Settings, slot: &str) -> Result<Self, SourceError> {
+    pub async fn start(
+        settings: &Settings,
+        slot: &str,
+        key: Option<SigningKey>,
+    ) -> Result<Self, SourceError> {
         let tls = crate::tls::pg_tls(&settings.database_url);
         let mut config = crate::db::parse_config(&tls.url)?;
         config.application_name("evictd-logical");
@@ -163,7 +180,7 @@ impl LogicalStream {
         .await?;
         Ok(Self {
             wal,
-            state: Folder::default(),
+            state: Folder::new(key),
             pending: Batch::default(),
         })
     }
@@ -201,16 +218,52 @@ pub fn marker_content(frame: &Frame) -> Option<&[u8]> {
     }
 }
 
+/// A logical decoding message the daemon refused: forged (not signed with evictd's key), too
+/// large to be evictd's, or not evictd JSON. Logged and counted by `kind`; the stream goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The metric label: `forged` or `malformed`.
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+impl Rejected {
+    fn forged(reason: impl ToString) -> Self {
+        Self {
+            kind: "forged",
+            reason: reason.to_string(),
+        }
+    }
+
+    fn malformed(reason: impl ToString) -> Self {
+        Self {
+            kind: "malformed",
+            reason: reason.to_string(),
+        }
+    }
+}
+
 impl Folder {
-    /// Folds one event into `batch`. A bad message or a table without a rule is returned as the
-    /// reason (the caller logs and counts it); the stream goes on.
+    /// A folder whose evictd messages must carry `key`'s signature (`None`: every evictd
+    /// message is refused).
+    pub fn new(key: Option<SigningKey>) -> Self {
+        Self {
+            key,
+            ..Self::default()
+        }
+    }
+
+    /// Folds one event into `batch`. A change that cannot be read exactly (an undecodable or
+    /// oversized message, a relation never described, a value the stream lacks) widens what
+    /// it may have touched to table-wide: a change never vanishes. A logical decoding message
+    /// that is not evictd's own is refused with the reason (the caller logs and counts it).
     pub fn fold(
         &mut self,
         frame: &Frame,
         rules: &Rules,
         wide_threshold: u64,
         batch: &mut Batch,
-    ) -> Result<(), String> {
+    ) -> Result<(), Rejected> {
         let data = match frame {
             // Between transactions a keepalive's position is complete too: confirming it lets
             // the slot release WAL while only other tables are written.
@@ -220,28 +273,34 @@ impl Folder {
                 }
                 return Ok(());
             }
+            Frame::Oversized { head, len } => return self.fold_oversized(head, *len, rules, batch),
             Frame::XLogData(data) => data,
         };
         // Rows of a table this transaction already invalidated table-wide need no decoding: a
         // 1,000,000-row UPDATE costs a byte check per row after the first `wide_row_threshold`.
-        if let [tag @ (b'I' | b'U' | b'D'), a, b, c, d, ..] = data.as_ref() {
-            let relation = u32::from_be_bytes([*a, *b, *c, *d]);
-            if self.wide_in_tx.contains(&relation) {
-                let op = match tag {
-                    b'I' => Op::Insert,
-                    b'U' => Op::Update,
-                    _ => Op::Delete,
-                };
-                return self.count(relation, op, batch);
-            }
+        if let Some((relation, op)) = change_head(data)
+            && self.wide_in_tx.contains(&relation)
+        {
+            self.count(relation, op, batch);
+            return Ok(());
         }
-        match pgoutput::decode(data).map_err(|e| e.to_string())? {
+        let message = match pgoutput::decode(data) {
+            Ok(message) => message,
+            Err(e) => {
+                if data.first() == Some(&b'M') {
+                    return Err(Rejected::malformed(e));
+                }
+                self.widen_unreadable(data, rules, batch);
+                return Ok(());
+            }
+        };
+        match message {
             Message::Begin { commit_time_micros } => {
                 self.in_transaction = true;
                 self.rows_in_tx.clear();
                 self.wide_in_tx.clear();
                 self.counted_in_tx.clear();
-                let ts = commit_time_micros / 1_000 + PG_EPOCH_UNIX_MS;
+                let ts = (commit_time_micros / 1_000).saturating_add(PG_EPOCH_UNIX_MS);
                 batch.oldest_ts_ms = Some(batch.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
             }
             Message::Commit { end_lsn } => {
@@ -267,18 +326,70 @@ impl Folder {
             }
             Message::Logical {
                 prefix, content, ..
-            } if prefix == "evictd" || prefix == OLD_ROWS_PREFIX => {
-                let text = String::from_utf8_lossy(content);
-                let event = ChangeEvent::parse(&text).map_err(|e| e.to_string())?;
+            } if prefix == EVENTS_PREFIX || prefix == OLD_ROWS_PREFIX => {
+                let key = self
+                    .key
+                    .as_ref()
+                    .ok_or_else(|| Rejected::forged("no signing key to check messages with"))?;
+                let payload = key.open(content).map_err(Rejected::forged)?;
+                let text = std::str::from_utf8(payload).map_err(Rejected::malformed)?;
+                let event = ChangeEvent::parse(text).map_err(Rejected::malformed)?;
                 // Old rows the WAL lacks belong to a change already counted as an event.
-                let counted = prefix == "evictd";
-                batch
+                let counted = prefix == EVENTS_PREFIX;
+                if batch
                     .add_part(rules, &event, 0..usize::MAX, counted)
-                    .map_err(|e| e.to_string())?;
+                    .is_err()
+                {
+                    // A table without a rule here (the configuration changed since `migrate`):
+                    // nothing of ours to invalidate.
+                    self.note_unruled(event.table.as_deref().unwrap_or("-"));
+                }
             }
-            change => self.fold_change(change, rules, wide_threshold, batch)?,
+            // Other applications' messages: not ours to read.
+            Message::Logical { .. } => {}
+            change => self.fold_change(change, rules, wide_threshold, batch),
         }
         Ok(())
+    }
+
+    /// A message too large to hold ([`Frame::Oversized`]): a change widens its table (every
+    /// table when it cannot be told); evictd's own messages are never that large, so one with
+    /// its prefix is forged; other applications' messages are none of ours.
+    fn fold_oversized(
+        &mut self,
+        head: &[u8],
+        len: usize,
+        rules: &Rules,
+        batch: &mut Batch,
+    ) -> Result<(), Rejected> {
+        if head.first() == Some(&b'M') {
+            let prefix = head
+                .get(10..)
+                .and_then(|rest| rest.split(|&b| b == 0).next())
+                .filter(|p| p.len() < head.len().saturating_sub(10))
+                .unwrap_or_default();
+            if prefix == EVENTS_PREFIX.as_bytes() || prefix == OLD_ROWS_PREFIX.as_bytes() {
+                return Err(Rejected::forged(format!(
+                    "a logical decoding message of {len} bytes with evictd's prefix (evictd's own are at most {} bytes)",
+                    crate::schema::ddl::LOGICAL_MESSAGE_LIMIT
+                )));
+            }
+            return Ok(());
+        }
+        self.widen_unreadable(head, rules, batch);
+        Ok(())
+    }
+
+    /// A change that cannot be decoded: its table goes table-wide, or, when not even the
+    /// relation can be read, every configured table.
+    fn widen_unreadable(&mut self, data: &[u8], rules: &Rules, batch: &mut Batch) {
+        match change_head(data) {
+            Some((relation, op)) => {
+                self.count(relation, op, batch);
+                self.widen(relation, rules, batch);
+            }
+            None => self.widen_everything(rules, batch),
+        }
     }
 
     fn advance(&mut self, lsn: Lsn) {
@@ -291,19 +402,19 @@ impl Folder {
         rules: &Rules,
         wide_threshold: u64,
         batch: &mut Batch,
-    ) -> Result<(), String> {
+    ) {
         let (relation, op, rows) = match message {
             Message::Relation(relation) => {
                 self.relations
                     .insert(relation.id, Known::new(relation, rules));
-                return Ok(());
+                return;
             }
             Message::Truncate { relations } => {
                 for id in relations {
-                    self.count(id, Op::Truncate, batch)?;
-                    self.widen(id, rules, batch)?;
+                    self.count(id, Op::Truncate, batch);
+                    self.widen(id, rules, batch);
                 }
-                return Ok(());
+                return;
             }
             Message::Insert { relation, new } => (relation, Op::Insert, vec![new]),
             Message::Update { relation, old, new } => {
@@ -315,21 +426,24 @@ impl Folder {
             Message::Begin { .. }
             | Message::Commit { .. }
             | Message::Logical { .. }
-            | Message::Other => return Ok(()),
+            | Message::Other => return,
         };
-        self.count(relation, op, batch)?;
+        self.count(relation, op, batch);
         if self.wide_in_tx.contains(&relation) {
-            return Ok(());
+            return;
         }
         let seen = self.rows_in_tx.entry(relation).or_default();
         *seen += 1;
         if *seen > wide_threshold {
             return self.widen(relation, rules, batch);
         }
-        let known = self.known(relation)?;
-        let rule = rules
-            .find(&known.table)
-            .ok_or_else(|| format!("table `{}` has no rule in this configuration", known.table))?;
+        let Some(known) = self.relations.get(&relation) else {
+            // A change before its relation's description: which table is unknown.
+            return self.widen_everything(rules, batch);
+        };
+        let Some(rule) = rules.find(&known.table) else {
+            return self.note_unruled(&known.table.clone());
+        };
         let Some(positions) = &known.positions else {
             // The table lacks a column the rules reference: everything it could make stale.
             return self.widen(relation, rules, batch);
@@ -352,40 +466,68 @@ impl Folder {
             rule.row_targets(&values, &mut batch.targets);
         }
         if unknown {
-            return self.widen(relation, rules, batch);
+            self.widen(relation, rules, batch);
         }
-        Ok(())
     }
 
     /// Counts one event per table and operation per transaction, like one statement trigger.
-    fn count(&mut self, relation: u32, op: Op, batch: &mut Batch) -> Result<(), String> {
-        if !self.counted_in_tx.contains(&(relation, op)) {
-            let table = self.known(relation)?.table.clone();
-            self.counted_in_tx.insert((relation, op));
+    fn count(&mut self, relation: u32, op: Op, batch: &mut Batch) {
+        if self.counted_in_tx.insert((relation, op)) {
+            let table = self
+                .relations
+                .get(&relation)
+                .map_or_else(|| format!("relation {relation}"), |k| k.table.clone());
             *batch.events.entry((table, op)).or_default() += 1;
         }
-        Ok(())
     }
 
-    /// Invalidates everything `relation`'s rule can produce, once per transaction.
-    fn widen(&mut self, relation: u32, rules: &Rules, batch: &mut Batch) -> Result<(), String> {
-        if self.wide_in_tx.contains(&relation) {
-            return Ok(());
+    /// Invalidates everything `relation`'s rule can produce, once per transaction; every
+    /// configured table when the relation was never described.
+    fn widen(&mut self, relation: u32, rules: &Rules, batch: &mut Batch) {
+        if !self.wide_in_tx.insert(relation) {
+            return;
         }
-        let known = self.known(relation)?;
-        let rule = rules
-            .find(&known.table)
-            .ok_or_else(|| format!("table `{}` has no rule in this configuration", known.table))?;
-        rule.table_wide_targets(&mut batch.targets);
-        self.wide_in_tx.insert(relation);
-        Ok(())
+        match self.relations.get(&relation) {
+            Some(known) => match rules.find(&known.table) {
+                Some(rule) => rule.table_wide_targets(&mut batch.targets),
+                None => self.note_unruled(&known.table.clone()),
+            },
+            None => self.widen_everything(rules, batch),
+        }
     }
 
-    fn known(&self, relation: u32) -> Result<&Known, String> {
-        self.relations
-            .get(&relation)
-            .ok_or_else(|| format!("change of relation {relation} before its description"))
+    /// Every configured table table-wide: what a change of an unknown table may have touched.
+    fn widen_everything(&mut self, rules: &Rules, batch: &mut Batch) {
+        self.widened_everything += 1;
+        batch.targets.merge(rules.all_table_wide());
     }
+
+    /// A published table the rules do not name (the configuration changed since `migrate`):
+    /// it makes nothing stale. Remembered so the daemon can say so once.
+    fn note_unruled(&mut self, table: &str) {
+        if self.unruled.len() < 100 && !self.unruled.iter().any(|t| t == table) {
+            self.unruled.push(table.to_string());
+            self.unruled_news = true;
+        }
+    }
+
+    /// Tables seen without a rule since the last call, once each.
+    pub fn take_unruled(&mut self) -> Option<&[String]> {
+        std::mem::take(&mut self.unruled_news).then_some(&self.unruled[..])
+    }
+}
+
+/// The relation and operation of an Insert, Update or Delete message, from its first bytes.
+fn change_head(data: &[u8]) -> Option<(u32, Op)> {
+    let [tag @ (b'I' | b'U' | b'D'), a, b, c, d, ..] = data else {
+        return None;
+    };
+    let op = match tag {
+        b'I' => Op::Insert,
+        b'U' => Op::Update,
+        _ => Op::Delete,
+    };
+    Some((u32::from_be_bytes([*a, *b, *c, *d]), op))
 }
 
 /// A relation the stream described, with where each of its rule's columns sits in its rows.
@@ -495,7 +637,7 @@ mod tests {
         (folder, batch)
     }
 
-    fn tags(batch: &Batch) -> Vec<&str> {
+    fn tags_of(batch: &Batch) -> Vec<&str> {
         batch.targets.tags.iter().map(String::as_str).collect()
     }
 
@@ -514,7 +656,7 @@ mod tests {
             10,
         );
         assert_eq!(
-            tags(&batch),
+            tags_of(&batch),
             [
                 "products:all",
                 "products:client:c1",
@@ -579,24 +721,123 @@ mod tests {
         assert_eq!(folder.confirmable, Some(Lsn(99)));
     }
 
-    /// A change of a relation never described, or a malformed message, is an error the daemon
-    /// logs and counts; folding goes on.
+    /// A change that cannot be read exactly is never dropped: a relation never described, or
+    /// a change that does not decode, widens every table; the stream goes on.
     #[test]
-    fn bad_messages_are_reasons_not_panics() {
+    fn changes_that_cannot_be_read_widen() {
         let rules = Rules::defaults();
         let mut folder = Folder::default();
         let mut batch = Batch::default();
         let orphan = update(&[Some("p1"), None, None], &[Some("p1"), None, None]);
-        assert!(folder.fold(&orphan, &rules, 10, &mut batch).is_err());
-        assert!(
-            folder
-                .fold(&xlog(b"Uxx".to_vec()), &rules, 10, &mut batch)
-                .is_err()
-        );
-        let tags_message = message("evictd", b"not json");
-        assert!(folder.fold(&tags_message, &rules, 10, &mut batch).is_err());
+        folder.fold(&orphan, &rules, 10, &mut batch).unwrap();
+        assert_eq!(batch.targets.wide_tables.len(), 4, "every table");
+        let mut batch = Batch::default();
+        folder.fold(&begin(), &rules, 10, &mut batch).unwrap();
         folder.fold(&relation(), &rules, 10, &mut batch).unwrap();
+        folder
+            .fold(&xlog(b"U\0\0\0\x07x".to_vec()), &rules, 10, &mut batch)
+            .unwrap();
+        assert_eq!(
+            batch.targets.wide_tables.iter().collect::<Vec<_>>(),
+            ["public.products"],
+            "an undecodable change of a known relation widens its table"
+        );
+        let mut batch = Batch::default();
+        folder.fold(&begin(), &rules, 10, &mut batch).unwrap();
         folder.fold(&orphan, &rules, 10, &mut batch).unwrap();
         assert!(batch.targets.tags.contains("products:id:p1"));
+    }
+
+    /// evictd's messages count only when signed with its key: a role calling
+    /// `pg_logical_emit_message` itself is refused as forged; other prefixes are ignored.
+    #[test]
+    fn only_signed_messages_count() {
+        let rules = Rules::defaults();
+        let key = SigningKey::new(&[3; 64]);
+        let mut folder = Folder::new(Some(key.clone()));
+        let mut batch = Batch::default();
+        let tags = r#"{"v":1,"op":"TAGS","ts":1,"tags":["products:all"]}"#;
+        let forged = folder.fold(&message("evictd", tags.as_bytes()), &rules, 10, &mut batch);
+        assert_eq!(forged.map_err(|r| r.kind), Err("forged"));
+        let wrong_key = SigningKey::new(&[4; 64]).sign(tags);
+        let forged = folder.fold(
+            &message("evictd", wrong_key.as_bytes()),
+            &rules,
+            10,
+            &mut batch,
+        );
+        assert_eq!(forged.map_err(|r| r.kind), Err("forged"));
+        let not_json = key.sign("not json");
+        let malformed = folder.fold(
+            &message("evictd", not_json.as_bytes()),
+            &rules,
+            10,
+            &mut batch,
+        );
+        assert_eq!(malformed.map_err(|r| r.kind), Err("malformed"));
+        folder
+            .fold(
+                &message("someone-else", b"whatever"),
+                &rules,
+                10,
+                &mut batch,
+            )
+            .unwrap();
+        assert!(batch.is_empty());
+        folder
+            .fold(
+                &message("evictd", key.sign(tags).as_bytes()),
+                &rules,
+                10,
+                &mut batch,
+            )
+            .unwrap();
+        assert_eq!(tags_of(&batch), ["products:all"]);
+        let unsigned = Folder::default().fold(
+            &message("evictd", key.sign(tags).as_bytes()),
+            &rules,
+            10,
+            &mut Batch::default(),
+        );
+        assert_eq!(
+            unsigned.map_err(|r| r.kind),
+            Err("forged"),
+            "no key, no trust"
+        );
+    }
+
+    /// A message too large to hold is skipped by the stream with its first bytes kept: a
+    /// change widens its table, one with evictd's prefix is forged (evictd's own are smaller),
+    /// any other is none of ours.
+    #[test]
+    fn oversized_messages_widen_or_are_refused() {
+        let rules = Rules::defaults();
+        let mut folder = Folder::default();
+        let mut batch = Batch::default();
+        folder.fold(&begin(), &rules, 10, &mut batch).unwrap();
+        folder.fold(&relation(), &rules, 10, &mut batch).unwrap();
+        let oversized = |head: Vec<u8>| Frame::Oversized {
+            head: Bytes::from(head),
+            len: 300 << 20,
+        };
+        let Frame::XLogData(change) = update(&[Some("p1"), None, None], &[Some("p1"), None, None])
+        else {
+            unreachable!()
+        };
+        folder
+            .fold(&oversized(change[..8].to_vec()), &rules, 10, &mut batch)
+            .unwrap();
+        assert!(batch.targets.wide_tables.contains("public.products"));
+        let Frame::XLogData(ours) = message("evictd-old", &[b'x'; 600]) else {
+            unreachable!()
+        };
+        let refused = folder.fold(&oversized(ours[..537].to_vec()), &rules, 10, &mut batch);
+        assert_eq!(refused.map_err(|r| r.kind), Err("forged"));
+        let Frame::XLogData(theirs) = message("pgl", &[b'x'; 600]) else {
+            unreachable!()
+        };
+        folder
+            .fold(&oversized(theirs[..537].to_vec()), &rules, 10, &mut batch)
+            .unwrap();
     }
 }

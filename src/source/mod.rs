@@ -16,6 +16,7 @@ use tokio_postgres::Notification;
 use crate::config::{Delivery, Settings, Wakeup};
 use crate::db::{self, Connection, DbError, NotificationFeed};
 use crate::schema::{self, SchemaError};
+use crate::signature::SigningKey;
 
 #[derive(Debug, Error)]
 pub enum SourceError {
@@ -35,6 +36,12 @@ pub enum SourceError {
     Closed,
     #[error("logical replication: {0}")]
     Logical(#[from] walsender::WalError),
+    #[error(
+        "cannot read the signing key ({}): the daemon's role needs SELECT on {} (deploy/sql/evictd-role.sql)",
+        crate::db::describe(.0),
+        schema::ddl::SIGNING_KEY_TABLE
+    )]
+    SigningKey(tokio_postgres::Error),
 }
 
 /// A listening PostgreSQL session and what is installed in its database.
@@ -44,6 +51,9 @@ pub struct Session {
     pub delivery: Delivery,
     pub wakeup: Wakeup,
     pub channel: String,
+    /// The key of the signed events of `notify` and `logical` delivery (`None` in `outbox`,
+    /// whose events need none: only the table's privileges let them in).
+    pub signing_key: Option<SigningKey>,
 }
 
 impl Session {
@@ -57,6 +67,13 @@ impl Session {
             Some(sender),
         )
         .await?;
+        // The session resolves names in pg_catalog whatever the role's or database's default
+        // search path says: a schema another role can create objects in must not stand in for
+        // an operator in the daemon's own queries. (A session of its own: LISTEN needs one.)
+        connection
+            .client
+            .batch_execute(schema::PIN_SEARCH_PATH)
+            .await?;
         schema::check_columns(&connection.client, settings).await?;
         let installed = schema::installed(&connection.client)
             .await?
@@ -84,12 +101,27 @@ impl Session {
                 db::quote_ident(&installed.channel)
             ))
             .await?;
+        let signing_key = match installed.delivery {
+            Delivery::Outbox => None,
+            Delivery::Notify | Delivery::Logical => {
+                let row = connection
+                    .client
+                    .query_one(
+                        &format!("SELECT key FROM {}", schema::ddl::SIGNING_KEY_TABLE),
+                        &[],
+                    )
+                    .await
+                    .map_err(SourceError::SigningKey)?;
+                Some(SigningKey::new(row.get::<_, &[u8]>(0)))
+            }
+        };
         Ok(Self {
             connection,
             feed,
             delivery: installed.delivery,
             wakeup: installed.wakeup,
             channel: installed.channel,
+            signing_key,
         })
     }
 

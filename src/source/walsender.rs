@@ -29,6 +29,19 @@ const SASL_FINAL: u32 = 12;
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
 
+/// The largest message the stream buffers whole. Every logical decoding message of evictd's
+/// own is smaller (`schema::ddl::LOGICAL_MESSAGE_LIMIT`), and so is any change row short of a
+/// huge value in a published column; anything larger — `pg_logical_emit_message` is open to
+/// every role — is skipped unread, its first [`OVERSIZED_HEAD_BYTES`] kept to tell what it was
+/// ([`Frame::Oversized`]), so no message makes the daemon hold more than this.
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Of a frame too large to buffer, the start kept: the `XLogData` header and enough of the
+/// message to read its kind, relation or prefix.
+const OVERSIZED_HEAD_BYTES: usize = 25 + 512;
+/// Before streaming starts (authentication, start-up) the server sends short messages; a
+/// length field beyond this is refused before anything is allocated for it.
+const MAX_STARTUP_MESSAGE_BYTES: usize = 1 << 20;
+
 /// At most one position report per this interval (unless the server asks): one per
 /// transaction would make the walsender, on the writers' cores, handle thousands a second.
 /// It bounds what a daemon killed after an invalidation replays.
@@ -50,6 +63,8 @@ pub enum WalError {
     Timeout(Duration),
     #[error("the server ended the stream")]
     Closed,
+    #[error("no host in the database url accepted the replication stream: {0}")]
+    NoHost(String),
 }
 
 /// Restores the socket's wake-ups when dropped ([`WalStream::quiet_until`]). It borrows the
@@ -104,6 +119,18 @@ pub enum Frame {
     XLogData(Bytes),
     /// The server's position, sent when idle and when it wants to hear from us.
     KeepAlive { wal_end: Lsn },
+    /// A message larger than [`MAX_FRAME_BYTES`], skipped: its first bytes and its length.
+    Oversized { head: Bytes, len: usize },
+}
+
+/// One backend message taken off the read buffer.
+enum Taken {
+    Whole(u8, Bytes),
+    /// A `CopyData` message too long to buffer: its start; the rest is being skipped.
+    Oversized {
+        head: Bytes,
+        len: usize,
+    },
 }
 
 /// Where and as whom to connect, and what to stream.
@@ -133,24 +160,43 @@ pub struct WalStream {
     unflushed: bool,
     /// The TCP socket under `io` (none for a Unix socket), for [`Self::quiet_until`].
     tcp: Option<std::os::fd::RawFd>,
+    /// Bytes of an oversized message still to be discarded as they arrive.
+    skipping: usize,
+    /// Streaming has started: messages up to [`MAX_FRAME_BYTES`] are taken, larger ones
+    /// skipped; before, anything over [`MAX_STARTUP_MESSAGE_BYTES`] is an error.
+    streaming: bool,
 }
 
 impl WalStream {
     /// Connects, authenticates and starts streaming `target.slot` from its confirmed position.
+    /// A URL naming several hosts is tried host by host, in order, as the main connection is:
+    /// the first that accepts the stream (a standby has no slot to stream) is the one.
     pub async fn start(target: Target<'_>) -> Result<Self, WalError> {
         let limit = target
             .config
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(10));
-        tokio::time::timeout(limit, Self::start_within(target))
-            .await
-            .map_err(|_| WalError::Timeout(limit))?
+        let hosts = hosts(target.config);
+        let mut failures = Vec::new();
+        for (host, port) in &hosts {
+            let attempt =
+                tokio::time::timeout(limit, Self::start_within(&target, host.clone(), *port))
+                    .await
+                    .map_err(|_| WalError::Timeout(limit))
+                    .and_then(|started| started);
+            match attempt {
+                Ok(stream) => return Ok(stream),
+                Err(e) if hosts.len() == 1 => return Err(e),
+                Err(e) => failures.push(format!("{}: {e}", describe_host(host, *port))),
+            }
+        }
+        Err(WalError::NoHost(failures.join("; ")))
     }
 
-    async fn start_within(target: Target<'_>) -> Result<Self, WalError> {
+    async fn start_within(target: &Target<'_>, host: Host, port: u16) -> Result<Self, WalError> {
         let config = target.config;
-        let (io, tcp) = connect(config, target.tls).await?;
+        let (io, tcp) = connect(host, port, target.tls.clone()).await?;
         let mut stream = Self {
             io,
             tcp,
@@ -161,6 +207,8 @@ impl WalStream {
             reply_requested: false,
             last_status: Instant::now(),
             unflushed: false,
+            skipping: 0,
+            streaming: false,
         };
         let user = config.get_user().unwrap_or("postgres");
         let database = config.get_dbname().unwrap_or(user);
@@ -189,7 +237,10 @@ impl WalStream {
         loop {
             let (tag, body) = stream.next_message().await?;
             match tag {
-                b'W' => return Ok(stream),
+                b'W' => {
+                    stream.streaming = true;
+                    return Ok(stream);
+                }
                 b'N' | b'S' => {}
                 other => return Err(unexpected(other, &body)),
             }
@@ -291,32 +342,65 @@ impl WalStream {
         Ok(())
     }
 
-    /// One whole backend message from the read buffer, if there is one.
-    fn take_message(&mut self) -> Result<Option<(u8, Bytes)>, WalError> {
+    /// One backend message from the read buffer, if a whole one (or, streaming, the head of
+    /// an oversized one) is there. Discards what is left of a skipped message first.
+    fn take_message(&mut self) -> Result<Option<Taken>, WalError> {
+        if self.skipping > 0 {
+            let discard = self.skipping.min(self.read.len());
+            self.read.advance(discard);
+            self.skipping -= discard;
+            if self.skipping > 0 {
+                return Ok(None);
+            }
+        }
         if self.read.len() < 5 {
             return Ok(None);
         }
+        let tag = self.read[0];
         let len = u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]]);
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         if len < 4 {
             return Err(WalError::Protocol(format!("message length {len}")));
+        }
+        let limit = if self.streaming {
+            MAX_FRAME_BYTES
+        } else {
+            MAX_STARTUP_MESSAGE_BYTES
+        };
+        if len > limit {
+            if !self.streaming || tag != b'd' {
+                return Err(WalError::Protocol(format!(
+                    "message `{}` of {len} bytes (at most {limit} accepted)",
+                    char::from(tag)
+                )));
+            }
+            let keep = 5 + OVERSIZED_HEAD_BYTES;
+            if self.read.len() < keep {
+                return Ok(None);
+            }
+            let mut head = self.read.split_to(keep).freeze();
+            head.advance(5);
+            self.skipping = len + 1 - keep;
+            return Ok(Some(Taken::Oversized { head, len }));
         }
         if self.read.len() < len + 1 {
             self.read.reserve(len + 1 - self.read.len());
             return Ok(None);
         }
         let mut message = self.read.split_to(len + 1).freeze();
-        let tag = message[0];
         message.advance(5);
-        Ok(Some((tag, message)))
+        Ok(Some(Taken::Whole(tag, message)))
     }
 
     async fn next_message(&mut self) -> Result<(u8, Bytes), WalError> {
         loop {
             if let Some(message) = self.take_message()? {
                 return match message {
-                    (b'E', body) => Err(WalError::Server(error_text(&body))),
-                    message => Ok(message),
+                    Taken::Whole(b'E', body) => Err(WalError::Server(error_text(&body))),
+                    Taken::Whole(tag, body) => Ok((tag, body)),
+                    Taken::Oversized { len, .. } => {
+                        Err(WalError::Protocol(format!("message of {len} bytes")))
+                    }
                 };
             }
             if self.io.read_buf(&mut self.read).await? == 0 {
@@ -326,7 +410,19 @@ impl WalStream {
     }
 
     fn parse_frame(&mut self) -> Result<Option<Frame>, WalError> {
-        while let Some((tag, body)) = self.take_message()? {
+        while let Some(taken) = self.take_message()? {
+            let (tag, body) = match taken {
+                Taken::Whole(tag, body) => (tag, body),
+                Taken::Oversized { mut head, len } => {
+                    if head.first() != Some(&b'w') {
+                        return Err(WalError::Protocol(format!(
+                            "replication frame of {len} bytes"
+                        )));
+                    }
+                    head.advance(25);
+                    return Ok(Some(Frame::Oversized { head, len }));
+                }
+            };
             match tag {
                 b'd' => {
                     if let Some(frame) = parse_copy_data(body)? {
@@ -463,21 +559,68 @@ fn parse_copy_data(mut body: Bytes) -> Result<Option<FrameOrReply>, WalError> {
     }
 }
 
+/// The (host, port) pairs of `config`, in order: one port for all, or one per host.
+fn hosts(config: &tokio_postgres::Config) -> Vec<(Host, u16)> {
+    let ports = config.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let hosts = config.get_hosts();
+    if hosts.is_empty() {
+        return vec![(Host::Tcp("localhost".into()), port(0))];
+    }
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| (host.clone(), port(i)))
+        .collect()
+}
+
+fn describe_host(host: &Host, port: u16) -> String {
+    match host {
+        Host::Tcp(name) => format!("{name}:{port}"),
+        #[cfg(unix)]
+        Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+    }
+}
+
+/// TCP keepalives as the main connection has them (`db::parse_config`): a peer that vanished
+/// (a half-open connection) fails the socket within about a minute even while nothing is sent.
+fn set_keepalives(fd: std::os::fd::RawFd) {
+    let options: [(libc::c_int, libc::c_int, libc::c_int); 5] = [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000),
+    ];
+    for (level, name, value) in options {
+        // SAFETY: `fd` is the open socket just connected; the value is a c_int read during
+        // the call only.
+        let result = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if result != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), name, "socket option not set");
+        }
+    }
+}
+
 async fn connect(
-    config: &tokio_postgres::Config,
+    host: Host,
+    port: u16,
     tls: Option<rustls::ClientConfig>,
 ) -> Result<(Box<dyn Io>, Option<std::os::fd::RawFd>), WalError> {
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let host = config
-        .get_hosts()
-        .first()
-        .cloned()
-        .unwrap_or(Host::Tcp("localhost".into()));
     match host {
         Host::Tcp(name) => {
             let tcp = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+            set_keepalives(fd);
             let Some(tls) = tls else {
                 return Ok((Box::new(tcp), Some(fd)));
             };

@@ -395,6 +395,16 @@ impl Env {
         }
     }
 
+    /// The key evictd signs NOTIFY payloads and logical messages with, read as the owner.
+    pub async fn signing_key(&self) -> evictd::signature::SigningKey {
+        let row = self
+            .pg
+            .query_one("SELECT key FROM evictd.signing_key", &[])
+            .await
+            .expect("read the signing key");
+        evictd::signature::SigningKey::new(row.get::<_, &[u8]>(0))
+    }
+
     /// All keys under this test's prefix.
     pub async fn keys(&self) -> Vec<String> {
         let mut conn = self.redis.clone();

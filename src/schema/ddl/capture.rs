@@ -3,7 +3,8 @@
 //! `logical` delivery, the old rows of a DELETE.
 
 use super::{
-    NOTIFY_PAYLOAD_LIMIT, OLD_ROWS_PREFIX, capture_function_name, concat, ident, qualified, ring,
+    LOGICAL_MESSAGE_LIMIT, NOTIFY_PAYLOAD_LIMIT, OLD_ROWS_PREFIX, PINNED_SEARCH_PATH,
+    SIGNING_KEY_TABLE, capture_function_name, concat, ident, qualified, ring, signed, text_of,
 };
 use crate::config::{Delivery, Wakeup};
 use crate::rules::TableRule;
@@ -32,13 +33,15 @@ const SMALL_STATEMENT_ROWS: u64 = 1_000;
 /// [`OUTBOX_EVENT_ROWS`], one event each). Events are emitted inline rather than through
 /// `evictd.emit`.
 ///
-/// It is `SECURITY DEFINER` (writers need no privilege on `evictd.outbox`) but has no
-/// `SET search_path` clause: that clause costs every statement a search-path switch and back,
-/// about a sixth of the trigger's cost. Instead nothing in the body depends on the caller's
-/// search path: tables, functions, types and operators are all schema-qualified
+/// It is `SECURITY DEFINER` (writers need no privilege on `evictd.outbox`), so it runs as its
+/// owner for any role that writes the table, and treats that role as hostile: its search path
+/// is pinned, every table, function, type and operator is schema-qualified besides
 /// (`OPERATOR(pg_catalog.=)`, `pg_catalog.text`, …; `bigint`, `extract` and `coalesce` are
-/// grammar, already bound to `pg_catalog`), and the transition tables are resolved before any
-/// schema. A test runs writers under a hostile search path.
+/// grammar, bound to `pg_catalog`), column values become text through their type's output
+/// function rather than a cast a type's owner could define ([`super::text_of`]), and what
+/// leaves through NOTIFY or a logical decoding message is signed. The pinned path costs each
+/// statement a search-path switch and back (~10 µs of a single-row UPDATE's ~60). Tests attack
+/// every function in every delivery with a hostile path, operators and casts.
 pub(super) fn capture_function(
     rule: &TableRule,
     delivery: Delivery,
@@ -53,7 +56,7 @@ pub(super) fn capture_function(
         .columns
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{}::pg_catalog.text AS c{i}", ident(c)))
+        .map(|(i, c)| format!("{} AS c{i}", text_of(&ident(c))))
         .collect();
     let columns = columns.join(", ");
     // Each row as a JSON array of PostgreSQL text values: `["a","b"]`, `null` for NULL.
@@ -99,17 +102,26 @@ pub(super) fn capture_function(
         )
     };
     let wide_payload = concat(&["head", "',\"wide\":true}'"]);
-    let size_check = match delivery {
-        Delivery::Notify => format!(
-            "\n        IF pg_catalog.octet_length(payload) OPERATOR(pg_catalog.>) {NOTIFY_PAYLOAD_LIMIT} THEN\n            payload := {wide_payload};\n        END IF;"
-        ),
-        Delivery::Outbox | Delivery::Logical => String::new(),
+    // NOTIFY payloads and logical decoding messages have a size limit (PostgreSQL's, and the
+    // one the daemon reads); the outbox has none.
+    let payload_limit = match delivery {
+        Delivery::Notify => Some(NOTIFY_PAYLOAD_LIMIT),
+        Delivery::Logical => Some(LOGICAL_MESSAGE_LIMIT),
+        Delivery::Outbox => None,
     };
+    let size_check = payload_limit.map_or_else(String::new, |limit| {
+        format!(
+            "\n        IF pg_catalog.octet_length(payload) OPERATOR(pg_catalog.>) {limit} THEN\n            payload := {wide_payload};\n        END IF;"
+        )
+    });
+    let signed_payload = signed("payload", "k");
     let emit = match delivery {
-        Delivery::Notify => format!("PERFORM pg_catalog.pg_notify('{channel}', payload);"),
+        Delivery::Notify => format!(
+            "PERFORM pg_catalog.pg_notify('{channel}', {signed_payload})\n            FROM {SIGNING_KEY_TABLE} k;"
+        ),
         // Only old rows the WAL lacks are captured in `logical` delivery (see `publication`).
         Delivery::Logical => format!(
-            "PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', payload);"
+            "PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {signed_payload})\n            FROM {SIGNING_KEY_TABLE} k;"
         ),
         Delivery::Outbox => "INSERT INTO evictd.outbox (payload) VALUES (payload);".to_string(),
     };
@@ -155,13 +167,22 @@ pub(super) fn capture_function(
             "x.body",
             "']}'",
         ]);
+        // The payload, table-wide when it would not fit (`z.p`), signed where it needs it.
+        let limited = |limit: usize| {
+            format!(
+                "FROM (SELECT CASE WHEN pg_catalog.octet_length(y.p) OPERATOR(pg_catalog.>) {limit} THEN {} ELSE y.p END AS p\n        FROM (SELECT x.h, {payload} AS p FROM (\n            {aggregated}) x) y) z, {SIGNING_KEY_TABLE} k;",
+                concat(&["y.h", "',\"wide\":true}'"]),
+            )
+        };
+        let signed_payload = signed("z.p", "k");
         let emit = match delivery {
             Delivery::Notify => format!(
-                "PERFORM pg_catalog.pg_notify('{channel}', CASE WHEN pg_catalog.octet_length(y.p) OPERATOR(pg_catalog.>) {NOTIFY_PAYLOAD_LIMIT} THEN {} ELSE y.p END)\n        FROM (SELECT x.h, {payload} AS p FROM (\n            {aggregated}) x) y;",
-                concat(&["y.h", "',\"wide\":true}'"]),
+                "PERFORM pg_catalog.pg_notify('{channel}', {signed_payload})\n        {}",
+                limited(NOTIFY_PAYLOAD_LIMIT)
             ),
             Delivery::Logical => format!(
-                "PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {payload})\n        FROM (\n            {aggregated}) x;"
+                "PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {signed_payload})\n        {}",
+                limited(LOGICAL_MESSAGE_LIMIT)
             ),
             Delivery::Outbox => format!(
                 "INSERT INTO evictd.outbox (payload)\n        SELECT {payload} FROM (\n            {aggregated}) x;"
@@ -200,7 +221,7 @@ pub(super) fn capture_function(
     };
     format!(
         r#"CREATE OR REPLACE FUNCTION evictd.{name}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER {PINNED_SEARCH_PATH} AS $fn$
 DECLARE
     n bigint;
     {aggregated}

@@ -2,13 +2,17 @@
 //! lists, the slot's name, and the old-row triggers for rule columns outside the replica
 //! identity (the WAL lacks their old values).
 
-use super::{TRIGGER_NAMES, capture_function_name, concat, fnv1a64, ident, qualified};
+use super::{
+    PINNED_SEARCH_PATH, SIGNATURE_HEX_LEN, SIGNING_KEY_TABLE, TRIGGER_NAMES, capture_function_name,
+    concat, fnv1a64, ident, qualified, signed, text_of,
+};
 use crate::rules::{TableName, TableRule};
 
 /// The replication slot of `logical` delivery, as an SQL expression: one per database (slot
 /// names are cluster-wide), `evictd_` and the database name folded to `[a-z0-9_]`.
-pub const SLOT_NAME_SQL: &str =
-    "left('evictd_' || regexp_replace(lower(current_database()), '[^a-z0-9_]', '_', 'g'), 63)";
+/// Every name qualified: it also runs outside evictd's pinned search path.
+pub const SLOT_NAME_SQL: &str = "pg_catalog.left('evictd_' OPERATOR(pg_catalog.||) \
+     pg_catalog.regexp_replace(pg_catalog.lower(pg_catalog.current_database()), '[^a-z0-9_]', '_', 'g'), 63)";
 
 /// The publication `logical` delivery streams (named literally in the SQL below).
 pub const PUBLICATION: &str = "evictd";
@@ -105,7 +109,7 @@ BEGIN
                 'WHEN (%s) EXECUTE FUNCTION evictd.%I()',
                 t.tab,
                 (SELECT pg_catalog.string_agg(pg_catalog.format(
-                    'OLD.%1$I::pg_catalog.text IS DISTINCT FROM NEW.%1$I::pg_catalog.text', c), ' OR ')
+                    '({old}) IS DISTINCT FROM ({new})', c), ' OR ')
                  FROM pg_catalog.unnest(outside) c),
                 t.old_row);
             EXECUTE pg_catalog.format(
@@ -131,6 +135,9 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
         tables = tables.join(",\n        "),
         dropped = dropped.join("\n"),
         key_columns = identity_columns_sql("t.tab", "replident"),
+        // The value as the tags render it (see `text_of`), `%1$I` the column, for `format`.
+        old = text_of("OLD.%1$I").replace("%s", "%%s").replace('\'', "''"),
+        new = text_of("NEW.%1$I").replace("%s", "%%s").replace('\'', "''"),
         sent = sent_columns_sql("t.tab"),
     )
 }
@@ -165,9 +172,14 @@ pub fn old_row_function_name(table: &TableName) -> String {
 
 /// `logical` delivery: the row trigger function of `evictd_old_update` (see [`publication`]),
 /// run only for rows whose rule columns outside the replica identity changed. It emits the old
-/// row as a message; past `row_limit` such rows in one transaction it emits one table-wide
-/// event instead and then nothing, so a mass move costs the walsender and the daemon no more
-/// than a big statement does (the count lives in a transaction-local setting).
+/// row as a signed message; past `row_limit` such rows in one transaction it emits one
+/// table-wide event instead and then nothing, so a mass move costs the walsender and the daemon
+/// no more than a big statement does.
+///
+/// The count lives in a transaction-local setting, which the writer's own session can set as
+/// well: a writer could set it past the limit first and move rows unseen. So the value is
+/// signed together with the transaction's id, and one that does not verify counts as the limit
+/// reached: tampering can only widen the invalidation, never silence it.
 pub(super) fn old_row_function(rule: &TableRule, row_limit: u64) -> String {
     let name = old_row_function_name(&rule.table);
     let table = rule.table.to_string();
@@ -179,8 +191,8 @@ pub(super) fn old_row_function(rule: &TableRule, row_limit: u64) -> String {
             row.push("','".to_string());
         }
         row.push(format!(
-            "coalesce(pg_catalog.to_json(OLD.{}::pg_catalog.text)::pg_catalog.text, 'null')",
-            ident(c)
+            "coalesce(pg_catalog.to_json({})::pg_catalog.text, 'null')",
+            text_of(&format!("OLD.{}", ident(c)))
         ));
     }
     row.push("']'".to_string());
@@ -198,18 +210,38 @@ pub(super) fn old_row_function(rule: &TableRule, row_limit: u64) -> String {
         "']}'",
     ]);
     let wide = concat(&[&head, "',\"wide\":true}'"]);
+    let count_text = concat(&["tx", "':'", "n::pg_catalog.text"]);
     format!(
         r#"CREATE OR REPLACE FUNCTION evictd.{name}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER {PINNED_SEARCH_PATH} AS $fn$
 DECLARE
-    n bigint := coalesce(NULLIF(pg_catalog.current_setting('{counter}', true), ''), '0')::bigint OPERATOR(pg_catalog.+) 1;
+    k record;
+    seen pg_catalog.text := pg_catalog.current_setting('{counter}', true);
+    tx pg_catalog.text := pg_catalog.pg_current_xact_id()::pg_catalog.text;
+    n bigint := 1;
+    counted pg_catalog.text;
+    payload pg_catalog.text;
 BEGIN
-    PERFORM pg_catalog.set_config('{counter}', n::pg_catalog.text, true);
-    IF n OPERATOR(pg_catalog.<=) {row_limit} THEN
-        PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {precise});
-    ELSIF n OPERATOR(pg_catalog.=) {wide_at} THEN
-        PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {wide});
+    SELECT * INTO k FROM {SIGNING_KEY_TABLE};
+    IF seen IS NOT NULL AND seen OPERATOR(pg_catalog.<>) '' THEN
+        counted := pg_catalog.substr(seen, {counted_from});
+        IF {signed_counted} OPERATOR(pg_catalog.=) seen
+           AND pg_catalog.split_part(counted, ':', 1) OPERATOR(pg_catalog.=) tx THEN
+            n := pg_catalog.split_part(counted, ':', 2)::bigint OPERATOR(pg_catalog.+) 1;
+        ELSE
+            n := {wide_at};
+        END IF;
     END IF;
+    counted := {count_text};
+    PERFORM pg_catalog.set_config('{counter}', {signed_counted}, true);
+    IF n OPERATOR(pg_catalog.<=) {row_limit} THEN
+        payload := {precise};
+    ELSIF n OPERATOR(pg_catalog.=) {wide_at} THEN
+        payload := {wide};
+    ELSE
+        RETURN NULL;
+    END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, '{OLD_ROWS_PREFIX}', {signed_payload});
     RETURN NULL;
 END
 $fn$;
@@ -217,5 +249,8 @@ REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
 
 "#,
         wide_at = row_limit + 1,
+        counted_from = SIGNATURE_HEX_LEN + 1,
+        signed_counted = signed("counted", "k"),
+        signed_payload = signed("payload", "k"),
     )
 }

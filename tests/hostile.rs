@@ -1,0 +1,311 @@
+//! Real attacks by database roles with only an application's rights: running code as the
+//! owner of evictd's functions through a hostile search path, operators and casts; forging
+//! events through NOTIFY and logical decoding messages; exhausting the daemon with a message
+//! it would have to hold whole; silencing the old-row trigger through its counter.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use evictd::config::Delivery;
+use support::Env;
+
+const C1: &str = "00000000-0000-0000-0000-0000000000c1";
+const C2: &str = "00000000-0000-0000-0000-0000000000c2";
+const P1: &str = "00000000-0000-0000-0000-0000000000a1";
+const P2: &str = "00000000-0000-0000-0000-0000000000a2";
+
+/// The rules of these tests: products as by default, and `gadgets`, whose rule column `tier`
+/// has a type the attacker owns (so it may define casts from it).
+const CONFIG: &str = r#"
+wide_row_threshold = 2000
+[[tables]]
+table = "products"
+tags = ["products:all", "products:client:{client_id}", "products:id:{id}"]
+[[tables]]
+table = "gadgets"
+tags = ["gadgets:tier:{tier}", "gadgets:id:{id}"]
+"#;
+
+/// Every tag the statements below touch, and one nothing touches.
+const TAGS: &[&str] = &[
+    "products:all",
+    "products:client:00000000-0000-0000-0000-0000000000c1",
+    "products:client:00000000-0000-0000-0000-0000000000c2",
+    "products:id:00000000-0000-0000-0000-0000000000a1",
+    "products:id:00000000-0000-0000-0000-0000000000a2",
+    "gadgets:tier:gold",
+    "gadgets:tier:silver",
+    "gadgets:tier:bronze",
+    "gadgets:id:1",
+    "gadgets:id:2",
+    "gadgets:id:10",
+    "gadgets:id:3000",
+    "custom:tag",
+    "bystander:tag",
+];
+
+/// The attacker's role: the rights an application role has on its tables, and a schema of its
+/// own. Everything it plants records and tries to escalate whenever it runs as anyone else,
+/// then behaves like the built-in it stands in for, so writes go through either way.
+fn attack_sql(attacker: &str) -> String {
+    format!(
+        r#"
+CREATE ROLE {attacker} NOLOGIN;
+CREATE SCHEMA w AUTHORIZATION {attacker};
+GRANT USAGE ON SCHEMA w TO PUBLIC;
+SET ROLE {attacker};
+CREATE TYPE w.tier AS ENUM ('gold', 'silver', 'bronze');
+CREATE TABLE w.escalations (who text, via text);
+GRANT INSERT ON w.escalations TO PUBLIC;
+CREATE FUNCTION w.escalate(via text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_user OPERATOR(pg_catalog.<>) '{attacker}' THEN
+        INSERT INTO w.escalations VALUES (current_user, via);
+        EXECUTE 'ALTER ROLE {attacker} SUPERUSER';
+    END IF;
+END
+$$;
+RESET ROLE;
+CREATE TABLE gadgets (id bigint PRIMARY KEY, tier w.tier, name text);
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON products, clients, gadgets TO {attacker};
+SET ROLE {attacker};
+
+-- Casts from its own type, to every text-like type evictd could render a value through.
+CREATE FUNCTION w.tier_text(t w.tier) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('cast to text'); RETURN pg_catalog.format('%s', t); END $$;
+CREATE CAST (w.tier AS text) WITH FUNCTION w.tier_text(w.tier);
+CREATE FUNCTION w.tier_varchar(t w.tier) RETURNS varchar LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('cast to varchar'); RETURN pg_catalog.format('%s', t); END $$;
+CREATE CAST (w.tier AS varchar) WITH FUNCTION w.tier_varchar(w.tier);
+CREATE FUNCTION w.tier_json(t w.tier) RETURNS json LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('cast to json'); RETURN pg_catalog.to_json(pg_catalog.format('%s', t)); END $$;
+CREATE CAST (w.tier AS json) WITH FUNCTION w.tier_json(w.tier);
+CREATE FUNCTION w.tier_jsonb(t w.tier) RETURNS jsonb LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('cast to jsonb'); RETURN pg_catalog.to_jsonb(pg_catalog.format('%s', t)); END $$;
+CREATE CAST (w.tier AS jsonb) WITH FUNCTION w.tier_jsonb(w.tier);
+CREATE FUNCTION w.tier_eq(a w.tier, b w.tier) RETURNS boolean LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('= on its type'); RETURN a OPERATOR(pg_catalog.=) b; END $$;
+CREATE OPERATOR w.= (LEFTARG = w.tier, RIGHTARG = w.tier, FUNCTION = w.tier_eq);
+
+-- Every built-in operator of these names over these types, shadowed.
+DO $do$
+DECLARE
+    o record;
+    n int := 0;
+BEGIN
+    FOR o IN
+        SELECT oprname, oprleft::regtype::text AS l, oprright::regtype::text AS r,
+               oprresult::regtype::text AS res
+        FROM pg_catalog.pg_operator
+        WHERE oprnamespace OPERATOR(pg_catalog.=) 'pg_catalog'::regnamespace
+          AND oprname OPERATOR(pg_catalog.=) ANY (ARRAY['=', '<>', '<', '<=', '>', '>=', '+', '-', '*', '/', '||', '#', '~~'])
+          AND oprleft::regtype::text OPERATOR(pg_catalog.=) ANY (ARRAY['text', 'bigint', 'integer', 'numeric', 'bytea', '"char"', 'name', 'boolean', 'xid8', 'json', 'jsonb'])
+          AND oprright::regtype::text OPERATOR(pg_catalog.=) ANY (ARRAY['text', 'bigint', 'integer', 'numeric', 'bytea', '"char"', 'name', 'boolean', 'xid8', 'json', 'jsonb'])
+    LOOP
+        n := n OPERATOR(pg_catalog.+) 1;
+        EXECUTE pg_catalog.format(
+            'CREATE FUNCTION w.op_%s(a %s, b %s) RETURNS %s LANGUAGE plpgsql AS '
+            '$f$ BEGIN PERFORM w.escalate(%L); RETURN a OPERATOR(pg_catalog.%s) b; END $f$',
+            n, o.l, o.r, o.res, pg_catalog.format('operator %s(%s, %s)', o.oprname, o.l, o.r), o.oprname);
+        EXECUTE pg_catalog.format('CREATE OPERATOR w.%s (LEFTARG = %s, RIGHTARG = %s, FUNCTION = w.op_%s)',
+            o.oprname, o.l, o.r, n);
+    END LOOP;
+END
+$do$;
+
+-- Functions evictd calls, shadowed by name.
+CREATE FUNCTION w.to_json(a text) RETURNS json LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('to_json'); RETURN pg_catalog.to_json(a); END $$;
+CREATE FUNCTION w.format(f text, a text) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('format'); RETURN pg_catalog.format(f, a); END $$;
+CREATE FUNCTION w.format(f text, a w.tier) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('format of its type'); RETURN pg_catalog.format(f, a); END $$;
+CREATE FUNCTION w.octet_length(a text) RETURNS integer LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('octet_length'); RETURN pg_catalog.octet_length(a); END $$;
+CREATE FUNCTION w.sha256(a bytea) RETURNS bytea LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('sha256'); RETURN pg_catalog.sha256(a); END $$;
+CREATE FUNCTION w.encode(a bytea, f text) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('encode'); RETURN pg_catalog.encode(a, f); END $$;
+CREATE FUNCTION w.convert_to(a text, e name) RETURNS bytea LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('convert_to'); RETURN pg_catalog.convert_to(a, e); END $$;
+CREATE FUNCTION w.substr(a text, i integer) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('substr'); RETURN pg_catalog.substr(a, i); END $$;
+CREATE FUNCTION w.split_part(a text, d text, i integer) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('split_part'); RETURN pg_catalog.split_part(a, d, i); END $$;
+CREATE FUNCTION w.current_setting(a text, m boolean) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('current_setting'); RETURN pg_catalog.current_setting(a, m); END $$;
+CREATE FUNCTION w.set_config(a text, b text, l boolean) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('set_config'); RETURN pg_catalog.set_config(a, b, l); END $$;
+CREATE FUNCTION w.pg_notify(c text, p text) RETURNS void LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('pg_notify'); PERFORM pg_catalog.pg_notify(c, p); END $$;
+CREATE FUNCTION w.pg_logical_emit_message(t boolean, p text, c text) RETURNS pg_lsn LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('pg_logical_emit_message'); RETURN pg_catalog.pg_logical_emit_message(t, p, c); END $$;
+CREATE FUNCTION w.clock_timestamp() RETURNS timestamptz LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('clock_timestamp'); RETURN pg_catalog.clock_timestamp(); END $$;
+CREATE FUNCTION w.pg_current_xact_id() RETURNS xid8 LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('pg_current_xact_id'); RETURN pg_catalog.pg_current_xact_id(); END $$;
+CREATE FUNCTION w.count_step(n bigint) RETURNS bigint LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('count(*)'); RETURN n OPERATOR(pg_catalog.+) 1; END $$;
+CREATE AGGREGATE w.count(*) (SFUNC = w.count_step, STYPE = bigint, INITCOND = '0');
+CREATE FUNCTION w.agg_step(s text, v text, d text) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM w.escalate('string_agg'); RETURN pg_catalog.concat_ws(d, s, v); END $$;
+CREATE AGGREGATE w.string_agg(text, text) (SFUNC = w.agg_step, STYPE = text);
+RESET ROLE;
+"#
+    )
+}
+
+/// Caches one entry per tag in [`TAGS`], runs `sql` as the attacker under its hostile search
+/// path, and checks that exactly the entries of `gone` went.
+async fn check_as(env: &Env, attacker: &str, sql: &str, gone: &[&str]) {
+    let mut entries = Vec::new();
+    for tag in TAGS {
+        entries.push((*tag, env.cache(&format!("entry:{tag}"), &[tag]).await));
+    }
+    env.sql(&format!(
+        "BEGIN; SET LOCAL ROLE {attacker}; SET LOCAL search_path = w, public, pg_catalog; {sql}; COMMIT;"
+    ))
+    .await;
+    env.barrier().await;
+    let gone: BTreeSet<&str> = gone.iter().copied().collect();
+    let mut wrong = Vec::new();
+    for (tag, key) in &entries {
+        let removed = !env.exists(key).await;
+        if removed != gone.contains(tag) {
+            wrong.push(format!(
+                "{tag}: {}",
+                if removed { "removed" } else { "kept" }
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "after `{sql}`:\n  {}", wrong.join("\n  "));
+}
+
+/// A writer with an application's rights plants operators, functions, aggregates and casts
+/// that try to make the superuser of them, under its own schema first on its search path —
+/// and the database's default search path puts that schema first for every session, so
+/// `migrate` and the daemon are attacked too. In every delivery and wake-up, through every
+/// generated function (capture, old-row, emit, invalidate_tags) on the fast and the general
+/// path, nothing of its ever runs as anyone but itself, and every write is invalidated as it
+/// should be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_cannot_run_code_as_the_owner_in_any_delivery() {
+    let settings = [
+        (Delivery::Notify, ""),
+        (Delivery::Outbox, "outbox_wakeup = \"doorbell\"\n"),
+        (Delivery::Outbox, "outbox_wakeup = \"notify\"\n"),
+        (Delivery::Outbox, "outbox_wakeup = \"poll\"\n"),
+        (Delivery::Logical, ""),
+    ];
+    for (delivery, wakeup) in settings {
+        let label = format!("{} {}", delivery.as_str(), wakeup.trim());
+        let env = Env::bare(delivery, &format!("{wakeup}{CONFIG}")).await;
+        let attacker = format!("attacker_{}", env.name);
+        env.sql(&attack_sql(&attacker)).await;
+        env.sql(&format!(
+            "ALTER DATABASE {} SET search_path = w, public, pg_catalog",
+            env.name
+        ))
+        .await;
+        env.migrate().await;
+        env.sql(&format!(
+            "INSERT INTO clients (id, name) VALUES ('{C1}', 'c1'), ('{C2}', 'c2');
+             INSERT INTO products (id, client_id, name) VALUES ('{P1}', '{C1}', 'p1'), ('{P2}', '{C1}', 'p2');
+             INSERT INTO gadgets (id, tier) VALUES (1, 'gold'), (2, 'silver');"
+        ))
+        .await;
+        let _daemon = env.start_daemon().await;
+
+        let products_all = &TAGS[..5];
+        let gadgets_all = &TAGS[5..12];
+        check_as(
+            &env,
+            &attacker,
+            &format!("UPDATE products SET name = 'renamed' WHERE id = '{P1}'"),
+            &TAGS[..4]
+                .iter()
+                .copied()
+                .filter(|t| !t.ends_with("c2"))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+        // Two products move to another client in one statement: in `logical` delivery the
+        // old-row trigger runs for each (its second run took the caller's `=`).
+        check_as(
+            &env,
+            &attacker,
+            &format!("UPDATE products SET client_id = '{C2}' WHERE client_id = '{C1}'"),
+            products_all,
+        )
+        .await;
+        check_as(
+            &env,
+            &attacker,
+            "UPDATE gadgets SET tier = 'bronze' WHERE id IN (1, 2)",
+            &[
+                "gadgets:tier:gold",
+                "gadgets:tier:silver",
+                "gadgets:tier:bronze",
+                "gadgets:id:1",
+                "gadgets:id:2",
+            ],
+        )
+        .await;
+        // 1,500 rows take the capture function's general path; a NOTIFY payload cannot hold
+        // them, so `notify` goes table-wide.
+        let bulk: &[&str] = if delivery == Delivery::Notify {
+            gadgets_all
+        } else {
+            &["gadgets:tier:gold", "gadgets:id:10"]
+        };
+        check_as(
+            &env,
+            &attacker,
+            "INSERT INTO gadgets (id, tier) SELECT g, 'gold' FROM generate_series(10, 1509) g",
+            bulk,
+        )
+        .await;
+        check_as(&env, &attacker, "DELETE FROM gadgets WHERE id >= 10", bulk).await;
+        // Past `wide_row_threshold`: table-wide.
+        check_as(
+            &env,
+            &attacker,
+            "INSERT INTO gadgets (id, tier) SELECT g, 'silver' FROM generate_series(3000, 5499) g",
+            gadgets_all,
+        )
+        .await;
+        check_as(&env, &attacker, "TRUNCATE gadgets", gadgets_all).await;
+        check_as(
+            &env,
+            &attacker,
+            "SELECT evictd.invalidate_tags('custom:tag')",
+            &["custom:tag"],
+        )
+        .await;
+
+        let escalations = env
+            .pg
+            .query("SELECT DISTINCT who, via FROM w.escalations", &[])
+            .await
+            .expect("read the attacker's log");
+        let escalations: Vec<String> = escalations
+            .iter()
+            .map(|r| format!("{} via {}", r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        assert!(
+            escalations.is_empty(),
+            "{label}: the attacker's code ran as another role: {escalations:?}"
+        );
+        let superuser: bool = env
+            .pg
+            .query_one(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = $1",
+                &[&attacker],
+            )
+            .await
+            .expect("read the role")
+            .get(0);
+        assert!(!superuser, "{label}: the attacker became superuser");
+    }
+}

@@ -309,3 +309,136 @@ async fn writers_cannot_run_code_as_the_owner_in_any_delivery() {
         assert!(!superuser, "{label}: the attacker became superuser");
     }
 }
+
+/// Seeds clients c1, c2 and products p1, p2 of c1, starts the daemon, and once it has seen
+/// the seed, caches one entry per products tag.
+async fn seed_and_cache(env: &Env) -> (support::Daemon, Vec<String>) {
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES ('{C1}', 'c1'), ('{C2}', 'c2');
+         INSERT INTO products (id, client_id, name) VALUES ('{P1}', '{C1}', 'p1'), ('{P2}', '{C1}', 'p2');"
+    ))
+    .await;
+    let daemon = env.start_daemon().await;
+    env.barrier().await;
+    let mut keys = Vec::new();
+    for tag in &TAGS[..5] {
+        keys.push(env.cache(&format!("entry:{tag}"), &[tag]).await);
+    }
+    (daemon, keys)
+}
+
+/// A role with no privilege on anything of evictd's forges events on every channel a role can
+/// write to: NOTIFY on the daemon's channel (a table-wide TRUNCATE, explicit tags, a payload
+/// with a made-up signature) and, in `logical` delivery, logical decoding messages with
+/// evictd's prefixes. In no delivery does anything leave the cache; where the daemon reads
+/// such events at all it says it refused them as forged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_events_remove_nothing() {
+    let truncate = r#"{"v":1,"op":"TRUNCATE","table":"public.products","ts":1}"#;
+    let tags = r#"{"v":1,"op":"TAGS","ts":1,"tags":["products:all"]}"#;
+    let fake_signature = format!("{}{truncate}", "ab".repeat(32));
+    let forged = [truncate, tags, fake_signature.as_str()];
+    for delivery in [Delivery::Notify, Delivery::Outbox, Delivery::Logical] {
+        let env = Env::new(delivery).await;
+        let (daemon, keys) = seed_and_cache(&env).await;
+        let nobody = format!("nobody_{}", env.name);
+        env.sql(&format!("CREATE ROLE {nobody} NOLOGIN")).await;
+        for payload in forged {
+            let mut sql = format!(
+                "BEGIN; SET LOCAL ROLE {nobody}; SELECT pg_notify('cache_invalidation', '{payload}');"
+            );
+            if delivery == Delivery::Logical {
+                for prefix in ["evictd", "evictd-old"] {
+                    sql.push_str(&format!(
+                        "SELECT pg_logical_emit_message(true, '{prefix}', '{payload}');
+                         SELECT pg_logical_emit_message(false, '{prefix}', '{payload}');"
+                    ));
+                }
+            }
+            sql.push_str("COMMIT;");
+            env.sql(&sql).await;
+        }
+        env.barrier().await;
+        env.assert_present(&keys).await;
+        match delivery {
+            Delivery::Notify => daemon.wait_log_count("forged", forged.len()).await,
+            Delivery::Logical => daemon.wait_log_count("forged", 4 * forged.len()).await,
+            Delivery::Outbox => {}
+        }
+    }
+}
+
+/// `pg_logical_emit_message` is open to every role: one message of many times the daemon's
+/// frame limit, with evictd's prefix or another, is skipped as it streams in, never held
+/// whole (the daemon's peak memory stays far below its size), and the stream goes on: the
+/// next change is invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_logical_messages_are_skipped_unbuffered() {
+    let env = Env::new(Delivery::Logical).await;
+    let (daemon, keys) = seed_and_cache(&env).await;
+    let nobody = format!("nobody_{}", env.name);
+    env.sql(&format!("CREATE ROLE {nobody} NOLOGIN")).await;
+    let size = 48 << 20;
+    env.sql(&format!(
+        "BEGIN; SET LOCAL ROLE {nobody};
+         SELECT pg_logical_emit_message(true, 'evictd', repeat('x', {size}));
+         SELECT pg_logical_emit_message(false, 'someone-else', repeat('y', {size}));
+         COMMIT;"
+    ))
+    .await;
+    env.barrier().await;
+    env.assert_present(&keys).await;
+    daemon.wait_log("forged").await;
+    env.sql(&format!(
+        "UPDATE products SET name = 'after' WHERE id = '{P1}'"
+    ))
+    .await;
+    env.wait_gone(&keys[3..4]).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))
+        .expect("the daemon's /proc status");
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    assert!(
+        peak_kb < 40 * 1024,
+        "the daemon's peak RSS was {peak_kb} kB for a {size}-byte message"
+    );
+}
+
+/// The old-row trigger of `logical` delivery counts moved rows in a setting the writer's own
+/// session can set. A writer that sets it far past the limit before moving a product still
+/// gets the old client's tags invalidated: a value the trigger did not sign counts as the
+/// limit reached, which widens the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_row_count_cannot_silence_the_old_row_trigger() {
+    let env = Env::new(Delivery::Logical).await;
+    let (_daemon, keys) = seed_and_cache(&env).await;
+    let source: String = env
+        .pg
+        .query_one(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'old_row__public__products'",
+            &[],
+        )
+        .await
+        .expect("the old-row function")
+        .get(0);
+    let counter = source
+        .split('\'')
+        .find(|s| s.starts_with("evictd.rows_"))
+        .expect("the counter's name in the function's source");
+    let writer = format!("writer_{}", env.name);
+    env.sql(&format!(
+        "CREATE ROLE {writer} NOLOGIN; GRANT SELECT, UPDATE ON products TO {writer};"
+    ))
+    .await;
+    env.sql(&format!(
+        "BEGIN; SET LOCAL ROLE {writer}; SET LOCAL {counter} = '999999999';
+         UPDATE products SET client_id = '{C2}' WHERE id = '{P1}'; COMMIT;"
+    ))
+    .await;
+    // The old client's list went, as did the new client's and the product's.
+    env.wait_gone(&keys[..4]).await;
+}

@@ -342,7 +342,7 @@ impl Daemon {
     /// Logs and counts a rejected event; returns the reason.
     fn reject(&self, kind: &str, reason: String, payload: &str) -> String {
         self.observed.metrics.rejected(kind);
-        warn!(reason = %reason, payload = %truncate(payload, 200), "event skipped");
+        warn!(kind, reason = %reason, payload = %truncate(payload, 200), "event skipped");
         reason
     }
 

@@ -603,3 +603,134 @@ async fn poison_event_is_moved_aside() {
         "{metrics}"
     );
 }
+
+/// `n` cache entries (with a TTL) in tag `tag`; their keys.
+async fn fill_tag(env: &Env, tag: &str, n: usize) -> Vec<String> {
+    let mut conn = env.redis.clone();
+    let tag_key = format!("{}tag:{tag}", env.prefix);
+    let members: Vec<String> = (0..n)
+        .map(|i| format!("{}{tag}:entry:{i}", env.prefix))
+        .collect();
+    for chunk in members.chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg("v")
+                .arg("EX")
+                .arg(3600)
+                .ignore();
+        }
+        pipe.cmd("SADD").arg(&tag_key).arg(chunk).ignore();
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    members
+}
+
+/// Once a detached tag set of this test is being drained, cuts every Redis client connection
+/// but the one asking (`CLIENT KILL … SKIPME yes`): whoever drains loses its connection
+/// mid-drain.
+async fn cut_connections_mid_drain(env: &Env) {
+    let client = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut own = client.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("{}drain:*", env.prefix);
+    let start = Instant::now();
+    loop {
+        let (_, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(0)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1_000_000)
+            .query_async(&mut own)
+            .await
+            .unwrap();
+        if !found.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "no drain started");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut own)
+        .await
+        .unwrap();
+    assert!(killed > 0, "no connection to cut");
+}
+
+/// What is left of a drain: members still there, and drain keys.
+async fn after_the_drain(env: &Env, members: &[String]) -> (u64, Vec<String>) {
+    let left = env.count_existing(members).await;
+    let drains: Vec<String> = env
+        .keys()
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with(&format!("{}drain:", env.prefix)))
+        .collect();
+    (left, drains)
+}
+
+/// Redis drops the daemon's connection while it drains a big tag set it detached. The batch
+/// is retried, and counts as done only once that set is empty too: every member goes without
+/// a restart, no drain key is left, and an entry of another tag stays. (The sweep, which also
+/// finishes left drains, is off.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cut_mid_drain_leaves_nothing_behind() {
+    for delivery in [Delivery::Notify, Delivery::Logical] {
+        let env = Env::isolated(delivery, "drain_chunk = 10\nsweep_interval_secs = 0\n", &[]).await;
+        let daemon = env.start_daemon().await;
+        env.barrier().await;
+        let members = fill_tag(&env, "big:tag", 50_000).await;
+        let survivor = env.cache("survivor", &["unrelated:survivor"]).await;
+        env.sql("SELECT evictd.invalidate_tags('big:tag')").await;
+        cut_connections_mid_drain(&env).await;
+        daemon.wait_log("redis invalidation failed").await;
+        let start = Instant::now();
+        loop {
+            let (left, drains) = after_the_drain(&env, &members).await;
+            if left == 0 && drains.is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{delivery:?}: {left} members and drains {drains:?} left behind"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        env.assert_present(&[survivor]).await;
+        assert_eq!(
+            daemon.log().matches("evictd is ready").count(),
+            1,
+            "{delivery:?}: the daemon started over"
+        );
+    }
+}
+
+/// `evictd invalidate` cut off from Redis mid-drain retries, drains what it had detached, and
+/// exits 0 with nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_command_cut_mid_drain_finishes() {
+    let env = Env::isolated(Delivery::Outbox, "drain_chunk = 10\n", &[]).await;
+    let members = fill_tag(&env, "big:tag", 50_000).await;
+    let survivor = env.cache("survivor", &["unrelated:survivor"]).await;
+    let command = env.command(&["invalidate", "big:tag"]);
+    let finished = std::thread::spawn(move || support::finish(command));
+    cut_connections_mid_drain(&env).await;
+    let output = tokio::task::spawn_blocking(move || finished.join().unwrap())
+        .await
+        .unwrap();
+    let said = support::text(&output);
+    assert_eq!(output.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("retrying"),
+        "the cut did not reach it: {said}"
+    );
+    let (left, drains) = after_the_drain(&env, &members).await;
+    assert_eq!((left, drains), (0, Vec::new()));
+    env.assert_present(&[survivor]).await;
+}

@@ -2,14 +2,18 @@
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal as _;
+use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::cli::{CacheType, InvalidateArgs};
 use crate::config::{ConfigError, Settings};
 use crate::rules::Targets;
-use crate::sink::{RedisSink, Report, SinkOptions};
+use crate::sink::{RedisSink, Report, SinkError, SinkOptions};
 
 /// Tags invalidated per step, so progress can be shown on a big keyspace.
 const STEP: usize = 1_000;
+/// How long a step keeps retrying a Redis that fails or drops the connection.
+const RETRY_FOR: Duration = Duration::from_secs(30);
 
 pub async fn invalidate(settings: &Settings, args: &InvalidateArgs) -> anyhow::Result<()> {
     let targets = targets(settings, args)?;
@@ -28,7 +32,7 @@ pub async fn invalidate(settings: &Settings, args: &InvalidateArgs) -> anyhow::R
             tags: chunk.iter().cloned().collect(),
             ..Targets::default()
         };
-        report.add(sink.invalidate(&step).await?);
+        report.add(invalidate_retrying(&sink, &step).await?);
         progress.say(&format!(
             "{}/{} tags, {} keys",
             (i * STEP + chunk.len()).min(tags.len()),
@@ -42,11 +46,29 @@ pub async fn invalidate(settings: &Settings, args: &InvalidateArgs) -> anyhow::R
         ..Targets::default()
     };
     if !rest.is_empty() {
-        report.add(sink.invalidate(&rest).await?);
+        report.add(invalidate_retrying(&sink, &rest).await?);
     }
     progress.done();
     println!("invalidated {} tags, {} keys", report.tags, report.keys);
     Ok(())
+}
+
+/// Invalidates `targets`, retrying with backoff for up to [`RETRY_FOR`] while Redis fails: a
+/// step cut off part-way has its detached sets drained by the retry before it counts as done.
+async fn invalidate_retrying(sink: &RedisSink, targets: &Targets) -> Result<Report, SinkError> {
+    let started = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        match sink.invalidate(targets).await {
+            Ok(report) => return Ok(report),
+            Err(e) if started.elapsed() < RETRY_FOR => {
+                let delay = backoff.next_delay();
+                eprintln!("evictd: {e}; retrying in {} ms", delay.as_millis());
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// What the arguments ask for. Unknown tables and missing ids are usage errors (exit 2).

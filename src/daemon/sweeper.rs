@@ -31,6 +31,17 @@ pub async fn sweep_forever(
                 continue;
             }
         };
+        // Drains a process left when it died or gave up (an `evictd invalidate` cut off by a
+        // Redis outage) are finished here rather than at the next daemon start.
+        match sink.resume_drains().await {
+            Ok(resumed) if resumed.tags > 0 => info!(
+                drains = resumed.tags,
+                keys = resumed.keys,
+                "finished drains another process left"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "resuming left drains failed"),
+        }
         match sink.sweep_tag_sets(settings.sweep_rate, &shutdown).await {
             Ok(removed) => {
                 metrics.swept.inc_by(removed);

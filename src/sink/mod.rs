@@ -15,6 +15,7 @@ mod sweep;
 pub use inspect::{CacheStats, ServerInfo};
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -97,11 +98,25 @@ impl From<&crate::config::Settings> for SinkOptions {
     }
 }
 
-/// A Redis connection plus the layout and scripts. Cheap to clone (the connection is shared).
+/// Detached tag sets not yet drained because an invalidation failed part-way (a Redis error,
+/// a dropped connection). The next invalidation through the same sink drains them before its
+/// own work, so the batch that failed, retried, counts as done only once they are empty.
+#[derive(Debug, Default)]
+struct OwedDrains {
+    /// Drain keys a DETACH call reported.
+    keys: BTreeSet<String>,
+    /// A DETACH call failed without an answer: it may have detached sets whose keys are not
+    /// known, so every drain key in Redis is looked for (a SCAN).
+    unknown: bool,
+}
+
+/// A Redis connection plus the layout and scripts. Cheap to clone (the connection and the
+/// drains owed are shared).
 #[derive(Clone)]
 pub struct RedisSink {
     conn: ConnectionManager,
     options: SinkOptions,
+    owed: Arc<Mutex<OwedDrains>>,
     detach: Script,
     expire_pending: Script,
     drain: Script,
@@ -149,6 +164,7 @@ impl RedisSink {
         Ok(Self {
             conn,
             options,
+            owed: Arc::default(),
             detach: Script::new(scripts::DETACH),
             expire_pending: Script::new(scripts::EXPIRE_PENDING),
             drain: Script::new(scripts::DRAIN),
@@ -210,14 +226,16 @@ impl RedisSink {
         self.invalidate_with(targets, MarkerTtl::Now).await
     }
 
-    /// [`RedisSink::invalidate`], choosing when the `tagts` markers get their TTL.
+    /// [`RedisSink::invalidate`], choosing when the `tagts` markers get their TTL. Drains an
+    /// earlier failed invalidation left owed are finished first.
     pub async fn invalidate_with(
         &self,
         targets: &Targets,
         marker_ttl: MarkerTtl,
     ) -> Result<Report, SinkError> {
+        let mut report = self.finish_owed_drains().await?;
         let tags = &targets.tags;
-        let mut report = self.invalidate_tags(tags, marker_ttl).await?;
+        report.add(self.invalidate_tags(tags, marker_ttl).await?);
         // Table-wide: invalidate each SCAN page of matching tags as it comes, so memory stays
         // bounded by a page however many tags a table has.
         let prefix = format!("{}tag:", self.options.key_prefix);
@@ -388,7 +406,6 @@ impl RedisSink {
         let nonce: u64 = rand::random();
         let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
         let mut pending: VecDeque<&[&str]> = tags.chunks(TAGS_PER_CALL).collect();
-        let mut detached = Vec::new();
         // A few calls in flight at once, topped up as each answers: the multiplexed connection
         // pipelines them, so Redis always has the next one queued (no round trip between
         // calls), and still runs each script alone, each of bounded work.
@@ -402,19 +419,64 @@ impl RedisSink {
             let Some((run, outcome)) = in_flight.next().await else {
                 break;
             };
-            let (processed, keys, drains) = outcome?;
+            let (processed, keys, drains) = match outcome {
+                Ok(answer) => answer,
+                Err(e) => {
+                    // The call may have run without its answer arriving: what it detached is
+                    // unknown until the drain keys are looked for.
+                    self.owe(|owed| owed.unknown = true);
+                    return Err(e);
+                }
+            };
             report.keys += keys;
-            detached.extend(drains);
+            self.owe(|owed| owed.keys.extend(drains));
             // A script stops early when its member budget is spent; it always processes at
             // least one tag, so this terminates.
             if processed < run.len() {
                 pending.push_front(&run[processed..]);
             }
         }
-        for key in detached {
-            report.keys += self.drain_detached(&key).await?;
-        }
+        report.keys += self.finish_owed_drains().await?.keys;
         Ok(report)
+    }
+
+    fn owe(&self, change: impl FnOnce(&mut OwedDrains)) {
+        // A panic elsewhere while holding the lock leaves the set as it was: still usable.
+        change(&mut self.owed.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Drains every detached set owed: the known keys, and after a call that failed without
+    /// an answer, every drain key there is. A key leaves the set once empty, so an error
+    /// part-way leaves the rest owed for the next call.
+    async fn finish_owed_drains(&self) -> Result<Report, SinkError> {
+        let mut report = Report::default();
+        let unknown =
+            std::mem::take(&mut self.owed.lock().unwrap_or_else(|e| e.into_inner()).unknown);
+        if unknown {
+            match self.scan(&self.drain_pattern()).await {
+                Ok(keys) => self.owe(|owed| owed.keys.extend(keys)),
+                Err(e) => {
+                    self.owe(|owed| owed.unknown = true);
+                    return Err(e);
+                }
+            }
+        }
+        loop {
+            let next = self
+                .owed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys
+                .first()
+                .cloned();
+            let Some(key) = next else {
+                return Ok(report);
+            };
+            report.keys += self.drain_detached(&key).await?;
+            self.owe(|owed| {
+                owed.keys.remove(&key);
+            });
+        }
     }
 
     /// One DETACH call over `run`: (tags processed, keys removed, drain keys left to empty).

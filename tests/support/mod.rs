@@ -241,12 +241,21 @@ impl Env {
         }
     }
 
-    /// How many of `keys` exist, asked in chunks so Redis is never blocked for long.
+    /// How many of `keys` exist, asked in chunks so Redis is never blocked for long. Retries
+    /// while the connection is re-established (a restart, a cut connection).
     pub async fn count_existing(&self, keys: &[String]) -> u64 {
         let mut total = 0;
         for chunk in keys.chunks(20_000) {
-            let n: u64 = self.redis.clone().exists(chunk).await.expect("EXISTS");
-            total += n;
+            let start = Instant::now();
+            total += loop {
+                match self.redis.clone().exists::<_, u64>(chunk).await {
+                    Ok(n) => break n,
+                    Err(e) => {
+                        assert!(start.elapsed() < DEADLINE, "EXISTS: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            };
         }
         total
     }

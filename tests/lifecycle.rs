@@ -7,7 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use evictd::config::Delivery;
-use support::{DEADLINE, Daemon, Env};
+use support::{DEADLINE, Daemon, Env, text};
 
 const P1: &str = "00000000-0000-0000-0000-0000000000a1";
 
@@ -183,58 +183,68 @@ async fn notify_buffer_overflow_falls_back_to_table_wide() {
     env.assert_present(&[unrelated]).await;
 }
 
-/// Passwords in connection URLs never reach a log line or an error message.
+/// Passwords in connection strings never reach a log line, an error message or a command's
+/// output — generated ones too, with the characters that end a URL's parts (`/`, `?`, `#`,
+/// `@`), in key/value strings with spaces and quotes — whether the server is reachable, not
+/// reachable, or the string does not even parse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passwords_never_appear_in_logs_or_errors() {
     let env = Env::new(Delivery::Outbox).await;
-    let secret = "Sup3rS3cretPw";
-    let pg_port = env
-        .db_url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let pg_port = env.pg_server().port;
     let closed = evictd::throwaway::free_port().unwrap();
-    let db_with_password = format!(
-        "postgres://postgres:{secret}@127.0.0.1:{pg_port}/{}",
-        env.name
-    );
-    let redis_with_password = format!("redis://:{secret}@127.0.0.1:{closed}");
+    for secret in ["Sup3rS3cretPw", "ab/S3cr3tPw", "a?S3cr3t#Pw@x"] {
+        // The test server trusts local connections, so the password is sent and ignored.
+        let db_with_password = format!(
+            "postgres://postgres:{secret}@127.0.0.1:{pg_port}/{}",
+            env.name
+        );
+        let redis_with_password = format!("redis://:{secret}@127.0.0.1:{closed}");
 
-    // The daemon, retrying against an unreachable Redis.
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"));
-    command
-        .args([
-            "run",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--database-url",
-            &db_with_password,
-        ])
-        .args(["--redis-url", &redis_with_password])
-        .env("EVICTD_LOG", "debug")
-        .stderr(std::process::Stdio::piped());
-    let daemon = support::Daemon::spawn(command);
-    daemon.wait_log_count("not serving", 2).await;
-    let log = daemon.log();
-    assert!(!log.contains(secret), "{log}");
-    assert!(log.contains("***"), "{log}");
+        // The daemon, retrying against an unreachable Redis.
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"));
+        command
+            .args([
+                "run",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--database-url",
+                &db_with_password,
+            ])
+            .args(["--redis-url", &redis_with_password])
+            .env("EVICTD_LOG", "debug")
+            .stderr(std::process::Stdio::piped());
+        let daemon = support::Daemon::spawn(command);
+        daemon.wait_log_count("not serving", 2).await;
+        let log = daemon.log();
+        assert!(!log.contains(secret), "{log}");
+        assert!(log.contains("***"), "{log}");
+        drop(daemon);
 
-    // One-shot commands with an unreachable PostgreSQL, and a malformed URL.
-    for url in [
-        format!("postgres://postgres:{secret}@127.0.0.1:{closed}/db"),
-        format!("postgres://postgres:{secret}@127.0.0.1:notaport/db"),
-    ] {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
-            .args(["migrate", "--database-url", &url])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{text}");
-        assert!(!text.contains(secret), "{text}");
+        // Every one-shot command, with an unreachable PostgreSQL and Redis, a malformed URL,
+        // and key/value strings.
+        let urls = [
+            format!("postgres://postgres:{secret}@127.0.0.1:{closed}/db"),
+            format!("postgres://postgres:{secret}@127.0.0.1:notaport/db"),
+            format!("host=127.0.0.1 port={closed} password='{secret} x' user=u"),
+            format!("host=127.0.0.1 port={closed} password = {secret}"),
+        ];
+        for url in &urls {
+            for command in [
+                vec!["migrate"],
+                vec!["doctor"],
+                vec!["stats"],
+                vec!["invalidate", "some:tag"],
+            ] {
+                let output = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+                    .args(&command)
+                    .args(["--database-url", url, "--redis-url", &redis_with_password])
+                    .output()
+                    .unwrap();
+                let said = text(&output);
+                assert_ne!(output.status.code(), Some(0), "{command:?}: {said}");
+                assert!(!said.contains(secret), "{command:?} {url}: {said}");
+            }
+        }
     }
 }
 

@@ -81,7 +81,8 @@ pub async fn dev(mut settings: Settings, args: &RunArgs) -> anyhow::Result<()> {
         seed_cache(&settings).await?;
     }
 
-    let db_url = &settings.database_url;
+    // A URL you gave may carry a password: shown masked. A throwaway server's has none.
+    let db_url = &crate::redact::redact_url(&settings.database_url);
     let redis_port = settings
         .redis_url
         .rsplit(':')

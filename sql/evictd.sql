@@ -265,15 +265,24 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.capture__public__products() FROM PUBLIC;
 
-CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON "public"."products"
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products();
-CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON "public"."products"
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products();
-CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON "public"."products"
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products();
-CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."products"
-    FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products();
-DROP TRIGGER IF EXISTS evictd_old_delete ON "public"."products";
+DO $do$
+DECLARE
+    r pg_catalog.regclass;
+BEGIN
+    -- `logical` delivery's old-row trigger, if the table had one (a partition's goes with it).
+    DROP TRIGGER IF EXISTS evictd_old_delete ON "public"."products";
+    FOR r IN SELECT '"public"."products"'::pg_catalog.regclass
+             UNION ALL
+             SELECT p.relid FROM pg_catalog.pg_partition_tree('"public"."products"') p
+             WHERE p.level OPERATOR(pg_catalog.>) 0
+    LOOP
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products()', r);
+    END LOOP;
+END
+$do$;
 
 CREATE OR REPLACE FUNCTION evictd.capture__public__job_readiness_expert_sessions() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -383,15 +392,24 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.capture__public__job_readiness_expert_sessions() FROM PUBLIC;
 
-CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON "public"."job_readiness_expert_sessions"
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions();
-CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON "public"."job_readiness_expert_sessions"
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions();
-CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON "public"."job_readiness_expert_sessions"
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions();
-CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."job_readiness_expert_sessions"
-    FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions();
-DROP TRIGGER IF EXISTS evictd_old_delete ON "public"."job_readiness_expert_sessions";
+DO $do$
+DECLARE
+    r pg_catalog.regclass;
+BEGIN
+    -- `logical` delivery's old-row trigger, if the table had one (a partition's goes with it).
+    DROP TRIGGER IF EXISTS evictd_old_delete ON "public"."job_readiness_expert_sessions";
+    FOR r IN SELECT '"public"."job_readiness_expert_sessions"'::pg_catalog.regclass
+             UNION ALL
+             SELECT p.relid FROM pg_catalog.pg_partition_tree('"public"."job_readiness_expert_sessions"') p
+             WHERE p.level OPERATOR(pg_catalog.>) 0
+    LOOP
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions()', r);
+    END LOOP;
+END
+$do$;
 
 CREATE OR REPLACE FUNCTION evictd.capture__public__modules() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -501,15 +519,24 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.capture__public__modules() FROM PUBLIC;
 
-CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON "public"."modules"
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules();
-CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON "public"."modules"
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules();
-CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON "public"."modules"
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules();
-CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."modules"
-    FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules();
-DROP TRIGGER IF EXISTS evictd_old_delete ON "public"."modules";
+DO $do$
+DECLARE
+    r pg_catalog.regclass;
+BEGIN
+    -- `logical` delivery's old-row trigger, if the table had one (a partition's goes with it).
+    DROP TRIGGER IF EXISTS evictd_old_delete ON "public"."modules";
+    FOR r IN SELECT '"public"."modules"'::pg_catalog.regclass
+             UNION ALL
+             SELECT p.relid FROM pg_catalog.pg_partition_tree('"public"."modules"') p
+             WHERE p.level OPERATOR(pg_catalog.>) 0
+    LOOP
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules()', r);
+    END LOOP;
+END
+$do$;
 
 CREATE OR REPLACE FUNCTION evictd.capture__public__clients() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -619,14 +646,23 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.capture__public__clients() FROM PUBLIC;
 
-CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON "public"."clients"
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients();
-CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON "public"."clients"
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients();
-CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON "public"."clients"
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients();
-CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON "public"."clients"
-    FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients();
-DROP TRIGGER IF EXISTS evictd_old_delete ON "public"."clients";
+DO $do$
+DECLARE
+    r pg_catalog.regclass;
+BEGIN
+    -- `logical` delivery's old-row trigger, if the table had one (a partition's goes with it).
+    DROP TRIGGER IF EXISTS evictd_old_delete ON "public"."clients";
+    FOR r IN SELECT '"public"."clients"'::pg_catalog.regclass
+             UNION ALL
+             SELECT p.relid FROM pg_catalog.pg_partition_tree('"public"."clients"') p
+             WHERE p.level OPERATOR(pg_catalog.>) 0
+    LOOP
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients()', r);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients()', r);
+    END LOOP;
+END
+$do$;
 
 SELECT pg_catalog.set_config('search_path', pg_catalog.current_setting('evictd.saved_search_path'), true);

@@ -878,3 +878,113 @@ async fn invalidated_tags_are_published() {
         }
     }
 }
+
+/// Caches one entry per tag of `universe`, runs `sql`, and checks that exactly those of `gone`
+/// went.
+async fn check_among(env: &Env, universe: &[&str], sql: &str, gone: &[&str]) {
+    let mut entries = Vec::new();
+    for tag in universe {
+        entries.push((*tag, env.cache(&format!("entry:{tag}"), &[tag]).await));
+    }
+    env.sql(sql).await;
+    env.barrier().await;
+    let mut wrong = Vec::new();
+    for (tag, key) in &entries {
+        let removed = !env.exists(key).await;
+        if removed != gone.contains(tag) {
+            wrong.push(format!(
+                "{tag}: {}",
+                if removed { "removed" } else { "kept" }
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "after `{sql}`:\n  {}", wrong.join("\n  "));
+}
+
+/// A partitioned table (two levels), with the rule naming the parent, in every delivery:
+/// writes through the parent and straight to a partition, UPDATEs that move a row to another
+/// partition (its old and new values both invalidated), and a TRUNCATE of one partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_in_every_delivery() {
+    const RULES: &str = r#"
+[[tables]]
+table = "events"
+tags = ["events:region:{region}", "events:client:{client_id}", "events:id:{id}"]
+"#;
+    const UNIVERSE: &[&str] = &[
+        "events:region:a",
+        "events:region:b",
+        "events:client:c1",
+        "events:client:c2",
+        "events:client:c3",
+        "events:client:c4",
+        "events:client:c5",
+        "events:id:1",
+        "events:id:2",
+        "events:id:3",
+        "events:id:120",
+        "events:id:150",
+        "bystander:tag",
+    ];
+    for delivery in [Delivery::Notify, Delivery::Outbox, Delivery::Logical] {
+        let env = Env::bare(delivery, RULES).await;
+        env.sql(
+            "CREATE TABLE events (id int, region text, client_id text, note text,
+                                  PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+             CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');
+             CREATE TABLE events_b PARTITION OF events FOR VALUES IN ('b') PARTITION BY RANGE (id);
+             CREATE TABLE events_b_low PARTITION OF events_b FOR VALUES FROM (0) TO (100);
+             CREATE TABLE events_b_high PARTITION OF events_b FOR VALUES FROM (100) TO (MAXVALUE);
+             INSERT INTO events VALUES (1, 'a', 'c1'), (2, 'b', 'c2'), (150, 'b', 'c4');",
+        )
+        .await;
+        env.migrate().await;
+        let _daemon = env.start_daemon().await;
+        let cases: [(&str, &[&str]); 7] = [
+            (
+                "UPDATE events SET region = 'b', client_id = 'c2' WHERE id = 1",
+                &[
+                    "events:region:a",
+                    "events:region:b",
+                    "events:client:c1",
+                    "events:client:c2",
+                    "events:id:1",
+                ],
+            ),
+            (
+                "UPDATE events_b_low SET client_id = 'c3' WHERE id = 2",
+                &[
+                    "events:region:b",
+                    "events:client:c2",
+                    "events:client:c3",
+                    "events:id:2",
+                ],
+            ),
+            (
+                "INSERT INTO events_a VALUES (3, 'a', 'c5')",
+                &["events:region:a", "events:client:c5", "events:id:3"],
+            ),
+            (
+                "DELETE FROM events_a WHERE id = 3",
+                &["events:region:a", "events:client:c5", "events:id:3"],
+            ),
+            (
+                "UPDATE events SET id = 120 WHERE id = 2",
+                &[
+                    "events:region:b",
+                    "events:client:c3",
+                    "events:id:2",
+                    "events:id:120",
+                ],
+            ),
+            (
+                "DELETE FROM events WHERE id = 150",
+                &["events:region:b", "events:client:c4", "events:id:150"],
+            ),
+            ("TRUNCATE events_b_high", &UNIVERSE[..12]),
+        ];
+        for (sql, gone) in cases {
+            check_among(&env, UNIVERSE, sql, gone).await;
+        }
+    }
+}

@@ -165,6 +165,49 @@ async fn doctor_reports_each_failure() {
     assert!(!said.contains("pw-secret"), "{said}");
 }
 
+/// A partition attached after `migrate` has none of the statement triggers, so writes naming
+/// it would go unseen: doctor names it, and `migrate` fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_names_a_partition_without_triggers() {
+    let env = Env::bare(
+        Delivery::Outbox,
+        "[[tables]]\ntable = \"events\"\ntags = [\"events:id:{id}\"]\n",
+    )
+    .await;
+    env.sql(
+        "CREATE TABLE events (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE events_low PARTITION OF events FOR VALUES FROM (0) TO (100);",
+    )
+    .await;
+    env.migrate().await;
+    let (code, checks) = doctor(&env, &[]);
+    assert_eq!(status_of(&checks, "triggers"), ["OK"], "{checks:#?}");
+    assert!(
+        checks["triggers"][0].1.contains("1 partitions"),
+        "{checks:#?}"
+    );
+    assert_eq!(code, Some(0), "{checks:#?}");
+
+    env.sql("CREATE TABLE events_high PARTITION OF events FOR VALUES FROM (100) TO (200)")
+        .await;
+    let (code, checks) = doctor(&env, &[]);
+    assert_eq!(code, Some(1), "{checks:#?}");
+    assert_eq!(status_of(&checks, "triggers"), ["FAIL"], "{checks:#?}");
+    assert!(
+        checks["triggers"][0]
+            .1
+            .contains("public.events_high: trigger evictd_insert is missing"),
+        "{checks:#?}"
+    );
+    assert!(
+        checks["triggers"][0].2.contains("evictd migrate"),
+        "{checks:#?}"
+    );
+    env.migrate().await;
+    let (code, _) = doctor(&env, &[]);
+    assert_eq!(code, Some(0));
+}
+
 /// Through a transaction-pooling PgBouncer LISTEN is accepted but never delivers: doctor says so
 /// and says what to use instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

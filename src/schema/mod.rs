@@ -119,6 +119,28 @@ pub async fn check_columns(
     Ok(())
 }
 
+/// The partitions of `table` (at any depth) that lack evictd's triggers, by qualified name:
+/// attached or created since `migrate` last ran. Every delivery gives each partition a
+/// `evictd_truncate` trigger, so that one stands for them all.
+pub async fn partitions_without_triggers(
+    client: &impl GenericClient,
+    table: &crate::rules::TableName,
+) -> Result<Vec<String>, SchemaError> {
+    let rows = client
+        .query(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) \
+             FROM pg_catalog.pg_partition_tree(pg_catalog.format('%I.%I', $1::text, $2::text)::pg_catalog.regclass) p \
+             JOIN pg_catalog.pg_class c ON c.oid = p.relid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE p.level OPERATOR(pg_catalog.>) 0 AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t \
+                 WHERE t.tgrelid = p.relid AND t.tgname OPERATOR(pg_catalog.=) 'evictd_truncate') \
+             ORDER BY 1",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// What `migrate` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Migrated {
@@ -149,9 +171,18 @@ pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrate
         let tx = client.transaction().await?;
         tx.batch_execute(PIN_SEARCH_PATH_LOCAL).await?;
         check_columns(&tx, settings).await?;
-        let up_to_date = installed(&tx)
+        let mut up_to_date = installed(&tx)
             .await?
             .is_some_and(|installed| installed.ddl_hash.as_deref() == Some(hash.as_str()));
+        // The DDL finds a table's partitions when it runs: one attached since needs it again.
+        for rule in settings.rules.tables() {
+            if !up_to_date {
+                break;
+            }
+            up_to_date = partitions_without_triggers(&tx, &rule.table)
+                .await?
+                .is_empty();
+        }
         tx.commit().await?;
         if up_to_date {
             sync_slot(client, settings.delivery).await?;

@@ -748,6 +748,34 @@ mod tests {
         assert!(batch.targets.tags.contains("products:id:p1"));
     }
 
+    /// A TRUNCATE of several tables, one of them without a rule (configured away since
+    /// `migrate`): the ruled one goes table-wide, the other is noted once, nothing fails.
+    #[test]
+    fn truncate_of_a_ruled_and_an_unruled_table() {
+        let rules = Rules::defaults();
+        let mut folder = Folder::default();
+        let mut batch = Batch::default();
+        let mut other = b"R\0\0\0\x09public\0other\0f\0\x01".to_vec();
+        other.extend(b"\x00id\0\0\0\x0b\x86\xff\xff\xff\xff");
+        let mut truncate = b"T".to_vec();
+        truncate.extend(2u32.to_be_bytes());
+        truncate.push(0);
+        truncate.extend(PRODUCTS.to_be_bytes());
+        truncate.extend(9u32.to_be_bytes());
+        for frame in [begin(), relation(), xlog(other), xlog(truncate), commit(60)] {
+            folder.fold(&frame, &rules, 10, &mut batch).unwrap();
+        }
+        assert_eq!(
+            batch.targets.wide_tables.iter().collect::<Vec<_>>(),
+            ["public.products"]
+        );
+        assert_eq!(
+            folder.take_unruled(),
+            Some(&["public.other".to_string()][..])
+        );
+        assert_eq!(folder.take_unruled(), None, "said once");
+    }
+
     /// evictd's messages count only when signed with its key: a role calling
     /// `pg_logical_emit_message` itself is refused as forged; other prefixes are ignored.
     #[test]

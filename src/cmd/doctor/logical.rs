@@ -232,3 +232,27 @@ fn full_identity_advice(table: &str) -> Check {
         None,
     )
 }
+
+/// `logical` delivery: every partition of a configured table carries the trigger that sends a
+/// TRUNCATE naming it (the stream publishes changes as the root's, and such a TRUNCATE not at
+/// all). One attached since `migrate` lacks it.
+pub(super) async fn partition_checks(settings: &Settings, client: &Client) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for rule in settings.rules.tables() {
+        match crate::schema::partitions_without_triggers(client, &rule.table).await {
+            Ok(missing) if missing.is_empty() => {}
+            Ok(missing) => checks.push(check(
+                "triggers",
+                Status::Fail,
+                format!(
+                    "{}: partitions without evictd's trigger: {}",
+                    rule.table,
+                    missing.join(", ")
+                ),
+                Some("run `evictd migrate` (after attaching a partition too)"),
+            )),
+            Err(e) => checks.push(check("triggers", Status::Fail, e.to_string(), None)),
+        }
+    }
+    checks
+}

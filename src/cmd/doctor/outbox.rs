@@ -29,11 +29,22 @@ pub(super) async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<
     }
     let mut checks = Vec::new();
     for rule in settings.rules.tables() {
+        // The table and every partition of it: a statement naming a partition fires only
+        // the partition's triggers.
         let rows = client
             .query(
-                "SELECT t.tgname::text, t.tgenabled::text FROM pg_trigger t \
-                 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname LIKE 'evictd\\_%'",
+                "SELECT (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = r.rel), \
+                   r.level, \
+                   ARRAY(SELECT t.tgname::text || ':' || t.tgenabled::text FROM pg_trigger t \
+                         WHERE t.tgrelid = r.rel AND t.tgname LIKE 'evictd\\_%') \
+                 FROM (SELECT c.oid AS rel, 0 AS level FROM pg_class c \
+                       JOIN pg_namespace n ON n.oid = c.relnamespace \
+                       WHERE n.nspname = $1 AND c.relname = $2 \
+                       UNION ALL \
+                       SELECT p.relid, p.level FROM pg_partition_tree(format('%I.%I', $1, $2)::regclass) p \
+                       WHERE p.level > 0) r \
+                 ORDER BY r.level, 1",
                 &[&rule.table.schema, &rule.table.name],
             )
             .await;
@@ -46,32 +57,45 @@ pub(super) async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<
         };
         let mut problems = Vec::new();
         let mut hints = Vec::new();
-        for name in ddl::TRIGGER_NAMES {
-            match rows.iter().find(|r| r.get::<_, &str>(0) == name) {
-                None => {
-                    problems.push(format!("trigger {name} is missing"));
-                    hints.push("run `evictd migrate`".to_string());
+        for row in &rows {
+            let relation: &str = row.get(0);
+            let triggers: Vec<String> = row.get(2);
+            for name in ddl::TRIGGER_NAMES {
+                match triggers
+                    .iter()
+                    .find_map(|t| t.strip_prefix(&format!("{name}:")))
+                {
+                    None => {
+                        problems.push(format!("{relation}: trigger {name} is missing"));
+                        hints.push(
+                            "run `evictd migrate` (after attaching a partition too)".to_string(),
+                        );
+                    }
+                    Some("D") => {
+                        problems.push(format!("{relation}: trigger {name} is disabled"));
+                        hints.push(format!("ALTER TABLE {relation} ENABLE TRIGGER {name}"));
+                    }
+                    Some(_) => {}
                 }
-                Some(row) if row.get::<_, &str>(1) == "D" => {
-                    problems.push(format!("trigger {name} is disabled"));
-                    hints.push(format!("ALTER TABLE {} ENABLE TRIGGER {name}", rule.table));
-                }
-                Some(_) => {}
             }
         }
+        let partitions = rows.len().saturating_sub(1);
         if problems.is_empty() {
-            checks.push(check(
-                "triggers",
-                Status::Ok,
-                format!("{}: 4 triggers enabled", rule.table),
-                None,
-            ));
+            let message = if partitions > 0 {
+                format!(
+                    "{}: 4 triggers enabled on it and its {partitions} partitions",
+                    rule.table
+                )
+            } else {
+                format!("{}: 4 triggers enabled", rule.table)
+            };
+            checks.push(check("triggers", Status::Ok, message, None));
         } else {
             hints.dedup();
             checks.push(Check {
                 name: "triggers",
                 status: Status::Fail,
-                message: format!("{}: {}", rule.table, problems.join(", ")),
+                message: problems.join(", "),
                 hint: Some(hints.join("; ")),
             });
         }

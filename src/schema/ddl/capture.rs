@@ -264,20 +264,55 @@ REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
     )
 }
 
+/// The four statement triggers on the table and, for a partitioned table, on each of its
+/// partitions: a statement fires only the triggers of the table it names, so one naming a
+/// partition would pass a parent's triggers by. They all run the table's capture function,
+/// which reports the table the rule names. (A partition attached later gets them at the next
+/// `evictd migrate`; `doctor` names partitions without them.)
 pub(super) fn triggers(rule: &TableRule) -> String {
-    let table = qualified(&rule.table);
+    let table = qualified(&rule.table).replace('\'', "''");
     let function = format!("evictd.{}()", capture_function_name(&rule.table));
+    let create = |name: &str, event: &str, transition: &str| {
+        format!(
+            "        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER {name} AFTER {event} ON %s{transition} FOR EACH STATEMENT EXECUTE FUNCTION {function}', r);"
+        )
+    };
+    let statements = [
+        create(
+            "evictd_insert",
+            "INSERT",
+            " REFERENCING NEW TABLE AS new_rows",
+        ),
+        create(
+            "evictd_update",
+            "UPDATE",
+            " REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+        ),
+        create(
+            "evictd_delete",
+            "DELETE",
+            " REFERENCING OLD TABLE AS old_rows",
+        ),
+        create("evictd_truncate", "TRUNCATE", ""),
+    ];
     format!(
-        r#"CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON {table}
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {function};
-CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON {table}
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {function};
-CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON {table}
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {function};
-CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON {table}
-    FOR EACH STATEMENT EXECUTE FUNCTION {function};
-DROP TRIGGER IF EXISTS evictd_old_delete ON {table};
+        r#"DO $do$
+DECLARE
+    r pg_catalog.regclass;
+BEGIN
+    -- `logical` delivery's old-row trigger, if the table had one (a partition's goes with it).
+    DROP TRIGGER IF EXISTS evictd_old_delete ON {table};
+    FOR r IN SELECT '{table}'::pg_catalog.regclass
+             UNION ALL
+             SELECT p.relid FROM pg_catalog.pg_partition_tree('{table}') p
+             WHERE p.level OPERATOR(pg_catalog.>) 0
+    LOOP
+{statements}
+    END LOOP;
+END
+$do$;
 
-"#
+"#,
+        statements = statements.join("\n"),
     )
 }

@@ -56,11 +56,12 @@ pub(super) fn publication(rules: &[TableRule]) -> String {
             )
         })
         .collect();
+    // The statement triggers of the other deliveries, on the table and its partitions.
     let dropped: Vec<String> = TRIGGER_NAMES
         .iter()
         .map(|name| {
             format!(
-                "        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS {name} ON %s', t.tab);"
+                "            EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS {name} ON %s', leaf);"
             )
         })
         .collect();
@@ -80,6 +81,8 @@ DO $do$
 DECLARE
     t record;
     replident "char";
+    kind "char";
+    leaf pg_catalog.regclass;
     key_columns pg_catalog.text[];
     present pg_catalog.text[];
     outside pg_catalog.text[];
@@ -88,12 +91,31 @@ BEGIN
     FOR t IN SELECT * FROM (VALUES
         {tables}
     ) AS v(tab, rule_columns, capture, old_row) LOOP
+        FOR leaf IN SELECT t.tab UNION ALL SELECT p.relid FROM pg_catalog.pg_partition_tree(t.tab) p
+                    WHERE p.level > 0 LOOP
 {dropped}
-        SELECT c.relreplident INTO replident FROM pg_class c WHERE c.oid = t.tab;
+        END LOOP;
+        SELECT c.relreplident, c.relkind INTO replident, kind FROM pg_class c WHERE c.oid = t.tab;
+        -- With changes published as the root's, a TRUNCATE naming a partition is not
+        -- published at all: each partition gets a trigger that sends it table-wide.
+        FOR leaf IN SELECT p.relid FROM pg_catalog.pg_partition_tree(t.tab) p WHERE p.level > 0 LOOP
+            EXECUTE pg_catalog.format(
+                'CREATE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.%I()',
+                leaf, t.capture);
+        END LOOP;
         key_columns := {key_columns};
         IF replident <> 'f' AND pg_catalog.cardinality(key_columns) = 0 THEN
             EXECUTE pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY FULL', t.tab);
             replident := 'f';
+        END IF;
+        -- A partitioned table's changes are logged by its partitions, each under its own
+        -- identity: without the parent's primary key, every partition logs whole old rows.
+        IF kind = 'p' AND replident = 'f' THEN
+            FOR leaf IN SELECT p.relid FROM pg_catalog.pg_partition_tree(t.tab) p
+                        JOIN pg_catalog.pg_class c ON c.oid = p.relid
+                        WHERE p.isleaf AND c.relkind = 'r' AND c.relreplident <> 'f' LOOP
+                EXECUTE pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY FULL', leaf);
+            END LOOP;
         END IF;
         -- Rule columns the table has and pgoutput sends (not generated ones); a missing one
         -- makes the daemon invalidate the table wide.
@@ -112,10 +134,21 @@ BEGIN
                     '({old}) IS DISTINCT FROM ({new})', c), ' OR ')
                  FROM pg_catalog.unnest(outside) c),
                 t.old_row);
-            EXECUTE pg_catalog.format(
-                'CREATE OR REPLACE TRIGGER evictd_old_delete AFTER DELETE ON %s '
-                'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.%I()',
-                t.tab, t.capture);
+            EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_delete ON %s', t.tab);
+            IF kind = 'p' THEN
+                -- An UPDATE moving a row to another partition deletes it from the first and
+                -- runs only row-level DELETE triggers there: a row trigger, which every
+                -- partition inherits, sees those old rows (and those of direct deletes).
+                EXECUTE pg_catalog.format(
+                    'CREATE TRIGGER evictd_old_delete AFTER DELETE ON %s '
+                    'FOR EACH ROW EXECUTE FUNCTION evictd.%I()',
+                    t.tab, t.old_row);
+            ELSE
+                EXECUTE pg_catalog.format(
+                    'CREATE TRIGGER evictd_old_delete AFTER DELETE ON %s '
+                    'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.%I()',
+                    t.tab, t.capture);
+            END IF;
         END IF;
         IF replident <> 'f' AND pg_catalog.current_setting('server_version_num')::int >= 150000 THEN
             entries := entries || pg_catalog.format('%s (%s)', t.tab,
@@ -125,6 +158,9 @@ BEGIN
             entries := entries || t.tab::pg_catalog.text;
         END IF;
     END LOOP;
+    -- Changes of a partition are published as its root's (the table a rule names), which
+    -- also lets a partitioned table have a column list.
+    ALTER PUBLICATION evictd SET (publish_via_partition_root = true);
     EXECUTE 'ALTER PUBLICATION evictd SET TABLE ' || pg_catalog.array_to_string(entries, ', ');
 END
 $do$;
@@ -228,6 +264,10 @@ BEGIN
         IF {signed_counted} OPERATOR(pg_catalog.=) seen
            AND pg_catalog.split_part(counted, ':', 1) OPERATOR(pg_catalog.=) tx THEN
             n := pg_catalog.split_part(counted, ':', 2)::bigint OPERATOR(pg_catalog.+) 1;
+            IF n OPERATOR(pg_catalog.>) {wide_at} THEN
+                -- The table went table-wide in this transaction already.
+                RETURN NULL;
+            END IF;
         ELSE
             n := {wide_at};
         END IF;

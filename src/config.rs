@@ -318,7 +318,7 @@ impl Settings {
             toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_string()))?;
 
         let channel = pick_spanned(overrides.channel.clone(), raw.channel, DEFAULT_CHANNEL);
-        if !is_channel_name(&channel.0) {
+        if !crate::rules::is_identifier(&channel.0) {
             return Err(value_error(
                 "channel",
                 format!(
@@ -532,10 +532,6 @@ fn value_error(
         Some(span) => invalid(Some(span), format!("{what}: {message}")),
         None => ConfigError::Value { what, message },
     }
-}
-
-fn is_channel_name(name: &str) -> bool {
-    crate::rules::is_identifier(name) && !name.contains('$')
 }
 
 /// 1-based line number of byte offset `at` in `text`.

@@ -147,11 +147,15 @@ impl Metrics {
     }
 
     pub fn error(&self, kind: &str) {
+        self.errors_by(kind, 1);
+    }
+
+    pub fn errors_by(&self, kind: &str, n: u64) {
         self.errors
             .get_or_create(&KindLabels {
                 kind: kind.to_string(),
             })
-            .inc();
+            .inc_by(n);
     }
 
     pub fn rejected(&self, kind: &str) {

@@ -41,12 +41,14 @@ impl fmt::Display for TableName {
     }
 }
 
-/// Identifiers we accept for schemas, tables and columns: plain lowercase SQL identifiers.
+/// Identifiers we accept for schemas, tables and columns: plain lowercase SQL identifiers,
+/// without the `$` PostgreSQL also allows: the generated functions are dollar-quoted bodies,
+/// and an identifier holding a tag like `$fn$` would end one early and inject SQL.
 /// Anything fancier would need quoting rules everywhere it is echoed; no real schema needs it.
 pub fn is_identifier(text: &str) -> bool {
     let mut chars = text.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && text.len() <= 63
 }
 
@@ -461,6 +463,13 @@ mod tests {
             Err(TemplateError::StrayClose(_))
         ));
         assert_eq!(Template::placeholders(""), Err(TemplateError::Empty));
+        // `$` would let a name end the generated functions' dollar-quoted bodies.
+        assert!(matches!(
+            Template::placeholders("a:{x$fn$}"),
+            Err(TemplateError::BadColumn { .. })
+        ));
+        assert!(TableName::parse("public.t$fn$").is_err());
+        assert!(TableName::parse("a$do$.t").is_err());
     }
 
     #[test]

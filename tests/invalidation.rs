@@ -988,3 +988,41 @@ tags = ["events:region:{region}", "events:client:{client_id}", "events:id:{id}"]
         }
     }
 }
+
+/// A tag key that is not a set (a string, a hash, written by something else) cannot index
+/// anything: it is left alone and reported — in the log by name, as an error in the metrics,
+/// and by `doctor` — not counted as invalidated; the statement's other tags go as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_keys_of_the_wrong_type_are_reported() {
+    let env = Env::new(Delivery::Outbox).await;
+    env.sql(&seed_sql()).await;
+    let daemon = env.start_daemon().await;
+    env.barrier().await;
+    let string_tag = format!("{}tag:products:all", env.prefix);
+    let hash_tag = format!("{}tag:products:id:{P1}", env.prefix);
+    let mut conn = env.redis.clone();
+    let () = conn.set(&string_tag, "not a set").await.unwrap();
+    let () = conn.hset(&hash_tag, "field", "value").await.unwrap();
+    let client_entry = env
+        .cache("client-list", &[&format!("products:client:{C1}")])
+        .await;
+    env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{P1}'"))
+        .await;
+    env.wait_gone(&[client_entry]).await;
+    daemon.wait_log("neither a set nor a sorted set").await;
+    let log = daemon.log();
+    assert!(log.contains("products:all"), "{log}");
+    assert!(env.exists(&string_tag).await && env.exists(&hash_tag).await);
+    let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+    assert!(
+        metrics.contains("evictd_errors_total{kind=\"tag_type\"} 2"),
+        "{metrics}"
+    );
+    let doctor = env.run_cli(&["doctor"]);
+    let said = text(&doctor);
+    assert_eq!(doctor.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("FAIL tag-types") && said.contains(&string_tag) && said.contains(&hash_tag),
+        "{said}"
+    );
+}

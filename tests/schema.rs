@@ -209,7 +209,7 @@ async fn flags_before_or_after_the_command() {
         .output()
         .unwrap();
     let ddl = String::from_utf8_lossy(&output.stdout);
-    assert!(ddl.contains("pg_notify('from_env', payload)"), "{ddl}");
+    assert!(ddl.contains("pg_notify('from_env', "), "{ddl}");
     drop(env);
 }
 
@@ -319,7 +319,8 @@ async fn big_statement_writes_one_outbox_event_per_run_of_rows() {
 }
 
 /// What the capture triggers emit for `statement`, as (operation, table-wide?, distinct rows):
-/// read from the outbox, or in notify mode heard on the channel up to a closing NOTIFY.
+/// read from the outbox, or in notify mode heard on the channel up to a closing NOTIFY (and
+/// checked against the signing key).
 async fn events_of(env: &Env, statement: &str) -> Vec<(String, bool, Vec<Vec<String>>)> {
     use evictd::event::{Change, ChangeEvent};
     let payloads: Vec<String> = if env.delivery == Delivery::Notify {
@@ -336,7 +337,9 @@ async fn events_of(env: &Env, statement: &str) -> Vec<(String, bool, Vec<Vec<Str
             if payload == "end" {
                 break payloads;
             }
-            payloads.push(payload);
+            let key = env.signing_key().await;
+            let opened = key.open_str(&payload).expect("a signed payload");
+            payloads.push(opened.to_string());
         }
     } else {
         env.sql("DELETE FROM evictd.outbox").await;

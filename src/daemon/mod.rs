@@ -161,6 +161,7 @@ impl Daemon {
         let sink =
             RedisSink::connect(&self.settings.redis_url, SinkOptions::from(&self.settings)).await?;
         sink.ping().await?;
+        sink.check_version().await?;
         sink.warn_if_evicting().await;
         let mut source = match Session::open(&self.settings).await {
             Err(SourceError::Schema(e @ SchemaError::Config { .. })) => {
@@ -431,6 +432,9 @@ impl Daemon {
     fn record(&mut self, batch: &Batch, report: Report, took: Duration) {
         let m = &self.observed.metrics;
         m.batches.inc();
+        if report.wrong_type > 0 {
+            m.errors_by("tag_type", report.wrong_type);
+        }
         m.tags_invalidated.inc_by(report.tags);
         m.keys_invalidated.inc_by(report.keys);
         m.table_wide.inc_by(batch.targets.wide_tables.len() as u64);
@@ -442,8 +446,7 @@ impl Daemon {
                 })
                 .inc_by(*count);
         }
-        if let Some(ts) = batch.oldest_ts_ms {
-            let lag = (now_ms() - ts).max(0) as f64 / 1000.0;
+        if let Some(lag) = batch.oldest_ts_ms.and_then(|ts| lag_seconds(now_ms(), ts)) {
             m.lag_seconds.observe(lag);
         }
         debug!(
@@ -531,8 +534,35 @@ async fn second_pass_due(queue: &VecDeque<(Instant, Targets)>) {
     }
 }
 
+/// Seconds from a statement's time `ts_ms` to `now_ms`, or `None` for a time no statement can
+/// have (a year old, or a minute ahead of this clock): such a `ts` is corrupt or forged, and
+/// would skew the histogram's sum for good. Never overflows, whatever `ts_ms` holds.
+fn lag_seconds(now_ms: i64, ts_ms: i64) -> Option<f64> {
+    const YEAR_MS: i64 = 365 * 24 * 3600 * 1000;
+    let lag = now_ms.saturating_sub(ts_ms);
+    (-60_000..YEAR_MS)
+        .contains(&lag)
+        .then(|| lag.max(0) as f64 / 1000.0)
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_measured_only_for_plausible_times() {
+        let now = 1_750_000_000_000;
+        assert_eq!(lag_seconds(now, now - 1_500), Some(1.5));
+        assert_eq!(lag_seconds(now, now + 10), Some(0.0), "a clock a bit ahead");
+        assert_eq!(lag_seconds(now, now + 3_600_000), None);
+        assert_eq!(lag_seconds(now, i64::MIN), None);
+        assert_eq!(lag_seconds(now, i64::MAX), None);
+        assert_eq!(lag_seconds(now, 0), None);
+    }
 }

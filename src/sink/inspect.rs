@@ -8,6 +8,10 @@ use redis::AsyncCommands;
 use super::{RedisSink, SinkError};
 use crate::rules::glob_escape;
 
+/// The oldest Redis evictd's scripts run on: they pop a count of items at once
+/// (`LPOP key count`, Redis 6.2).
+pub const MIN_REDIS_VERSION: (u32, u32) = (6, 2);
+
 /// What `INFO` says about the server.
 #[derive(Debug, Clone, Default)]
 pub struct ServerInfo {
@@ -16,6 +20,22 @@ pub struct ServerInfo {
     pub role: String,
     pub keyspace_hits: u64,
     pub keyspace_misses: u64,
+}
+
+impl ServerInfo {
+    /// Whether this server is new enough ([`MIN_REDIS_VERSION`]); an unreadable version
+    /// (a proxy that rewrites INFO) is given the benefit of the doubt.
+    pub fn supported(&self) -> bool {
+        supported_version(&self.version)
+    }
+}
+
+fn supported_version(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= MIN_REDIS_VERSION,
+        _ => true,
+    }
 }
 
 /// The cache as `evictd stats` reports it.
@@ -135,6 +155,40 @@ impl RedisSink {
         Ok((size, members))
     }
 
+    /// Tag keys that are neither a set nor a sorted set: how many, and up to `examples` of
+    /// their names. One SCAN over the tag keys, their types asked a page at a time.
+    pub async fn tags_of_wrong_type(
+        &self,
+        examples: usize,
+    ) -> Result<(u64, Vec<String>), SinkError> {
+        let pattern = format!("{}tag:*", glob_escape(&self.options.key_prefix));
+        let mut conn = self.conn.clone();
+        let (mut count, mut names) = (0, Vec::new());
+        let mut cursor = 0;
+        loop {
+            let (next, keys) = self.scan_page(&pattern, cursor).await?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("TYPE").arg(key);
+                }
+                let types: Vec<String> = pipe.query_async(&mut conn).await?;
+                for (key, kind) in keys.iter().zip(types) {
+                    if kind != "set" && kind != "zset" && kind != "none" {
+                        count += 1;
+                        if names.len() < examples {
+                            names.push(format!("{key} ({kind})"));
+                        }
+                    }
+                }
+            }
+            if next == 0 {
+                return Ok((count, names));
+            }
+            cursor = next;
+        }
+    }
+
     /// Keys that exist among `keys`.
     pub async fn existing(&self, keys: &[String]) -> Result<Vec<String>, SinkError> {
         let mut conn = self.conn.clone();
@@ -146,5 +200,25 @@ impl RedisSink {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_from_6_2_are_supported() {
+        for (version, ok) in [
+            ("7.0.15", true),
+            ("6.2.0", true),
+            ("6.0.16", false),
+            ("5.0.7", false),
+            ("10.1", true),
+            ("", true),
+            ("unknown", true),
+        ] {
+            assert_eq!(supported_version(version), ok, "{version}");
+        }
     }
 }

@@ -12,7 +12,7 @@ mod inspect;
 mod scripts;
 mod sweep;
 
-pub use inspect::{CacheStats, ServerInfo};
+pub use inspect::{CacheStats, MIN_REDIS_VERSION, ServerInfo};
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -57,6 +57,12 @@ pub enum SinkError {
     },
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(
+        "redis {found} is too old: evictd needs {}.{} or newer",
+        MIN_REDIS_VERSION.0,
+        MIN_REDIS_VERSION.1
+    )]
+    TooOld { found: String },
 }
 
 /// What an invalidation did, for logs, metrics and the `invalidate` command.
@@ -66,12 +72,16 @@ pub struct Report {
     pub tags: u64,
     /// Cache entries removed (member keys and pattern matches that existed).
     pub keys: u64,
+    /// Tag keys that are neither a set nor a sorted set, left as they are (logged by name):
+    /// not counted in `tags`, since nothing they index could be found.
+    pub wrong_type: u64,
 }
 
 impl Report {
     pub fn add(&mut self, other: Report) {
         self.tags += other.tags;
         self.keys += other.keys;
+        self.wrong_type += other.wrong_type;
     }
 }
 
@@ -188,6 +198,19 @@ impl RedisSink {
 
     fn drain_pattern(&self) -> String {
         format!("{}drain:*", glob_escape(&self.options.key_prefix))
+    }
+
+    /// Refuses a server older than [`MIN_REDIS_VERSION`], whose missing commands would fail
+    /// invalidations half-way.
+    pub async fn check_version(&self) -> Result<(), SinkError> {
+        let info = self.server_info().await?;
+        if info.supported() {
+            Ok(())
+        } else {
+            Err(SinkError::TooOld {
+                found: info.version,
+            })
+        }
     }
 
     /// Answers when Redis does.
@@ -334,7 +357,11 @@ impl RedisSink {
     }
 
     /// One SCAN step: the next cursor (0 at the end) and the keys of this page.
-    async fn scan_page(&self, pattern: &str, cursor: u64) -> Result<(u64, Vec<String>), SinkError> {
+    pub(crate) async fn scan_page(
+        &self,
+        pattern: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<String>), SinkError> {
         let mut conn = self.conn.clone();
         Ok(redis::cmd("SCAN")
             .arg(cursor)
@@ -401,7 +428,7 @@ impl RedisSink {
     ) -> Result<Report, SinkError> {
         let mut report = Report {
             tags: tags.len() as u64,
-            keys: 0,
+            ..Report::default()
         };
         let nonce: u64 = rand::random();
         let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
@@ -419,7 +446,7 @@ impl RedisSink {
             let Some((run, outcome)) = in_flight.next().await else {
                 break;
             };
-            let (processed, keys, drains) = match outcome {
+            let (processed, keys, drains, wrong_type) = match outcome {
                 Ok(answer) => answer,
                 Err(e) => {
                     // The call may have run without its answer arriving: what it detached is
@@ -430,6 +457,14 @@ impl RedisSink {
             };
             report.keys += keys;
             self.owe(|owed| owed.keys.extend(drains));
+            if !wrong_type.is_empty() {
+                report.tags -= wrong_type.len() as u64;
+                report.wrong_type += wrong_type.len() as u64;
+                tracing::warn!(
+                    tags = %wrong_type.join(", "),
+                    "tag keys that are neither a set nor a sorted set were left alone: the entries they should index cannot be invalidated"
+                );
+            }
             // A script stops early when its member budget is spent; it always processes at
             // least one tag, so this terminates.
             if processed < run.len() {
@@ -479,13 +514,14 @@ impl RedisSink {
         }
     }
 
-    /// One DETACH call over `run`: (tags processed, keys removed, drain keys left to empty).
+    /// One DETACH call over `run`: (tags processed, keys removed, drain keys left to empty,
+    /// tags whose key has the wrong type).
     async fn detach_run(
         &self,
         run: &[&str],
         nonce: u64,
         marker_ttl: MarkerTtl,
-    ) -> Result<(usize, u64, Vec<String>), SinkError> {
+    ) -> Result<(usize, u64, Vec<String>, Vec<String>), SinkError> {
         let drain_key = |tag: &str| format!("{}drain:{nonce:016x}:{tag}", self.options.key_prefix);
         let mut call = self.detach.prepare_invoke();
         call.arg(self.options.drain_chunk)
@@ -497,16 +533,31 @@ impl RedisSink {
             call.arg(*tag);
         }
         let mut conn = self.conn.clone();
-        let out: Vec<u64> = call.invoke_async(&mut conn).await?;
-        let processed = (out.first().copied().unwrap_or(0) as usize).min(run.len());
-        let keys = out.get(1).copied().unwrap_or(0);
+        let out: Vec<i64> = call.invoke_async(&mut conn).await?;
+        let count = |i: usize| u64::try_from(out.get(i).copied().unwrap_or(0)).unwrap_or(0);
+        let processed = usize::try_from(count(0)).unwrap_or(0).min(run.len());
+        let keys = count(1);
+        let tag_at = |position: i64| {
+            let index = usize::try_from(position.unsigned_abs())
+                .ok()?
+                .checked_sub(1)?;
+            run.get(index).copied()
+        };
         let drains = out
             .iter()
             .skip(2)
-            .filter_map(|&position| run.get((position as usize).checked_sub(1)?))
-            .map(|tag| drain_key(tag))
+            .filter(|&&p| p > 0)
+            .filter_map(|&p| tag_at(p))
+            .map(drain_key)
             .collect();
-        Ok((processed, keys, drains))
+        let wrong_type = out
+            .iter()
+            .skip(2)
+            .filter(|&&p| p < 0)
+            .filter_map(|&p| tag_at(p))
+            .map(str::to_string)
+            .collect();
+        Ok((processed, keys, drains, wrong_type))
     }
 
     /// Empties one detached tag set, `drain_chunk` members per call.

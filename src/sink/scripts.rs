@@ -15,8 +15,12 @@
 /// drain key, so entries tagged from now on land in a fresh set that this invalidation will not
 /// sweep, and drained by [`DRAIN`] in chunks. Every processed tag gets its `tagts` marker set to the Redis clock (ms).
 ///
+/// A tag key that is neither a set nor a sorted set (a string, a hash: written by something
+/// else) is left as it is, its marker stamped, and reported: its entries cannot be found.
+///
 /// Stops early once the budget is spent (always processing at least one tag) and returns
-/// `{processed, keys removed, position (1-based) of each detached tag…}`.
+/// `{processed, keys removed, position…}`: the 1-based position of each detached tag, and
+/// the negated position of each tag key of the wrong type.
 ///
 /// Written for Redis' sake: per tag it makes one call (SCARD) and builds two strings; members,
 /// sets and markers go out in a few multi-key calls, and nothing is copied between Lua tables
@@ -40,10 +44,12 @@ for i = 6, #ARGV do
   local tag = prefix .. 'tag:' .. name
   local size = redis.pcall('SCARD', tag)
   local sorted = false
+  local wrong_type = false
   if type(size) ~= 'number' then
     size = redis.pcall('ZCARD', tag)
     if type(size) ~= 'number' then
       size = 0
+      wrong_type = true
     end
     sorted = true
   end
@@ -51,7 +57,9 @@ for i = 6, #ARGV do
     break
   end
   processed = processed + 1
-  if size > chunk then
+  if wrong_type then
+    detached[#detached + 1] = -processed
+  elseif size > chunk then
     redis.call('RENAME', tag, prefix .. 'drain:' .. nonce .. ':' .. name)
     detached[#detached + 1] = processed
   elseif size > 0 then

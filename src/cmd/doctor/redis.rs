@@ -37,6 +37,18 @@ pub(super) async fn redis_checks(settings: &Settings) -> Vec<Check> {
     };
     let mut checks = Vec::new();
     match sink.server_info().await {
+        Ok(info) if !info.supported() => checks.push(check(
+            "redis",
+            Status::Fail,
+            format!(
+                "Redis {} at {}: evictd needs {}.{} or newer",
+                info.version,
+                redact_url(&settings.redis_url),
+                crate::sink::MIN_REDIS_VERSION.0,
+                crate::sink::MIN_REDIS_VERSION.1
+            ),
+            Some("upgrade Redis"),
+        )),
         Ok(info) => checks.push(check(
             "redis",
             Status::Ok,
@@ -58,6 +70,24 @@ pub(super) async fn redis_checks(settings: &Settings) -> Vec<Check> {
             return checks;
         }
     }
+    checks.push(match sink.tags_of_wrong_type(5).await {
+        Ok((0, _)) => check(
+            "tag-types",
+            Status::Ok,
+            "every tag key is a set or a sorted set".to_string(),
+            None,
+        ),
+        Ok((count, names)) => check(
+            "tag-types",
+            Status::Fail,
+            format!(
+                "{count} tag keys are neither a set nor a sorted set, so the entries they should index cannot be invalidated: {}",
+                names.join(", ")
+            ),
+            Some("the application must write tags with SADD (or ZADD); delete these keys"),
+        ),
+        Err(e) => check("tag-types", Status::Warn, e.to_string(), None),
+    });
     checks.push(match sink.eviction_policy().await {
         Ok(Some(policy)) if policy.starts_with("allkeys-") => check(
             "redis-eviction",

@@ -16,7 +16,14 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// Connections served at once. Probes and a scraper need a handful; past this, new ones wait
+/// in the kernel's backlog instead of costing the daemon a task and a descriptor each.
+const MAX_CONNECTIONS: usize = 64;
+/// The pause after a failed accept (out of descriptors, say), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Binds `addr` and serves until `shutdown`. Returns the bound address (port 0 picks one).
 pub async fn serve(
@@ -29,14 +36,24 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {addr} for /metrics and /readyz"))?;
     let bound = listener.local_addr()?;
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    // The semaphore is never closed.
+                    Err(_) => return,
+                },
+            };
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
                         tracing::warn!(error = %e, "http accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 },
@@ -44,6 +61,7 @@ pub async fn serve(
             let ready = ready.clone();
             let registry = registry.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = service_fn(move |request| {
                     let response = respond(&request, &ready, &registry);
                     async move { Ok::<_, Infallible>(response) }

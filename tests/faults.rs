@@ -734,3 +734,55 @@ async fn invalidate_command_cut_mid_drain_finishes() {
     assert_eq!((left, drains), (0, Vec::new()));
     env.assert_present(&[survivor]).await;
 }
+
+/// `logical` delivery: the walsender freezes (SIGSTOP) while the daemon is still catching up
+/// on a backlog, before readiness. The catch-up gives up after its silence bound (12 health
+/// intervals) instead of waiting for ever; once the walsender thaws, the daemon catches up,
+/// becomes ready, and nothing committed is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_stream_during_catch_up_is_noticed() {
+    let env = Env::with_config(Delivery::Logical, "health_interval_ms = 400\n").await;
+    seed_products(&env).await;
+    drop(env.start_daemon().await);
+    let (entries, unrelated) = cache_products(&env).await;
+    // A backlog the walsender takes a while to decode, committed while no daemon reads.
+    env.sql(
+        "INSERT INTO clients (id, name) SELECT gen_random_uuid(), 'bulk' FROM generate_series(1, 300000)",
+    )
+    .await;
+    edit(&env, 0..10).await;
+    let daemon = env.spawn_daemon(&[]);
+    let start = Instant::now();
+    let pid: i32 = loop {
+        let row = env
+            .pg
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE database = current_database()",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            break pid;
+        }
+        assert!(start.elapsed() < DEADLINE, "no walsender");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    // SAFETY: signals to a PostgreSQL process we started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    assert!(
+        !daemon.log().contains("evictd is ready"),
+        "caught up before the freeze; nothing to prove"
+    );
+    daemon.wait_log("did not deliver our marker").await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    daemon.wait_ready().await;
+    verify(
+        &env,
+        &entries,
+        &(0..10).collect::<Vec<_>>(),
+        &unrelated,
+        true,
+    )
+    .await;
+}

@@ -321,3 +321,41 @@ async fn dev_command_runs_the_newcomer_path() {
         .unwrap();
     assert!(exists(n), "{clients} is not about products and stays");
 }
+
+/// A flood of idle connections to the HTTP port costs the daemon at most its connection cap in
+/// descriptors (the rest wait in the kernel's backlog), and once they go, probes are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connections_are_capped() {
+    let env = Env::new(Delivery::Outbox).await;
+    let daemon = env.start_daemon().await;
+    let addr = daemon.http_addr();
+    let open_descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
+            .expect("the daemon's descriptors")
+            .count()
+    };
+    let before = open_descriptors();
+    let flood: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Give the daemon every chance to accept them all.
+    let start = Instant::now();
+    let mut most = 0;
+    while start.elapsed() < Duration::from_millis(500) {
+        most = most.max(open_descriptors());
+        std::thread::yield_now();
+    }
+    assert!(
+        most <= before + 64 + 4,
+        "{most} descriptors with 300 idle connections ({before} before)"
+    );
+    drop(flood);
+    let start = Instant::now();
+    loop {
+        let (status, _) = support::http_get(&addr, "/healthz");
+        if status == 200 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "/healthz answered {status}");
+    }
+}

@@ -726,3 +726,30 @@ async fn replication_connection_authenticates_with_each_password_method() {
         drop(daemon);
     }
 }
+
+/// A database URL naming several hosts, the first of them down: the replication stream tries
+/// them in order, as the main connection does, and streams from the one that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_urls_stream_from_the_host_that_answers() {
+    let env = Env::new(Delivery::Logical).await;
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES ('{C1}', 'c1');
+         INSERT INTO products (id, client_id, name) VALUES ('{P1}', '{C1}', 'p1');"
+    ))
+    .await;
+    let closed = evictd::throwaway::free_port().unwrap();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{closed},127.0.0.1:{}/{}",
+        env.pg_server().port,
+        env.name
+    );
+    let daemon = env.spawn_daemon(&["--database-url", &url]);
+    daemon.wait_ready().await;
+    env.barrier().await;
+    let entry = env.cache("p1", &[&format!("products:id:{P1}")]).await;
+    env.sql(&format!(
+        "UPDATE products SET name = 'renamed' WHERE id = '{P1}'"
+    ))
+    .await;
+    env.wait_gone(&[entry]).await;
+}

@@ -18,6 +18,12 @@ pub(super) async fn next_event(stream: &mut Option<LogicalStream>) -> Result<Fra
     }
 }
 
+/// Health intervals the stream may stay silent while catching up before readiness (60 s at
+/// the default 5 s). Longer than after readiness (two): before it sends a huge transaction the
+/// walsender decodes all of it, saying nothing meanwhile, but a live one sends a keepalive
+/// within half its `wal_sender_timeout` (30 s by default) of hearing nothing from us.
+const CATCH_UP_SILENCE: u32 = 12;
+
 /// While a batch lingers, the stream wakes the daemon only once this much has arrived (a
 /// transaction of one row is ~300 bytes, so about one linger's worth at 9,000 commits a second):
 /// otherwise every message of every commit in the linger wakes it for nothing.
@@ -48,9 +54,9 @@ impl Daemon {
         // every transaction committed before it has been delivered.
         let nonce = format!("{:016x}", rand::random::<u64>());
         logical::write_marker(client, &nonce).await?;
-        // A long backlog streams for as long as it takes, but a stream that goes silent for
-        // two health intervals (a half-open connection) is given up, as after readiness.
-        let silence = self.settings.health_interval * 2;
+        // A long backlog streams for as long as it takes, but a stream silent for
+        // CATCH_UP_SILENCE health intervals (a frozen or half-open connection) is given up.
+        let silence = self.settings.health_interval * CATCH_UP_SILENCE;
         loop {
             let event = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(SessionError::Shutdown),

@@ -716,6 +716,85 @@ mod tests {
         ));
     }
 
+    fn stream_over(io: tokio::io::DuplexStream, streaming: bool) -> WalStream {
+        WalStream {
+            io: Box::new(io),
+            read: BytesMut::with_capacity(64 * 1024),
+            write: BytesMut::new(),
+            applied: Lsn(0),
+            status_due: false,
+            reply_requested: false,
+            last_status: Instant::now(),
+            unflushed: false,
+            tcp: None,
+            skipping: 0,
+            streaming,
+        }
+    }
+
+    /// Before streaming starts, a length field of 2 GB from whoever answers the connection
+    /// is refused, and nothing of that size is reserved for it.
+    #[tokio::test]
+    async fn a_length_field_cannot_make_it_allocate() {
+        let (client, mut server) = tokio::io::duplex(1024);
+        let mut stream = stream_over(client, false);
+        server
+            .write_all(&[b'R', 0x7f, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        let error = stream.next_message().await.unwrap_err();
+        assert!(matches!(error, WalError::Protocol(_)), "{error}");
+        assert!(stream.read.capacity() < MAX_STARTUP_MESSAGE_BYTES);
+    }
+
+    /// While streaming, a frame over the limit comes out as its head and length, its bytes
+    /// discarded as they arrive (the buffer never grows to hold it), and the stream goes on.
+    #[tokio::test]
+    async fn an_oversized_frame_is_skipped_as_it_arrives() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut stream = stream_over(client, true);
+        let body = MAX_FRAME_BYTES + 1_000_000;
+        let writer = tokio::spawn(async move {
+            let mut frame = vec![b'd'];
+            frame.extend(u32::try_from(4 + 25 + body).unwrap().to_be_bytes());
+            frame.push(b'w');
+            frame.extend([0u8; 24]);
+            frame.extend(b"M\x01\0\0\0\0\0\0\0\x01evictd\0");
+            server.write_all(&frame).await.unwrap();
+            let rest = body - 17;
+            let chunk = vec![b'x'; 1 << 16];
+            let mut sent = 0;
+            while sent < rest {
+                let n = chunk.len().min(rest - sent);
+                server.write_all(&chunk[..n]).await.unwrap();
+                sent += n;
+            }
+            let mut keepalive = vec![b'd', 0, 0, 0, 22, b'k'];
+            keepalive.extend(7u64.to_be_bytes());
+            keepalive.extend([0u8; 8]);
+            keepalive.push(0);
+            server.write_all(&keepalive).await.unwrap();
+            server
+        });
+        match stream.recv().await.unwrap() {
+            Frame::Oversized { head, len } => {
+                assert_eq!(len, 4 + 25 + body);
+                assert!(head.starts_with(b"M\x01"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            stream.recv().await.unwrap(),
+            Frame::KeepAlive { wal_end: Lsn(7) }
+        );
+        assert!(
+            stream.read.capacity() < 1 << 20,
+            "{}",
+            stream.read.capacity()
+        );
+        drop(writer.await.unwrap());
+    }
+
     #[test]
     fn error_responses_read_as_severity_code_message() {
         let body = b"SERROR\0VERROR\0C55006\0Mreplication slot \"s\" is active for PID 7\0\0";

@@ -6,7 +6,8 @@
 //! - [`schema`] — the SQL side: triggers that describe each committed statement.
 //! - [`source`] — where events arrive: LISTEN on the channel, the outbox table.
 //! - [`event`] — `ChangeEvent` and its parser (pure).
-//! - [`rules`] — event rows → tags and key patterns; glob escaping (pure).
+//! - [`rules`] — event rows → tags and key patterns (pure).
+//! - [`glob`] — Redis glob escaping and matching, many patterns in one SCAN pass (pure).
 //! - [`batch`] — de-duplicates the targets of many events between flushes (pure).
 //! - [`sink`] — the only code that talks to Redis: detach, drain, unlink, stamp.
 //! - [`daemon`] — the supervisor and event loop tying them together.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod event;
+pub mod glob;
 pub mod http;
 pub mod metrics;
 pub mod redact;

@@ -205,27 +205,7 @@ fn split_template(text: &str) -> Result<Vec<Piece>, TemplateError> {
     Ok(pieces)
 }
 
-/// Appends `value` with every glob metacharacter of Redis `MATCH` (`* ? [ ] \`) escaped, so a
-/// value can only ever match itself.
-pub fn push_glob_escaped(out: &mut String, value: &str) {
-    for c in value.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-}
-
-/// `value` glob-escaped; see [`push_glob_escaped`].
-///
-/// ```
-/// assert_eq!(evictd::rules::glob_escape("id*[1]"), r"id\*\[1\]");
-/// ```
-pub fn glob_escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 4);
-    push_glob_escaped(&mut out, value);
-    out
-}
+pub use crate::glob::{glob_escape, push_glob_escaped};
 
 /// The rule of one table: its tag templates, key patterns and the columns they reference.
 #[derive(Debug, Clone)]
@@ -312,6 +292,12 @@ impl Targets {
             && self.tag_globs.is_empty()
             && self.key_globs.is_empty()
             && self.wide_tables.is_empty()
+    }
+
+    /// What the flush bound counts: names and patterns alike. A pattern costs no more than a
+    /// name (the patterns of one flush share a SCAN pass), but it is held in memory the same.
+    pub fn len(&self) -> usize {
+        self.tags.len() + self.tag_globs.len() + self.key_globs.len()
     }
 
     pub fn merge(&mut self, other: Targets) {

@@ -6,53 +6,9 @@ use std::str::FromStr as _;
 
 use evictd::event::ChangeEvent;
 use evictd::redact::redact_url;
+use evictd::glob::matches as glob_match;
 use evictd::rules::{TableName, TableRule, Targets, glob_escape};
 use proptest::prelude::*;
-
-/// Redis' glob matching (`stringmatchlen`): `*`, `?`, `[...]` with `^` and ranges, `\` escapes.
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    match pattern.first() {
-        None => text.is_empty(),
-        Some(b'*') => (0..=text.len()).any(|skip| glob_match(&pattern[1..], &text[skip..])),
-        Some(b'?') => !text.is_empty() && glob_match(&pattern[1..], &text[1..]),
-        Some(b'[') => {
-            let Some(&c) = text.first() else { return false };
-            let mut i = 1;
-            let negate = pattern.get(i) == Some(&b'^');
-            if negate {
-                i += 1;
-            }
-            let mut matched = false;
-            while i < pattern.len() && pattern[i] != b']' {
-                if pattern[i] == b'\\' && i + 1 < pattern.len() {
-                    i += 1;
-                    matched |= pattern[i] == c;
-                } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']'
-                {
-                    let (lo, hi) = (
-                        pattern[i].min(pattern[i + 2]),
-                        pattern[i].max(pattern[i + 2]),
-                    );
-                    matched |= (lo..=hi).contains(&c);
-                    i += 2;
-                } else {
-                    matched |= pattern[i] == c;
-                }
-                i += 1;
-            }
-            let rest = if i < pattern.len() {
-                &pattern[i + 1..]
-            } else {
-                &pattern[i..]
-            };
-            matched != negate && glob_match(rest, &text[1..])
-        }
-        Some(b'\\') if pattern.len() > 1 => {
-            text.first() == Some(&pattern[1]) && glob_match(&pattern[2..], &text[1..])
-        }
-        Some(&p) => text.first() == Some(&p) && glob_match(&pattern[1..], &text[1..]),
-    }
-}
 
 /// Values rich in glob metacharacters and separators.
 fn hostile_value() -> impl Strategy<Value = String> {

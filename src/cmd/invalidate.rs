@@ -1,6 +1,5 @@
 //! `evictd invalidate`: manual invalidation now, through the same sink the daemon uses.
 
-use std::collections::BTreeSet;
 use std::io::IsTerminal as _;
 use std::time::{Duration, Instant};
 
@@ -8,7 +7,7 @@ use crate::backoff::Backoff;
 use crate::cli::{CacheType, InvalidateArgs};
 use crate::config::{ConfigError, Settings};
 use crate::rules::Targets;
-use crate::sink::{RedisSink, Report, SinkError, SinkOptions};
+use crate::sink::{MarkerTtl, RedisSink, Report, SinkError, SinkOptions};
 
 /// Tags invalidated per step, so progress can be shown on a big keyspace.
 const STEP: usize = 1_000;
@@ -19,20 +18,15 @@ pub async fn invalidate(settings: &Settings, args: &InvalidateArgs) -> anyhow::R
     let targets = targets(settings, args)?;
     let sink = RedisSink::connect(&settings.redis_url, SinkOptions::from(settings)).await?;
     let progress = Progress::new();
-
-    let mut tags: BTreeSet<String> = targets.tags.clone();
-    for glob in &targets.tag_globs {
-        tags.extend(sink.existing_tags(glob).await?);
-        progress.say(&format!("found {} tags", tags.len()));
-    }
-    let tags: Vec<String> = tags.into_iter().collect();
     let mut report = Report::default();
+    // Named tags in steps, so progress shows on a long list.
+    let tags: Vec<String> = targets.tags.iter().cloned().collect();
     for (i, chunk) in tags.chunks(STEP).enumerate() {
         let step = Targets {
             tags: chunk.iter().cloned().collect(),
             ..Targets::default()
         };
-        report.add(invalidate_retrying(&sink, &step).await?);
+        report.add(invalidate_retrying(&sink, &step, &|_| {}).await?);
         progress.say(&format!(
             "{}/{} tags, {} keys",
             (i * STEP + chunk.len()).min(tags.len()),
@@ -40,13 +34,24 @@ pub async fn invalidate(settings: &Settings, args: &InvalidateArgs) -> anyhow::R
             report.keys
         ));
     }
-    let rest = Targets {
+    // Table-wide (`--table`, `--all`): one pass over the keyspace per kind of glob, each page
+    // invalidated as it comes, so memory is a page whatever the number of tags.
+    let wide = Targets {
+        tag_globs: targets.tag_globs.clone(),
         key_globs: targets.key_globs.clone(),
         wide_tables: targets.wide_tables.clone(),
         ..Targets::default()
     };
-    if !rest.is_empty() {
-        report.add(invalidate_retrying(&sink, &rest).await?);
+    if !wide.is_empty() {
+        let before = report;
+        let say = |so_far: Report| {
+            progress.say(&format!(
+                "{} tags, {} keys",
+                before.tags + so_far.tags,
+                before.keys + so_far.keys
+            ));
+        };
+        report.add(invalidate_retrying(&sink, &wide, &say).await?);
     }
     progress.done();
     println!("invalidated {} tags, {} keys", report.tags, report.keys);
@@ -55,11 +60,18 @@ pub async fn invalidate(settings: &Settings, args: &InvalidateArgs) -> anyhow::R
 
 /// Invalidates `targets`, retrying with backoff for up to [`RETRY_FOR`] while Redis fails: a
 /// step cut off part-way has its detached sets drained by the retry before it counts as done.
-async fn invalidate_retrying(sink: &RedisSink, targets: &Targets) -> Result<Report, SinkError> {
+async fn invalidate_retrying(
+    sink: &RedisSink,
+    targets: &Targets,
+    progress: &(dyn Fn(Report) + Sync),
+) -> Result<Report, SinkError> {
     let started = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        match sink.invalidate(targets).await {
+        match sink
+            .invalidate_reporting(targets, MarkerTtl::Now, progress)
+            .await
+        {
             Ok(report) => return Ok(report),
             Err(e) if started.elapsed() < RETRY_FOR => {
                 let delay = backoff.next_delay();

@@ -292,7 +292,7 @@ impl Daemon {
                     poison.push(outbox::Poison::new(&row, reason));
                     break;
                 }
-                if batch.targets.tags.len() >= bound {
+                if batch.targets.len() >= bound {
                     let mut full = std::mem::take(&mut batch);
                     sent.prune(&mut full);
                     self.send_claimed(sink, full, marker_ttl, work).await?;

@@ -119,7 +119,7 @@ impl Daemon {
                 self.reject(rejected.kind, rejected.reason, "logical decoding message");
             }
             events += 1;
-            if batch.targets.tags.len() >= FLUSH_TAGS {
+            if batch.targets.len() >= FLUSH_TAGS {
                 // Changes arrive only once committed, so part of a transaction can go early;
                 // only its end is confirmed late, after its markers got their TTL (deferred:
                 // one MSET per call instead of a `SET … PX` per tag, so the entries go sooner).

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use redis::AsyncCommands;
 
-use super::{RedisSink, SinkError};
+use super::{KeyScan, RedisSink, SinkError};
 use crate::rules::glob_escape;
 
 /// The oldest Redis evictd's scripts run on: they pop a count of items at once
@@ -72,8 +72,10 @@ impl RedisSink {
         })
     }
 
-    /// Walks every key under the prefix (SCAN, bounded steps). `progress` is told how many keys
-    /// were looked at so far.
+    /// Walks every key under the prefix a SCAN page at a time, and each tag set an SSCAN page
+    /// at a time: memory stays bounded by a page whatever the keyspace. `progress` is told how
+    /// many keys were looked at so far. (A key SCAN returns twice, while Redis resizes its
+    /// table, is counted twice.)
     pub async fn cache_stats(&self, progress: &dyn Fn(u64)) -> Result<CacheStats, SinkError> {
         let prefix = &self.options.key_prefix;
         let own = |suffix: &str| format!("{prefix}{suffix}");
@@ -87,23 +89,26 @@ impl RedisSink {
         let mut stats = CacheStats::default();
         let mut conn = self.conn.clone();
         let mut seen = 0u64;
-        for key in self.scan(&format!("{}*", glob_escape(prefix))).await? {
-            seen += 1;
-            if seen.is_multiple_of(10_000) {
-                progress(seen);
-            }
-            if key.starts_with(&tag_p) {
-                stats.tag_sets += 1;
-                let (members, missing) = self.count_members(&key).await?;
-                stats.tag_members += members;
-                stats.expired_entries += missing;
-            } else if key.starts_with(&drain_p) {
-                stats.draining += 1;
-            } else if ![&tagts_p, &table_p, &evictd_p]
-                .iter()
-                .any(|own| key.starts_with(own.as_str()))
-            {
-                stats.total_entries += 1;
+        let mut scan = KeyScan::new(format!("{}*", glob_escape(prefix)));
+        while let Some(page) = self.next_page(&mut scan).await? {
+            for key in page {
+                seen += 1;
+                if seen.is_multiple_of(10_000) {
+                    progress(seen);
+                }
+                if key.starts_with(tag_p.as_bytes()) {
+                    stats.tag_sets += 1;
+                    let (members, missing) = self.count_members(&key).await?;
+                    stats.tag_members += members;
+                    stats.expired_entries += missing;
+                } else if key.starts_with(drain_p.as_bytes()) {
+                    stats.draining += 1;
+                } else if ![&tagts_p, &table_p, &evictd_p]
+                    .iter()
+                    .any(|own| key.starts_with(own.as_bytes()))
+                {
+                    stats.total_entries += 1;
+                }
             }
         }
         let counters: BTreeMap<String, u64> = conn.hgetall(own("evictd:stats")).await?;
@@ -111,16 +116,37 @@ impl RedisSink {
         Ok(stats)
     }
 
-    /// (members, members whose entry is gone) of one tag set.
-    async fn count_members(&self, key: &str) -> Result<(u64, u64), SinkError> {
-        let members = self.members(key, usize::MAX).await?.1;
+    /// (members, members whose entry is gone) of one tag set, an SSCAN (ZSCAN) page at a
+    /// time. (A member the scan returns twice is counted twice.)
+    async fn count_members(&self, key: &[u8]) -> Result<(u64, u64), SinkError> {
         let mut conn = self.conn.clone();
-        let mut missing = 0;
-        for chunk in members.chunks(1_000) {
-            let present: u64 = conn.exists(chunk).await?;
-            missing += chunk.len() as u64 - present;
+        let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut conn).await?;
+        let (scan_cmd, stride) = match kind.as_str() {
+            "set" => ("SSCAN", 1),
+            "zset" => ("ZSCAN", 2),
+            _ => return Ok((0, 0)),
+        };
+        let (mut members, mut missing) = (0, 0);
+        let mut cursor = "0".to_string();
+        loop {
+            let (next, items): (String, Vec<Vec<u8>>) = redis::cmd(scan_cmd)
+                .arg(key)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(1_000)
+                .query_async(&mut conn)
+                .await?;
+            let page: Vec<Vec<u8>> = items.into_iter().step_by(stride).collect();
+            if !page.is_empty() {
+                let present: u64 = conn.exists(&page).await?;
+                members += page.len() as u64;
+                missing += page.len() as u64 - present;
+            }
+            if next == "0" {
+                return Ok((members, missing));
+            }
+            cursor = next;
         }
-        Ok((members.len() as u64, missing))
     }
 
     /// The size of tag set `key` and up to `limit` of its members (SSCAN/ZSCAN, bounded steps).
@@ -164,29 +190,26 @@ impl RedisSink {
         let pattern = format!("{}tag:*", glob_escape(&self.options.key_prefix));
         let mut conn = self.conn.clone();
         let (mut count, mut names) = (0, Vec::new());
-        let mut cursor = 0;
-        loop {
-            let (next, keys) = self.scan_page(&pattern, cursor).await?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for key in &keys {
-                    pipe.cmd("TYPE").arg(key);
-                }
-                let types: Vec<String> = pipe.query_async(&mut conn).await?;
-                for (key, kind) in keys.iter().zip(types) {
-                    if kind != "set" && kind != "zset" && kind != "none" {
-                        count += 1;
-                        if names.len() < examples {
-                            names.push(format!("{key} ({kind})"));
-                        }
+        let mut scan = KeyScan::new(pattern);
+        while let Some(keys) = self.next_page(&mut scan).await? {
+            if keys.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("TYPE").arg(key);
+            }
+            let types: Vec<String> = pipe.query_async(&mut conn).await?;
+            for (key, kind) in keys.iter().zip(types) {
+                if kind != "set" && kind != "zset" && kind != "none" {
+                    count += 1;
+                    if names.len() < examples {
+                        names.push(format!("{} ({kind})", String::from_utf8_lossy(key)));
                     }
                 }
             }
-            if next == 0 {
-                return Ok((count, names));
-            }
-            cursor = next;
         }
+        Ok((count, names))
     }
 
     /// Keys that exist among `keys`.

@@ -9,10 +9,12 @@
 //! wait on the list `{prefix}evictd:ttl-pending`.
 
 mod inspect;
+mod scan;
 mod scripts;
 mod sweep;
 
 pub use inspect::{CacheStats, MIN_REDIS_VERSION, ServerInfo};
+pub use scan::KeyScan;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use thiserror::Error;
 
+use crate::glob::PatternSet;
 use crate::redact::redact_url;
 use crate::rules::{Targets, glob_escape};
 
@@ -31,8 +34,6 @@ use crate::rules::{Targets, glob_escape};
 const TAGS_PER_CALL: usize = 200;
 /// DETACH calls awaiting their answers at any moment.
 const CALLS_IN_FLIGHT: usize = 4;
-/// Keys asked for per SCAN step and UNLINKed per command when removing by pattern.
-const SCAN_COUNT: usize = 1_000;
 /// `tagts` markers given their TTL per EXPIRE_PENDING call.
 const EXPIRE_PER_CALL: usize = 500;
 
@@ -256,32 +257,60 @@ impl RedisSink {
         targets: &Targets,
         marker_ttl: MarkerTtl,
     ) -> Result<Report, SinkError> {
+        self.invalidate_reporting(targets, marker_ttl, &|_| {})
+            .await
+    }
+
+    /// [`RedisSink::invalidate_with`], telling `progress` the running report after each step
+    /// (a run of tags, a SCAN page). Globs — table-wide tag globs, rules' key patterns — are
+    /// served by one SCAN pass per kind however many there are, each page invalidated as it
+    /// comes: Redis walks its keyspace at most twice per call, and memory holds a page.
+    pub async fn invalidate_reporting(
+        &self,
+        targets: &Targets,
+        marker_ttl: MarkerTtl,
+        progress: &(dyn Fn(Report) + Sync),
+    ) -> Result<Report, SinkError> {
         let mut report = self.finish_owed_drains().await?;
         let tags = &targets.tags;
         report.add(self.invalidate_tags(tags, marker_ttl).await?);
-        // Table-wide: invalidate each SCAN page of matching tags as it comes, so memory stays
-        // bounded by a page however many tags a table has.
+        progress(report);
         let prefix = format!("{}tag:", self.options.key_prefix);
-        for glob in &targets.tag_globs {
-            let pattern = format!("{}{glob}", glob_escape(&prefix));
-            let mut cursor = 0;
-            loop {
-                let (next, keys) = self.scan_page(&pattern, cursor).await?;
-                let page: BTreeSet<String> = keys
-                    .iter()
-                    .filter_map(|k| k.strip_prefix(&prefix))
-                    .filter(|t| !tags.contains(*t))
-                    .map(str::to_string)
+        let tag_globs = PatternSet::new(
+            targets
+                .tag_globs
+                .iter()
+                .map(|glob| format!("{}{glob}", glob_escape(&prefix))),
+        );
+        if !tag_globs.is_empty() {
+            let mut scan = KeyScan::new(tag_globs.scan_pattern());
+            while let Some(page) = self.next_page(&mut scan).await? {
+                let found: BTreeSet<String> = page
+                    .into_iter()
+                    .filter(|key| tag_globs.matches(key))
+                    .filter_map(|key| String::from_utf8(key).ok())
+                    .filter_map(|key| key.strip_prefix(&prefix).map(str::to_string))
+                    .filter(|tag| !tags.contains(tag))
                     .collect();
-                report.add(self.invalidate_tags(&page, marker_ttl).await?);
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+                report.add(self.invalidate_tags(&found, marker_ttl).await?);
+                progress(report);
             }
         }
-        for glob in &targets.key_globs {
-            report.keys += self.unlink_matching(glob).await?;
+        let key_globs = PatternSet::new(targets.key_globs.iter().cloned());
+        if !key_globs.is_empty() {
+            let mut scan = KeyScan::new(key_globs.scan_pattern());
+            let mut conn = self.conn.clone();
+            while let Some(page) = self.next_page(&mut scan).await? {
+                let found: Vec<Vec<u8>> = page
+                    .into_iter()
+                    .filter(|key| key_globs.matches(key))
+                    .collect();
+                if !found.is_empty() {
+                    let removed: u64 = conn.unlink(&found).await?;
+                    report.keys += removed;
+                    progress(report);
+                }
+            }
         }
         if !targets.wide_tables.is_empty() {
             let markers: Vec<String> = targets
@@ -339,56 +368,6 @@ impl RedisSink {
             .into_iter()
             .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
             .collect())
-    }
-
-    /// Every key matching `pattern`, by SCAN (never KEYS). SCAN may repeat a key; the result is
-    /// de-duplicated.
-    pub async fn scan(&self, pattern: &str) -> Result<Vec<String>, SinkError> {
-        let mut cursor: u64 = 0;
-        let mut found = BTreeSet::new();
-        loop {
-            let (next, keys) = self.scan_page(pattern, cursor).await?;
-            found.extend(keys);
-            if next == 0 {
-                return Ok(found.into_iter().collect());
-            }
-            cursor = next;
-        }
-    }
-
-    /// One SCAN step: the next cursor (0 at the end) and the keys of this page.
-    pub(crate) async fn scan_page(
-        &self,
-        pattern: &str,
-        cursor: u64,
-    ) -> Result<(u64, Vec<String>), SinkError> {
-        let mut conn = self.conn.clone();
-        Ok(redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut conn)
-            .await?)
-    }
-
-    /// UNLINKs every key matching `pattern`, a SCAN page at a time.
-    async fn unlink_matching(&self, pattern: &str) -> Result<u64, SinkError> {
-        let mut conn = self.conn.clone();
-        let mut removed = 0;
-        let mut cursor = 0;
-        loop {
-            let (next, keys) = self.scan_page(pattern, cursor).await?;
-            if !keys.is_empty() {
-                let n: u64 = conn.unlink(&keys).await?;
-                removed += n;
-            }
-            if next == 0 {
-                return Ok(removed);
-            }
-            cursor = next;
-        }
     }
 
     async fn stamp_markers(&self, keys: &[String]) -> Result<(), SinkError> {

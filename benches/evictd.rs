@@ -5,10 +5,13 @@
 //!     cargo bench --bench evictd              # full run, a few minutes on 2 cores
 //!     cargo bench --bench evictd -- --quick   # shorter phases, for a smoke test
 //!     cargo bench --bench evictd -- --speed   # the machine-speed gauge alone (seconds)
+//!     cargo bench --bench evictd -- --keyspace   # stats, sweep, invalidate --all over 5 M keys
 //!
 //! Latency is measured end to end: the time from a writer's COMMIT returning to Redis telling
 //! (keyspace notification) that the entry tagged with the changed row was deleted.
 
+#[path = "evictd/keyspace.rs"]
+mod keyspace;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -1135,6 +1138,11 @@ async fn main() {
         return;
     }
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--keyspace") {
+        let result = keyspace::keyspace(quick).await;
+        println!("keyspace: {result}");
+        return;
+    }
     let lab = Lab {
         pg: Postgres::start_with(&[
             "fsync=on",

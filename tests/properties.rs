@@ -5,8 +5,8 @@
 use std::str::FromStr as _;
 
 use evictd::event::ChangeEvent;
-use evictd::redact::redact_url;
 use evictd::glob::matches as glob_match;
+use evictd::redact::redact_url;
 use evictd::rules::{TableName, TableRule, Targets, glob_escape};
 use proptest::prelude::*;
 

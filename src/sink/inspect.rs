@@ -91,16 +91,14 @@ impl RedisSink {
         let mut seen = 0u64;
         let mut scan = KeyScan::new(format!("{}*", glob_escape(prefix)));
         while let Some(page) = self.next_page(&mut scan).await? {
+            let mut tag_sets = Vec::new();
             for key in page {
                 seen += 1;
                 if seen.is_multiple_of(10_000) {
                     progress(seen);
                 }
                 if key.starts_with(tag_p.as_bytes()) {
-                    stats.tag_sets += 1;
-                    let (members, missing) = self.count_members(&key).await?;
-                    stats.tag_members += members;
-                    stats.expired_entries += missing;
+                    tag_sets.push(key);
                 } else if key.starts_with(drain_p.as_bytes()) {
                     stats.draining += 1;
                 } else if ![&tagts_p, &table_p, &evictd_p]
@@ -110,26 +108,82 @@ impl RedisSink {
                     stats.total_entries += 1;
                 }
             }
+            stats.tag_sets += tag_sets.len() as u64;
+            let (members, missing) = self.count_members(&tag_sets).await?;
+            stats.tag_members += members;
+            stats.expired_entries += missing;
         }
         let counters: BTreeMap<String, u64> = conn.hgetall(own("evictd:stats")).await?;
         stats.counters = counters;
         Ok(stats)
     }
 
-    /// (members, members whose entry is gone) of one tag set, an SSCAN (ZSCAN) page at a
-    /// time. (A member the scan returns twice is counted twice.)
-    async fn count_members(&self, key: &[u8]) -> Result<(u64, u64), SinkError> {
+    /// (members, members whose entry is gone) of the tag sets `keys` (a SCAN page of them):
+    /// their types, first pages of members and which of those exist are asked in three
+    /// pipelines for the whole page; only a set larger than a first page is walked on alone,
+    /// a page at a time. (A member the scan returns twice is counted twice.)
+    async fn count_members(&self, keys: &[Vec<u8>]) -> Result<(u64, u64), SinkError> {
+        const FIRST_PAGE: usize = 100;
+        if keys.is_empty() {
+            return Ok((0, 0));
+        }
         let mut conn = self.conn.clone();
-        let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut conn).await?;
-        let (scan_cmd, stride) = match kind.as_str() {
-            "set" => ("SSCAN", 1),
-            "zset" => ("ZSCAN", 2),
-            _ => return Ok((0, 0)),
-        };
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("TYPE").arg(key);
+        }
+        let kinds: Vec<String> = pipe.query_async(&mut conn).await?;
+        let sets: Vec<(&[u8], &str, usize)> = keys
+            .iter()
+            .zip(&kinds)
+            .filter_map(|(key, kind)| match kind.as_str() {
+                "set" => Some((key.as_slice(), "SSCAN", 1)),
+                "zset" => Some((key.as_slice(), "ZSCAN", 2)),
+                _ => None,
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for (key, scan, _) in &sets {
+            pipe.cmd(scan).arg(*key).arg(0).arg("COUNT").arg(FIRST_PAGE);
+        }
+        let firsts: Vec<(String, Vec<Vec<u8>>)> = pipe.query_async(&mut conn).await?;
+        let mut pipe = redis::pipe();
+        let mut asked = 0;
         let (mut members, mut missing) = (0, 0);
-        let mut cursor = "0".to_string();
+        for ((_, _, stride), (_, items)) in sets.iter().zip(&firsts) {
+            let page: Vec<&Vec<u8>> = items.iter().step_by(*stride).collect();
+            if !page.is_empty() {
+                pipe.cmd("EXISTS").arg(page.as_slice());
+                members += page.len() as u64;
+                asked += page.len() as u64;
+            }
+        }
+        if asked > 0 {
+            let present: Vec<u64> = pipe.query_async(&mut conn).await?;
+            missing += asked - present.iter().sum::<u64>();
+        }
+        for ((key, scan, stride), (cursor, _)) in sets.iter().zip(firsts) {
+            if cursor != "0" {
+                let (more, gone) = self.count_rest(key, scan, *stride, cursor).await?;
+                members += more;
+                missing += gone;
+            }
+        }
+        Ok((members, missing))
+    }
+
+    /// The rest of one large tag set's members from `cursor` on: (members, those gone).
+    async fn count_rest(
+        &self,
+        key: &[u8],
+        scan: &str,
+        stride: usize,
+        mut cursor: String,
+    ) -> Result<(u64, u64), SinkError> {
+        let mut conn = self.conn.clone();
+        let (mut members, mut missing) = (0, 0);
         loop {
-            let (next, items): (String, Vec<Vec<u8>>) = redis::cmd(scan_cmd)
+            let (next, items): (String, Vec<Vec<u8>>) = redis::cmd(scan)
                 .arg(key)
                 .arg(&cursor)
                 .arg("COUNT")

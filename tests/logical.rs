@@ -113,6 +113,15 @@ async fn triggers_only_for_old_values_the_wal_lacks() {
         report.contains("covers the 4 configured tables"),
         "{report}"
     );
+    // Who may write logical messages, and how to restrict it.
+    assert!(
+        report.contains("OK   logical-messages every role may call pg_logical_emit_message"),
+        "{report}"
+    );
+    assert!(
+        report.contains("REVOKE EXECUTE ON FUNCTION pg_logical_emit_message"),
+        "{report}"
+    );
 
     // Asynchronous commits are decoded once the WAL writer flushes them: with the default
     // wal_writer_delay (200ms) that is the lag, and doctor says how to shorten it.

@@ -19,7 +19,9 @@ use crate::db;
 use crate::redact::redact_url;
 use crate::schema::{self, ddl};
 
-use logical::{old_row_trigger_checks, partition_checks, publication_check, slot_check};
+use logical::{
+    emit_message_check, old_row_trigger_checks, partition_checks, publication_check, slot_check,
+};
 use outbox::{doorbell_check, listen_round_trip, outbox_check, trigger_checks};
 use redis::redis_checks;
 
@@ -184,6 +186,7 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
         checks.push(publication_check(settings, client).await);
         checks.extend(old_row_trigger_checks(settings, client).await);
         checks.extend(partition_checks(settings, client).await);
+        checks.push(emit_message_check(client).await);
         return checks;
     }
     checks.extend(trigger_checks(settings, client).await);

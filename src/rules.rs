@@ -319,7 +319,7 @@ impl Rules {
         Self { tables }
     }
 
-    /// The rules for the four tables of the application, as SPEC.md lists them.
+    /// The rules for the four tables of the application (README's default rules).
     pub fn defaults() -> Self {
         let rule = |table: &str, tags: &[&str]| {
             let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();

@@ -2,7 +2,7 @@
 //! here — tag sets (detach, then drain in bounded chunks), key patterns (SCAN + UNLINK), the
 //! `tagts` markers and the optional publish.
 //!
-//! Layout (SPEC.md): tag `T` is the set `{prefix}tag:{T}`; its last invalidation time is
+//! Layout (README's cache contract): tag `T` is the set `{prefix}tag:{T}`; its last invalidation time is
 //! `{prefix}tagts:{T}`; a table-wide invalidation of table `t` is `{prefix}tagts-table:{t}`.
 //! A detached, half-drained tag set waits at `{prefix}drain:{nonce}:{T}` until emptied, also
 //! across a crash; `tagts` markers written without their TTL yet ([`MarkerTtl::Deferred`])

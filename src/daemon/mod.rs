@@ -35,7 +35,7 @@ use crate::rules::Targets;
 use crate::schema::SchemaError;
 use crate::sink::{MarkerTtl, RedisSink, Report, SinkError, SinkOptions};
 use crate::source::{Session, SourceError, doorbell, outbox};
-use report::{Summary, batch_span};
+use report::{RejectLog, Summary, batch_span};
 use sweeper::sweep_forever;
 
 /// A many-row event is folded into batches this many rows at a time…
@@ -90,6 +90,7 @@ pub async fn run(
         observed,
         shutdown,
         summary: Summary::default(),
+        reject_log: RejectLog::default(),
         redis_identity: None,
         second_passes: VecDeque::new(),
         last_logical_flush: None,
@@ -134,6 +135,8 @@ struct Daemon {
     observed: Observed,
     shutdown: CancellationToken,
     summary: Summary,
+    /// How many rejected events were logged this second.
+    reject_log: RejectLog,
     /// Redis `run_id` and role last seen: a change means Redis restarted or failed over and
     /// may have brought back entries already invalidated.
     redis_identity: Option<String>,
@@ -340,10 +343,19 @@ impl Daemon {
         }
     }
 
-    /// Logs and counts a rejected event; returns the reason.
+    /// Counts a rejected event and logs it (a few a second at most: see [`RejectLog`]);
+    /// returns the reason.
     fn reject(&self, kind: &str, reason: String, payload: &str) -> String {
         self.observed.metrics.rejected(kind);
-        warn!(kind, reason = %reason, payload = %truncate(payload, 200), "event skipped");
+        if let Some(left_out) = self.reject_log.admit() {
+            warn!(
+                kind,
+                reason = %reason,
+                payload = %truncate(payload, 200),
+                left_out_of_the_log = left_out,
+                "event skipped"
+            );
+        }
         reason
     }
 

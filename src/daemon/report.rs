@@ -63,3 +63,48 @@ impl Summary {
         };
     }
 }
+
+/// How many rejected events a second are logged one by one: a role flooding the channel with
+/// forged payloads must not flood the log too. The rest are counted (the metric counts all)
+/// and said in one line when the next second's first one is logged.
+const REJECTS_LOGGED_PER_SECOND: u64 = 10;
+
+/// The log budget of rejected events. Atomics: the daemon's `&self` methods reject.
+#[derive(Default)]
+pub struct RejectLog {
+    /// The second (since the first rejection) being counted, its lines so far, and the
+    /// rejections left out of the log since the last line.
+    second: AtomicU64,
+    logged: AtomicU64,
+    left_out: AtomicU64,
+    start: std::sync::OnceLock<Instant>,
+}
+
+impl RejectLog {
+    /// Whether this rejection gets a line of its own; if so, how many were left out before it.
+    pub fn admit(&self) -> Option<u64> {
+        let start = *self.start.get_or_init(Instant::now);
+        let second = start.elapsed().as_secs();
+        if self.second.swap(second, Ordering::Relaxed) != second {
+            self.logged.store(0, Ordering::Relaxed);
+        }
+        if self.logged.fetch_add(1, Ordering::Relaxed) < REJECTS_LOGGED_PER_SECOND {
+            Some(self.left_out.swap(0, Ordering::Relaxed))
+        } else {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_rejections_is_logged_a_few_a_second() {
+        let log = RejectLog::default();
+        let admitted = (0..1_000).filter(|_| log.admit().is_some()).count();
+        assert_eq!(admitted as u64, REJECTS_LOGGED_PER_SECOND);
+    }
+}

@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::collections::BTreeSet;
-
 use evictd::config::Delivery;
 use support::Env;
 
@@ -156,30 +154,13 @@ RESET ROLE;
     )
 }
 
-/// Caches one entry per tag in [`TAGS`], runs `sql` as the attacker under its hostile search
-/// path, and checks that exactly the entries of `gone` went.
+/// Runs `sql` as the attacker under its hostile search path, and checks that exactly the
+/// entries of `gone` among [`TAGS`] went.
 async fn check_as(env: &Env, attacker: &str, sql: &str, gone: &[&str]) {
-    let mut entries = Vec::new();
-    for tag in TAGS {
-        entries.push((*tag, env.cache(&format!("entry:{tag}"), &[tag]).await));
-    }
-    env.sql(&format!(
+    let as_attacker = format!(
         "BEGIN; SET LOCAL ROLE {attacker}; SET LOCAL search_path = w, public, pg_catalog; {sql}; COMMIT;"
-    ))
-    .await;
-    env.barrier().await;
-    let gone: BTreeSet<&str> = gone.iter().copied().collect();
-    let mut wrong = Vec::new();
-    for (tag, key) in &entries {
-        let removed = !env.exists(key).await;
-        if removed != gone.contains(tag) {
-            wrong.push(format!(
-                "{tag}: {}",
-                if removed { "removed" } else { "kept" }
-            ));
-        }
-    }
-    assert!(wrong.is_empty(), "after `{sql}`:\n  {}", wrong.join("\n  "));
+    );
+    env.check_gone(TAGS, &as_attacker, gone).await;
 }
 
 /// A writer with an application's rights plants operators, functions, aggregates and casts

@@ -879,28 +879,6 @@ async fn invalidated_tags_are_published() {
     }
 }
 
-/// Caches one entry per tag of `universe`, runs `sql`, and checks that exactly those of `gone`
-/// went.
-async fn check_among(env: &Env, universe: &[&str], sql: &str, gone: &[&str]) {
-    let mut entries = Vec::new();
-    for tag in universe {
-        entries.push((*tag, env.cache(&format!("entry:{tag}"), &[tag]).await));
-    }
-    env.sql(sql).await;
-    env.barrier().await;
-    let mut wrong = Vec::new();
-    for (tag, key) in &entries {
-        let removed = !env.exists(key).await;
-        if removed != gone.contains(tag) {
-            wrong.push(format!(
-                "{tag}: {}",
-                if removed { "removed" } else { "kept" }
-            ));
-        }
-    }
-    assert!(wrong.is_empty(), "after `{sql}`:\n  {}", wrong.join("\n  "));
-}
-
 /// A partitioned table (two levels), with the rule naming the parent, in every delivery:
 /// writes through the parent and straight to a partition, UPDATEs that move a row to another
 /// partition (its old and new values both invalidated), and a TRUNCATE of one partition.
@@ -984,7 +962,7 @@ tags = ["events:region:{region}", "events:client:{client_id}", "events:id:{id}"]
             ("TRUNCATE events_b_high", &UNIVERSE[..12]),
         ];
         for (sql, gone) in cases {
-            check_among(&env, UNIVERSE, sql, gone).await;
+            env.check_gone(UNIVERSE, sql, gone).await;
         }
     }
 }

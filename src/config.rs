@@ -13,7 +13,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::rules::{Rules, TableName, TableRule};
+use crate::core::rules::{Rules, TableName, TableRule};
 
 /// How events travel from the triggers to the daemon. Chosen at `migrate` time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -318,7 +318,7 @@ impl Settings {
             toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_string()))?;
 
         let channel = pick_spanned(overrides.channel.clone(), raw.channel, DEFAULT_CHANNEL);
-        if !crate::rules::is_identifier(&channel.0) {
+        if !crate::core::rules::is_identifier(&channel.0) {
             return Err(value_error(
                 "channel",
                 format!(
@@ -441,7 +441,7 @@ impl Settings {
                         ));
                     }
                     for template in t.tags.iter().chain(&t.keys) {
-                        crate::rules::Template::placeholders(template.get_ref())
+                        crate::core::rules::Template::placeholders(template.get_ref())
                             .map_err(|e| invalid(Some(template.span()), e.to_string()))?;
                         origin.templates.push((
                             name.clone(),

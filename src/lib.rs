@@ -18,21 +18,17 @@
 //! - [`throwaway`] — local servers for `evictd dev` and the tests.
 
 pub mod backoff;
-pub mod batch;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod core;
 pub mod daemon;
 pub mod db;
-pub mod event;
-pub mod glob;
 pub mod http;
 pub mod metrics;
 pub mod redact;
-pub mod rules;
 pub mod schema;
 pub mod shutdown;
-pub mod signature;
 pub mod sink;
 pub mod source;
 pub mod throwaway;

@@ -1043,7 +1043,7 @@ async fn glob_matching_agrees_with_redis() {
         let full = format!("{}k:{pattern}", env.prefix);
         let ours: BTreeSet<String> = keys
             .iter()
-            .filter(|k| evictd::glob::matches(full.as_bytes(), k.as_bytes()))
+            .filter(|k| evictd::core::glob::matches(full.as_bytes(), k.as_bytes()))
             .cloned()
             .collect();
         assert_eq!(ours, redis_matches(&env, &full).await, "pattern {pattern}");

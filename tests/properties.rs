@@ -4,10 +4,10 @@
 
 use std::str::FromStr as _;
 
-use evictd::event::ChangeEvent;
-use evictd::glob::matches as glob_match;
+use evictd::core::event::ChangeEvent;
+use evictd::core::glob::matches as glob_match;
+use evictd::core::rules::{TableName, TableRule, Targets, glob_escape};
 use evictd::redact::redact_url;
-use evictd::rules::{TableName, TableRule, Targets, glob_escape};
 use proptest::prelude::*;
 
 /// Values rich in glob metacharacters and separators.

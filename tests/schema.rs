@@ -266,7 +266,7 @@ async fn migrate_retries_behind_a_long_transaction() {
 /// together they carry every distinct (old and new) row exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_statement_writes_one_outbox_event_per_run_of_rows() {
-    use evictd::event::{Change, ChangeEvent};
+    use evictd::core::event::{Change, ChangeEvent};
     use evictd::schema::ddl::OUTBOX_EVENT_ROWS;
     const PRODUCTS: usize = 25_000;
     let env = Env::new(Delivery::Outbox).await;
@@ -322,7 +322,7 @@ async fn big_statement_writes_one_outbox_event_per_run_of_rows() {
 /// read from the outbox, or in notify mode heard on the channel up to a closing NOTIFY (and
 /// checked against the signing key).
 async fn events_of(env: &Env, statement: &str) -> Vec<(String, bool, Vec<Vec<String>>)> {
-    use evictd::event::{Change, ChangeEvent};
+    use evictd::core::event::{Change, ChangeEvent};
     let payloads: Vec<String> = if env.delivery == Delivery::Notify {
         let mut listener = env.listen().await;
         env.sql(statement).await;

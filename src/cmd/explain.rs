@@ -3,10 +3,10 @@
 
 use serde_json::json;
 
-use crate::batch::Batch;
 use crate::cli::ExplainArgs;
 use crate::config::{ConfigError, Settings};
-use crate::event::{Change, ChangeEvent, Op, Rows, Text};
+use crate::core::batch::Batch;
+use crate::core::event::{Change, ChangeEvent, Op, Rows, Text};
 use crate::sink::{RedisSink, SinkOptions};
 
 /// Keys listed per tag or pattern; the count is always complete.

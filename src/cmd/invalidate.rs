@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::backoff::Backoff;
 use crate::cli::{CacheType, InvalidateArgs};
 use crate::config::{ConfigError, Settings};
-use crate::rules::Targets;
+use crate::core::rules::Targets;
 use crate::sink::{MarkerTtl, RedisSink, Report, SinkError, SinkOptions};
 
 /// Tags invalidated per step, so progress can be shown on a big keyspace.

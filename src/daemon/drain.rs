@@ -9,9 +9,9 @@ use tracing::{Instrument as _, Span, debug};
 
 use super::report::batch_span;
 use super::{Daemon, FLUSH_TAGS, OUTBOX_POLL, ROWS_PER_PART, SessionError};
-use crate::batch::{Batch, SentTags};
 use crate::config::Wakeup;
-use crate::event::ChangeEvent;
+use crate::core::batch::{Batch, SentTags};
+use crate::core::event::ChangeEvent;
 use crate::sink::{MarkerTtl, RedisSink, Report, SinkError};
 use crate::source::{Session, SourceError, doorbell, outbox};
 

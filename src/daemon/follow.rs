@@ -5,9 +5,11 @@
 use tracing::{info, warn};
 
 use super::{Daemon, FLUSH_TAGS, SessionError};
+use crate::core::folder::marker_content;
+use crate::core::wal::Frame;
+use crate::schema::slot::{self, SlotState};
 use crate::sink::{MarkerTtl, RedisSink};
-use crate::source::logical::{self, LogicalStream, SlotState};
-use crate::source::walsender::Frame;
+use crate::source::logical::{self, LogicalStream};
 use crate::source::{Session, SourceError};
 
 /// The next event of `stream`; never resolves when there is no stream (other deliveries).
@@ -40,8 +42,10 @@ impl Daemon {
         redis_restarted: bool,
     ) -> Result<LogicalStream, SessionError> {
         let client = &source.connection.client;
-        let slot = logical::slot_name(client).await?;
-        let state = logical::ensure_slot(client, &slot).await?;
+        let slot = slot::name(client).await.map_err(SourceError::from)?;
+        let state = slot::ensure(client, &slot)
+            .await
+            .map_err(SourceError::from)?;
         if state == SlotState::Created {
             self.resync(sink, "new replication slot: earlier changes are unknown")
                 .await?;
@@ -106,7 +110,7 @@ impl Daemon {
         let mut events = 0usize;
         while let Some(event) = next {
             if let Some(m) = marker
-                && logical::marker_content(&event) == Some(m.as_bytes())
+                && marker_content(&event) == Some(m.as_bytes())
             {
                 marker_seen = true;
                 break;

@@ -27,11 +27,11 @@ use tracing::{Instrument as _, debug, info, warn};
 
 use self::drain::{DOORBELL_RETRY, Doorbell};
 use crate::backoff::Backoff;
-use crate::batch::Batch;
 use crate::config::{Delivery, Settings, Wakeup};
-use crate::event::{ChangeEvent, truncate};
+use crate::core::batch::Batch;
+use crate::core::event::{ChangeEvent, truncate};
+use crate::core::rules::Targets;
 use crate::metrics::{EventLabels, Metrics};
-use crate::rules::Targets;
 use crate::schema::SchemaError;
 use crate::sink::{MarkerTtl, RedisSink, Report, SinkError, SinkOptions};
 use crate::source::{Session, SourceError, doorbell, outbox};

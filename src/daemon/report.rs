@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use crate::batch::Batch;
+use crate::core::batch::Batch;
 use crate::sink::Report;
 
 /// The span every log line about one batch carries.

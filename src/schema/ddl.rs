@@ -13,7 +13,7 @@ mod signing;
 use std::fmt::Write as _;
 
 use crate::config::{Delivery, Settings, Wakeup};
-use crate::rules::{TableName, TableRule};
+use crate::core::rules::{TableName, TableRule};
 
 pub use capture::OUTBOX_EVENT_ROWS;
 use capture::{capture_function, triggers};
@@ -47,11 +47,7 @@ pub const TRIGGER_NAMES: [&str; 4] = [
 /// NOTIFY payloads must stay below PostgreSQL's 8000-byte limit; we keep a margin, and the
 /// signature goes in front of the event.
 const NOTIFY_PAYLOAD_LIMIT: usize = 7_900 - SIGNATURE_HEX_LEN;
-/// `logical` delivery: the largest event a trigger writes as one logical decoding message; a
-/// statement whose old rows would not fit becomes one table-wide event. The daemon skips
-/// anything larger unread (`source::walsender::MAX_FRAME_BYTES`), so nothing a role can emit
-/// makes it buffer more.
-pub const LOGICAL_MESSAGE_LIMIT: usize = 8 << 20;
+pub use crate::core::folder::LOGICAL_MESSAGE_LIMIT;
 
 /// Every generated function runs with this search path: nothing a caller puts on its own path
 /// (a schema it can create objects in) can stand in for a function, operator or type of ours.

@@ -2,6 +2,7 @@
 //! (`migrate`), removing it (`uninstall`), and reading back what is installed.
 
 pub mod ddl;
+pub mod slot;
 
 use std::time::Duration;
 
@@ -103,7 +104,7 @@ pub async fn check_columns(
         }
         for template in rule.tags.iter().chain(&rule.keys) {
             let placeholders =
-                crate::rules::Template::placeholders(template.source()).unwrap_or_default();
+                crate::core::rules::Template::placeholders(template.source()).unwrap_or_default();
             if let Some(missing) = placeholders.iter().find(|p| !columns.contains(p)) {
                 return Err(SchemaError::Config {
                     location: settings.origin.locate(&rule.table, template.source()),
@@ -124,7 +125,7 @@ pub async fn check_columns(
 /// `evictd_truncate` trigger, so that one stands for them all.
 pub async fn partitions_without_triggers(
     client: &impl GenericClient,
-    table: &crate::rules::TableName,
+    table: &crate::core::rules::TableName,
 ) -> Result<Vec<String>, SchemaError> {
     let rows = client
         .query(
@@ -225,24 +226,14 @@ pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrate
 
 /// `logical` delivery needs its replication slot; any other mode must not leave one behind
 /// (an unread slot keeps WAL forever). Slots are not transactional, so this runs after the DDL
-/// committed, outside a transaction, every name qualified (the search path is not pinned).
+/// committed, outside a transaction.
 async fn sync_slot(client: &Client, delivery: Delivery) -> Result<(), SchemaError> {
-    let slot: String = client
-        .query_one(&format!("SELECT {}", ddl::SLOT_NAME_SQL), &[])
-        .await?
-        .get(0);
+    let name = slot::default_name(client).await?;
     if delivery == Delivery::Logical {
-        client
-            .execute(
-                "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput') \
-                 WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots \
-                 WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name)",
-                &[&slot],
-            )
-            .await?;
-    } else if crate::source::logical::drop_slot(client, &slot).await? {
+        slot::create_if_missing(client, &name).await?;
+    } else if slot::drop_if_idle(client, &name).await? {
         tracing::info!(
-            slot,
+            slot = name,
             "dropped the replication slot of the former logical delivery"
         );
     }

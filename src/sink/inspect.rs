@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use redis::AsyncCommands;
 
 use super::{KeyScan, RedisSink, SinkError};
-use crate::rules::glob_escape;
+use crate::core::rules::glob_escape;
 
 /// The oldest Redis evictd's scripts run on: they pop a count of items at once
 /// (`LPOP key count`, Redis 6.2).

@@ -26,9 +26,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use thiserror::Error;
 
-use crate::glob::PatternSet;
+use crate::core::glob::PatternSet;
+use crate::core::rules::{Targets, glob_escape};
 use crate::redact::redact_url;
-use crate::rules::{Targets, glob_escape};
 
 /// Tags handed to one DETACH call at most (it may stop earlier, on its member budget).
 const TAGS_PER_CALL: usize = 200;

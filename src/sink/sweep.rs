@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use super::{KeyScan, RedisSink, SinkError};
-use crate::rules::glob_escape;
+use crate::core::rules::glob_escape;
 
 const SWEEP_STEP: u64 = 100;
 

@@ -5,7 +5,6 @@
 pub mod doorbell;
 pub mod logical;
 pub mod outbox;
-pub mod pgoutput;
 pub mod walsender;
 
 use std::sync::atomic::Ordering;
@@ -14,9 +13,9 @@ use thiserror::Error;
 use tokio_postgres::Notification;
 
 use crate::config::{Delivery, Settings, Wakeup};
+use crate::core::signature::SigningKey;
 use crate::db::{self, Connection, DbError, NotificationFeed};
 use crate::schema::{self, SchemaError};
-use crate::signature::SigningKey;
 
 #[derive(Debug, Error)]
 pub enum SourceError {

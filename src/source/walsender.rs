@@ -10,7 +10,6 @@
 //! `select!` does) loses nothing.
 //! Formats: <https://www.postgresql.org/docs/current/protocol-replication.html>.
 
-use std::fmt;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -21,6 +20,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+
+use crate::core::wal::{Frame, Lsn};
 
 /// Authentication request kinds of the SASL exchange after the mechanism list.
 const SASL_CONTINUE: u32 = 11;
@@ -100,27 +101,6 @@ fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: usize) -> bool {
         tracing::debug!(error = %std::io::Error::last_os_error(), "SO_RCVLOWAT not set");
     }
     result == 0
-}
-
-/// A position in the WAL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct Lsn(pub u64);
-
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
-    }
-}
-
-/// What the walsender sends while streaming.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
-    /// One `pgoutput` message (decoded by [`super::pgoutput`]).
-    XLogData(Bytes),
-    /// The server's position, sent when idle and when it wants to hear from us.
-    KeepAlive { wal_end: Lsn },
-    /// A message larger than [`MAX_FRAME_BYTES`], skipped: its first bytes and its length.
-    Oversized { head: Bytes, len: usize },
 }
 
 /// One backend message taken off the read buffer.
@@ -687,12 +667,6 @@ fn quote_literal(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn positions_print_as_postgres_writes_them() {
-        assert_eq!(Lsn(0x1_6B37_4D48).to_string(), "1/6B374D48");
-        assert_eq!(Lsn(0).to_string(), "0/0");
-    }
 
     #[test]
     fn frames_parse_and_short_ones_are_errors() {

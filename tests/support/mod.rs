@@ -405,13 +405,13 @@ impl Env {
     }
 
     /// The key evictd signs NOTIFY payloads and logical messages with, read as the owner.
-    pub async fn signing_key(&self) -> evictd::signature::SigningKey {
+    pub async fn signing_key(&self) -> evictd::core::signature::SigningKey {
         let row = self
             .pg
             .query_one("SELECT key FROM evictd.signing_key", &[])
             .await
             .expect("read the signing key");
-        evictd::signature::SigningKey::new(row.get::<_, &[u8]>(0))
+        evictd::core::signature::SigningKey::new(row.get::<_, &[u8]>(0))
     }
 
     /// Caches one entry per tag of `universe`, runs `sql`, and checks that exactly the entries

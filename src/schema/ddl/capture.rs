@@ -7,7 +7,7 @@ use super::{
     SIGNING_KEY_TABLE, capture_function_name, concat, ident, qualified, ring, signed, text_of,
 };
 use crate::config::{Delivery, Wakeup};
-use crate::rules::TableRule;
+use crate::core::rules::TableRule;
 
 /// Rows per outbox event: a statement of more rows writes one event per this many (distinct)
 /// rows. The daemon fetches the outbox row by row, so it starts on the first event of a

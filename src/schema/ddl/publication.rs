@@ -6,7 +6,7 @@ use super::{
     PINNED_SEARCH_PATH, SIGNATURE_HEX_LEN, SIGNING_KEY_TABLE, TRIGGER_NAMES, capture_function_name,
     concat, fnv1a64, ident, qualified, signed, text_of,
 };
-use crate::rules::{TableName, TableRule};
+use crate::core::rules::{TableName, TableRule};
 
 /// The replication slot of `logical` delivery, as an SQL expression: one per database (slot
 /// names are cluster-wide), `evictd_` and the database name folded to `[a-z0-9_]`.
@@ -17,9 +17,7 @@ pub const SLOT_NAME_SQL: &str = "pg_catalog.left('evictd_' OPERATOR(pg_catalog.|
 /// The publication `logical` delivery streams (named literally in the SQL below).
 pub const PUBLICATION: &str = "evictd";
 
-/// Prefix of the logical decoding messages that carry old rows the WAL lacks (`logical`
-/// delivery): their rows are invalidated like a change's, but they are not counted as events.
-pub const OLD_ROWS_PREFIX: &str = "evictd-old";
+pub use crate::core::folder::OLD_ROWS_PREFIX;
 
 /// `logical` delivery: publication `evictd` over the configured tables, and what each table
 /// needs so that UPDATEs and DELETEs carry the old values of the rule's columns (an UPDATE

@@ -10,8 +10,7 @@
 //! server's strong random source) and kept across migrations; the inner and outer pads are
 //! stored beside it so that signing costs two `sha256` calls and no byte loop.
 
-/// Characters the hex signature adds in front of a signed payload.
-pub const SIGNATURE_HEX_LEN: usize = 64;
+pub use crate::core::signature::SIGNATURE_HEX_LEN;
 
 /// The table holding the key (one row), readable by its owner and the daemon's role only.
 pub const SIGNING_KEY_TABLE: &str = "evictd.signing_key";

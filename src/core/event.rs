@@ -323,7 +323,7 @@ impl<'a> ChangeEvent<'a> {
 impl<'a> ChangeEvent<'a> {
     /// The row ranges of at most `rows_per_part` rows that cover a many-row event, so the daemon
     /// can invalidate a huge statement in bounded pieces without copying its rows. Any other
-    /// event is one part (an empty range, which [`crate::batch::Batch::add_part`] ignores for
+    /// event is one part (an empty range, which [`crate::core::batch::Batch::add_part`] ignores for
     /// events without rows).
     pub fn parts(&self, rows_per_part: usize) -> Vec<Range<usize>> {
         let per_part = rows_per_part.max(1);

@@ -205,7 +205,7 @@ fn split_template(text: &str) -> Result<Vec<Piece>, TemplateError> {
     Ok(pieces)
 }
 
-pub use crate::glob::{glob_escape, push_glob_escaped};
+pub use crate::core::glob::{glob_escape, push_glob_escaped};
 
 /// The rule of one table: its tag templates, key patterns and the columns they reference.
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ pub fn push_glob_escaped(out: &mut String, value: &str) {
 /// `value` as a glob that matches exactly `value`.
 ///
 /// ```
-/// assert_eq!(evictd::glob::glob_escape("id*[1]"), r"id\*\[1\]");
+/// assert_eq!(evictd::core::glob::glob_escape("id*[1]"), r"id\*\[1\]");
 /// ```
 pub fn glob_escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 4);

@@ -8,7 +8,9 @@
 use ring::hmac;
 use thiserror::Error;
 
-use crate::schema::ddl::SIGNATURE_HEX_LEN;
+/// Characters the hex signature adds in front of a signed payload: the HMAC-SHA256 in lowercase
+/// hex, then the payload itself.
+pub const SIGNATURE_HEX_LEN: usize = 64;
 
 /// Why a payload was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]

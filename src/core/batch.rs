@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
 
-use crate::event::{Change, ChangeEvent, Op};
-use crate::rules::{Rules, Targets};
+use crate::core::event::{Change, ChangeEvent, Op};
+use crate::core::rules::{Rules, Targets};
 
 /// Why an event contributed nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,103 @@
+//! The replication slot of `logical` delivery: its name, creating it and dropping it. The one
+//! module with the slot's SQL: `migrate`, `uninstall` and the daemon all go through here. Every
+//! name is qualified: `migrate` runs these outside a transaction, where its search path is the
+//! session's.
+
+use tokio_postgres::GenericClient;
+
+use super::ddl::SLOT_NAME_SQL;
+
+/// What [`ensure`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// The slot was there: everything since our last confirmed position is still in the WAL.
+    Kept,
+    /// The slot had to be created (or re-created, its WAL lost): changes before now are
+    /// unknown.
+    Created,
+}
+
+/// The slot name installed in `evictd.settings`, or the one `migrate` would install.
+pub async fn name(client: &impl GenericClient) -> Result<String, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT coalesce((SELECT value FROM evictd.settings \
+                 WHERE key OPERATOR(pg_catalog.=) 'slot'), {SLOT_NAME_SQL})"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The name `migrate` gives the slot of this database.
+pub async fn default_name(client: &impl GenericClient) -> Result<String, tokio_postgres::Error> {
+    Ok(client
+        .query_one(&format!("SELECT {SLOT_NAME_SQL}"), &[])
+        .await?
+        .get(0))
+}
+
+/// Creates slot `slot` unless it exists (as it is, even if it lost its WAL); whether it did.
+pub async fn create_if_missing(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let created = client
+        .execute(
+            "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput') \
+             WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name)",
+            &[&slot],
+        )
+        .await?;
+    Ok(created > 0)
+}
+
+/// Makes sure slot `slot` exists and still has its WAL: one that lost it is dropped and made
+/// again, and either way the caller learns that what came before is unknown.
+pub async fn ensure(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<SlotState, tokio_postgres::Error> {
+    let lost: Option<bool> = client
+        .query_opt(
+            "SELECT coalesce(wal_status OPERATOR(pg_catalog.=) 'lost', false) \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+            &[&slot],
+        )
+        .await?
+        .map(|row| row.get(0));
+    match lost {
+        Some(false) => return Ok(SlotState::Kept),
+        Some(true) => {
+            tracing::warn!(
+                slot,
+                "the replication slot lost its WAL (max_slot_wal_keep_size); re-creating it"
+            );
+            client
+                .execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&slot])
+                .await?;
+        }
+        None => {}
+    }
+    create_if_missing(client, slot).await?;
+    Ok(SlotState::Created)
+}
+
+/// Drops slot `slot` if it exists and no daemon streams from it; whether it did.
+pub async fn drop_if_idle(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let dropped = client
+        .execute(
+            "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
+             FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name AND NOT active",
+            &[&slot],
+        )
+        .await?;
+    Ok(dropped > 0)
+}

@@ -107,6 +107,7 @@ async fn seed_cache(settings: &Settings) -> anyhow::Result<()> {
     let client = redis::Client::open(settings.redis_url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let prefix = &settings.key_prefix;
+    let keys = crate::core::keys::Keys::new(prefix);
     let mut pipe = redis::pipe();
     for (key, tags) in DEMO_ENTRIES {
         let key = format!("{prefix}{key}");
@@ -117,10 +118,7 @@ async fn seed_cache(settings: &Settings) -> anyhow::Result<()> {
             .arg(3600)
             .ignore();
         for tag in *tags {
-            pipe.cmd("SADD")
-                .arg(format!("{prefix}tag:{tag}"))
-                .arg(&key)
-                .ignore();
+            pipe.cmd("SADD").arg(keys.tag(tag)).arg(&key).ignore();
         }
     }
     let () = pipe.query_async(&mut conn).await?;

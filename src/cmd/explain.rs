@@ -94,7 +94,7 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
             names.sort();
             names.dedup();
             for tag in names {
-                let (size, members) = sink.members(&sink.tag_key(&tag), SHOWN).await?;
+                let (size, members) = sink.members(&sink.keys().tag(&tag), SHOWN).await?;
                 let existing = sink.existing(&members).await?;
                 total += size;
                 tags.push(json!({ "tag": tag, "members": size, "some": existing }));

@@ -6,13 +6,14 @@
 //!   their folding into targets (`logical` delivery);
 //! - [`signature`] — the check of signed NOTIFY payloads and logical messages;
 //! - [`rules`] — a row's values → tags and key patterns; a table → everything it can make stale;
-//! - [`glob`] — Redis glob escaping and matching;
+//! - [`glob`] — Redis glob escaping and matching; [`keys`] — every Redis key name;
 //! - [`batch`] — many events folded into one de-duplicated set of targets.
 
 pub mod batch;
 pub mod event;
 pub mod folder;
 pub mod glob;
+pub mod keys;
 pub mod pgoutput;
 pub mod rules;
 pub mod signature;

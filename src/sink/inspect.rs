@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use redis::AsyncCommands;
 
 use super::{KeyScan, RedisSink, SinkError};
-use crate::core::rules::glob_escape;
+use crate::core::keys::KeyKind;
 
 /// The oldest Redis evictd's scripts run on: they pop a count of items at once
 /// (`LPOP key count`, Redis 6.2).
@@ -77,19 +77,10 @@ impl RedisSink {
     /// many keys were looked at so far. (A key SCAN returns twice, while Redis resizes its
     /// table, is counted twice.)
     pub async fn cache_stats(&self, progress: &dyn Fn(u64)) -> Result<CacheStats, SinkError> {
-        let prefix = &self.options.key_prefix;
-        let own = |suffix: &str| format!("{prefix}{suffix}");
-        let (tag_p, tagts_p, table_p, drain_p, evictd_p) = (
-            own("tag:"),
-            own("tagts:"),
-            own("tagts-table:"),
-            own("drain:"),
-            own("evictd:"),
-        );
         let mut stats = CacheStats::default();
         let mut conn = self.conn.clone();
         let mut seen = 0u64;
-        let mut scan = KeyScan::new(format!("{}*", glob_escape(prefix)));
+        let mut scan = KeyScan::new(self.keys.everything_glob());
         while let Some(page) = self.next_page(&mut scan).await? {
             let mut tag_sets = Vec::new();
             for key in page {
@@ -97,15 +88,11 @@ impl RedisSink {
                 if seen.is_multiple_of(10_000) {
                     progress(seen);
                 }
-                if key.starts_with(tag_p.as_bytes()) {
-                    tag_sets.push(key);
-                } else if key.starts_with(drain_p.as_bytes()) {
-                    stats.draining += 1;
-                } else if ![&tagts_p, &table_p, &evictd_p]
-                    .iter()
-                    .any(|own| key.starts_with(own.as_bytes()))
-                {
-                    stats.total_entries += 1;
+                match self.keys.kind(&key) {
+                    KeyKind::Tag => tag_sets.push(key),
+                    KeyKind::Drain => stats.draining += 1,
+                    KeyKind::Own => {}
+                    KeyKind::Entry => stats.total_entries += 1,
                 }
             }
             stats.tag_sets += tag_sets.len() as u64;
@@ -113,7 +100,7 @@ impl RedisSink {
             stats.tag_members += members;
             stats.expired_entries += missing;
         }
-        let counters: BTreeMap<String, u64> = conn.hgetall(own("evictd:stats")).await?;
+        let counters: BTreeMap<String, u64> = conn.hgetall(self.keys.stats()).await?;
         stats.counters = counters;
         Ok(stats)
     }
@@ -241,7 +228,7 @@ impl RedisSink {
         &self,
         examples: usize,
     ) -> Result<(u64, Vec<String>), SinkError> {
-        let pattern = format!("{}tag:*", glob_escape(&self.options.key_prefix));
+        let pattern = self.keys.tag_glob("*");
         let mut conn = self.conn.clone();
         let (mut count, mut names) = (0, Vec::new());
         let mut scan = KeyScan::new(pattern);

@@ -2,11 +2,9 @@
 //! here — tag sets (detach, then drain in bounded chunks), key patterns (SCAN + UNLINK), the
 //! `tagts` markers and the optional publish.
 //!
-//! Layout (README's cache contract): tag `T` is the set `{prefix}tag:{T}`; its last invalidation time is
-//! `{prefix}tagts:{T}`; a table-wide invalidation of table `t` is `{prefix}tagts-table:{t}`.
-//! A detached, half-drained tag set waits at `{prefix}drain:{nonce}:{T}` until emptied, also
-//! across a crash; `tagts` markers written without their TTL yet ([`MarkerTtl::Deferred`])
-//! wait on the list `{prefix}evictd:ttl-pending`.
+//! Key names come from [`Keys`] (the cache contract). A detached, half-drained tag set waits at
+//! its drain key until emptied, also across a crash; `tagts` markers written without their TTL
+//! yet ([`MarkerTtl::Deferred`]) wait on a list ([`Keys::ttl_pending`]).
 
 mod inspect;
 mod scan;
@@ -27,7 +25,8 @@ use redis::{AsyncCommands, Script};
 use thiserror::Error;
 
 use crate::core::glob::PatternSet;
-use crate::core::rules::{Targets, glob_escape};
+use crate::core::keys::Keys;
+use crate::core::rules::Targets;
 use crate::redact::redact_url;
 
 /// Tags handed to one DETACH call at most (it may stop earlier, on its member budget).
@@ -127,6 +126,7 @@ struct OwedDrains {
 pub struct RedisSink {
     conn: ConnectionManager,
     options: SinkOptions,
+    keys: Keys,
     owed: Arc<Mutex<OwedDrains>>,
     detach: Script,
     expire_pending: Script,
@@ -174,6 +174,7 @@ impl RedisSink {
             .map_err(open_error)?;
         Ok(Self {
             conn,
+            keys: Keys::new(&options.key_prefix),
             options,
             owed: Arc::default(),
             detach: Script::new(scripts::DETACH),
@@ -193,12 +194,9 @@ impl RedisSink {
         self.conn.clone()
     }
 
-    pub fn tag_key(&self, tag: &str) -> String {
-        format!("{}tag:{tag}", self.options.key_prefix)
-    }
-
-    fn drain_pattern(&self) -> String {
-        format!("{}drain:*", glob_escape(&self.options.key_prefix))
+    /// The names of the keys under this sink's prefix.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// Refuses a server older than [`MIN_REDIS_VERSION`], whose missing commands would fail
@@ -275,13 +273,8 @@ impl RedisSink {
         let tags = &targets.tags;
         report.add(self.invalidate_tags(tags, marker_ttl).await?);
         progress(report);
-        let prefix = format!("{}tag:", self.options.key_prefix);
-        let tag_globs = PatternSet::new(
-            targets
-                .tag_globs
-                .iter()
-                .map(|glob| format!("{}{glob}", glob_escape(&prefix))),
-        );
+        let prefix = self.keys.tag_prefix();
+        let tag_globs = PatternSet::new(targets.tag_globs.iter().map(|g| self.keys.tag_glob(g)));
         if !tag_globs.is_empty() {
             let mut scan = KeyScan::new(tag_globs.scan_pattern());
             while let Some(page) = self.next_page(&mut scan).await? {
@@ -316,7 +309,7 @@ impl RedisSink {
             let markers: Vec<String> = targets
                 .wide_tables
                 .iter()
-                .map(|t| format!("{}tagts-table:{t}", self.options.key_prefix))
+                .map(|t| self.keys.table_marker(t))
                 .collect();
             self.stamp_markers(&markers).await?;
         }
@@ -339,17 +332,12 @@ impl RedisSink {
         Ok(report)
     }
 
-    /// The hash of evictd's running totals, read by `evictd stats`.
-    fn counters_key(&self) -> String {
-        format!("{}evictd:stats", self.options.key_prefix)
-    }
-
     /// Adds to the running totals that outlive this process.
     async fn count(&self, fields: &[(&str, u64)]) -> Result<(), SinkError> {
         let mut pipe = redis::pipe();
         for (field, n) in fields {
             pipe.cmd("HINCRBY")
-                .arg(self.counters_key())
+                .arg(self.keys.stats())
                 .arg(*field)
                 .arg(*n)
                 .ignore();
@@ -361,9 +349,8 @@ impl RedisSink {
 
     /// Names of the existing tags whose name matches `glob` (a glob over tag names).
     pub async fn existing_tags(&self, glob: &str) -> Result<Vec<String>, SinkError> {
-        let prefix = format!("{}tag:", self.options.key_prefix);
-        let pattern = format!("{}{glob}", glob_escape(&prefix));
-        let keys = self.scan(&pattern).await?;
+        let prefix = self.keys.tag_prefix();
+        let keys = self.scan(&self.keys.tag_glob(glob)).await?;
         Ok(keys
             .into_iter()
             .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
@@ -384,7 +371,7 @@ impl RedisSink {
     /// Gives every `tagts` marker queued by a [`MarkerTtl::Deferred`] invalidation its TTL.
     pub async fn expire_pending_markers(&self) -> Result<(), SinkError> {
         let mut conn = self.conn.clone();
-        let queue = format!("{}evictd:ttl-pending", self.options.key_prefix);
+        let queue = self.keys.ttl_pending();
         loop {
             let taken: u64 = self
                 .expire_pending
@@ -467,7 +454,7 @@ impl RedisSink {
         let unknown =
             std::mem::take(&mut self.owed.lock().unwrap_or_else(|e| e.into_inner()).unknown);
         if unknown {
-            match self.scan(&self.drain_pattern()).await {
+            match self.scan(&self.keys.drains_glob()).await {
                 Ok(keys) => self.owe(|owed| owed.keys.extend(keys)),
                 Err(e) => {
                     self.owe(|owed| owed.unknown = true);
@@ -501,11 +488,11 @@ impl RedisSink {
         nonce: u64,
         marker_ttl: MarkerTtl,
     ) -> Result<(usize, u64, Vec<String>, Vec<String>), SinkError> {
-        let drain_key = |tag: &str| format!("{}drain:{nonce:016x}:{tag}", self.options.key_prefix);
+        let drain_key = |tag: &str| self.keys.drain(nonce, tag);
         let mut call = self.detach.prepare_invoke();
         call.arg(self.options.drain_chunk)
             .arg(self.options.tagts_ttl.as_millis() as u64)
-            .arg(&self.options.key_prefix)
+            .arg(self.keys.prefix())
             .arg(format!("{nonce:016x}"))
             .arg(u8::from(marker_ttl == MarkerTtl::Deferred));
         for tag in run {
@@ -562,7 +549,7 @@ impl RedisSink {
     pub async fn resume_drains(&self) -> Result<Report, SinkError> {
         self.expire_pending_markers().await?;
         let mut report = Report::default();
-        for key in self.scan(&self.drain_pattern()).await? {
+        for key in self.scan(&self.keys.drains_glob()).await? {
             report.keys += self.drain_detached(&key).await?;
             report.tags += 1;
         }

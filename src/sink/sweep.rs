@@ -7,7 +7,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use super::{KeyScan, RedisSink, SinkError};
-use crate::core::rules::glob_escape;
 
 const SWEEP_STEP: u64 = 100;
 
@@ -20,7 +19,7 @@ impl RedisSink {
         members_per_second: u64,
         shutdown: &CancellationToken,
     ) -> Result<u64, SinkError> {
-        let pattern = format!("{}tag:*", glob_escape(&self.options.key_prefix));
+        let pattern = self.keys.tag_glob("*");
         let pause = Duration::from_secs_f64(SWEEP_STEP as f64 / members_per_second.max(1) as f64);
         let mut removed = 0;
         let mut scan = KeyScan::new(pattern);

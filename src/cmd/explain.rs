@@ -17,12 +17,10 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
         what: "explain arguments",
         message,
     };
-    let rule = settings.rules.find(&args.table).ok_or_else(|| {
-        usage(format!(
-            "table `{}` has no rule in this configuration",
-            args.table
-        ))
-    })?;
+    let rule = settings
+        .rules
+        .rule_of(&args.table)
+        .map_err(|e| usage(e.to_string()))?;
     let op = Op::parse(&args.op)
         .filter(|op| *op != Op::Tags)
         .ok_or_else(|| {

@@ -92,10 +92,10 @@ pub fn targets(settings: &Settings, args: &InvalidateArgs) -> Result<Targets, Co
     let table_wide = |table: &str, targets: &mut Targets| -> Result<(), ConfigError> {
         let rule = settings
             .rules
-            .find(table)
-            .ok_or_else(|| ConfigError::Value {
+            .rule_of(table)
+            .map_err(|e| ConfigError::Value {
                 what: "table",
-                message: format!("`{table}` has no rule in this configuration"),
+                message: e.to_string(),
             })?;
         rule.table_wide_targets(targets);
         Ok(())

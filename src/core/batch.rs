@@ -8,14 +8,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
 
 use crate::core::event::{Change, ChangeEvent, Op};
-use crate::core::rules::{Rules, Targets};
-
-/// Why an event contributed nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Skip {
-    #[error("table `{0}` has no rule in this configuration")]
-    UnknownTable(String),
-}
+use crate::core::rules::{Rules, Targets, UnknownTable};
 
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -38,7 +31,7 @@ impl Batch {
     }
 
     /// Folds one event in. An event of a table without a rule is skipped, and says why.
-    pub fn add(&mut self, rules: &Rules, event: &ChangeEvent) -> Result<(), Skip> {
+    pub fn add(&mut self, rules: &Rules, event: &ChangeEvent) -> Result<(), UnknownTable> {
         self.add_part(rules, event, 0..usize::MAX, true)
     }
 
@@ -50,42 +43,26 @@ impl Batch {
         event: &ChangeEvent,
         rows: Range<usize>,
         first: bool,
-    ) -> Result<(), Skip> {
+    ) -> Result<(), UnknownTable> {
         let table_label = event.table.clone().unwrap_or_else(|| "-".to_string());
         match &event.change {
             Change::Tags(tags) => self.targets.tags.extend(tags.iter().cloned()),
             Change::TableWide | Change::Rows { .. } => {
                 let table = event.table.as_deref().unwrap_or_default();
-                let rule = rules
-                    .find(table)
-                    .ok_or_else(|| Skip::UnknownTable(table.to_string()))?;
-                match &event.change {
-                    Change::Rows {
-                        columns,
-                        rows: all_rows,
-                    } if rule.covered_by(columns) => {
-                        // Map the event's column order onto the rule's.
-                        let positions: Vec<usize> = rule
-                            .columns
-                            .iter()
-                            .filter_map(|c| columns.iter().position(|e| e == c))
-                            .collect();
-                        let mut values: Vec<Option<&str>> = Vec::with_capacity(positions.len());
-                        for row in all_rows.range(rows) {
-                            values.clear();
-                            values.extend(
-                                positions
-                                    .iter()
-                                    .map(|&i| row[i].as_ref().map(|t| t.as_str())),
-                            );
-                            rule.row_targets(&values, &mut self.targets);
-                        }
+                let rule = rules.rule_of(table)?;
+                let precise = match &event.change {
+                    // An older trigger's event may lack a column a newer rule references.
+                    Change::Rows { columns, rows: all } => {
+                        rule.positions(columns).is_some_and(|at| {
+                            rule.rows_targets(&at, all.range(rows), &mut self.targets)
+                                .is_ok()
+                        })
                     }
-                    Change::Rows { .. } => {
-                        self.widened += 1;
-                        rule.table_wide_targets(&mut self.targets);
-                    }
-                    _ => rule.table_wide_targets(&mut self.targets),
+                    _ => false,
+                };
+                if !precise {
+                    self.widened += u64::from(matches!(event.change, Change::Rows { .. }));
+                    rule.table_wide_targets(&mut self.targets);
                 }
             }
         }
@@ -268,7 +245,7 @@ mod tests {
                 &parse(r#"{"v":1,"op":"TRUNCATE","table":"public.other"}"#),
             )
             .unwrap_err();
-        assert_eq!(err, Skip::UnknownTable("public.other".into()));
+        assert_eq!(err, UnknownTable("public.other".into()));
         assert!(batch.is_empty());
     }
 }

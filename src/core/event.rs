@@ -97,6 +97,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
+impl crate::core::rules::RowValue for Option<Text<'_>> {
+    fn text(&self) -> Result<Option<&str>, crate::core::rules::Unreadable> {
+        Ok(self.as_ref().map(Text::as_str))
+    }
+}
+
 /// The rows of an event, stored flat (`width` values per row) so that a statement of 100,000
 /// rows costs one allocation, not one per row.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -8,11 +8,13 @@
 use std::collections::{HashMap, HashSet};
 
 use super::batch::Batch;
-use super::event::{ChangeEvent, Op};
+use thiserror::Error;
+
+use super::event::{ChangeEvent, EventError, Op};
+use super::pgoutput::{self, Message, PgOutputError, Relation};
 use super::rules::Rules;
-use super::signature::SigningKey;
+use super::signature::{Forged, SigningKey};
 use super::wal::{Frame, Lsn};
-use crate::core::pgoutput::{self, Message, Relation, Value};
 
 /// Milliseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_UNIX_MS: i64 = 946_684_800_000;
@@ -78,27 +80,31 @@ pub fn marker_content(frame: &Frame) -> Option<&[u8]> {
     }
 }
 
-/// A logical decoding message the daemon refused: forged (not signed with evictd's key), too
-/// large to be evictd's, or not evictd JSON. Logged and counted by `kind`; the stream goes on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejected {
-    /// The metric label: `forged` or `malformed`.
-    pub kind: &'static str,
-    pub reason: String,
+/// Why a logical decoding message with evictd's prefix was refused. The stream goes on.
+#[derive(Debug, Error)]
+pub enum Refused {
+    #[error(transparent)]
+    Forged(#[from] Forged),
+    #[error("no signing key to check messages with")]
+    NoKey,
+    #[error(
+        "a logical decoding message of {0} bytes with evictd's prefix (evictd's own are at most {LOGICAL_MESSAGE_LIMIT} bytes)"
+    )]
+    Oversized(usize),
+    #[error("the message is not UTF-8")]
+    NotText,
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error(transparent)]
+    Decode(#[from] PgOutputError),
 }
 
-impl Rejected {
-    fn forged(reason: impl ToString) -> Self {
-        Self {
-            kind: "forged",
-            reason: reason.to_string(),
-        }
-    }
-
-    fn malformed(reason: impl ToString) -> Self {
-        Self {
-            kind: "malformed",
-            reason: reason.to_string(),
+impl Refused {
+    /// The label of `evictd_events_rejected_total`: `forged` or `malformed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refused::Forged(_) | Refused::NoKey | Refused::Oversized(_) => "forged",
+            Refused::NotText | Refused::Event(_) | Refused::Decode(_) => "malformed",
         }
     }
 }
@@ -123,7 +129,7 @@ impl Folder {
         rules: &Rules,
         wide_threshold: u64,
         batch: &mut Batch,
-    ) -> Result<(), Rejected> {
+    ) -> Result<(), Refused> {
         let data = match frame {
             // Between transactions a keepalive's position is complete too: confirming it lets
             // the slot release WAL while only other tables are written.
@@ -148,7 +154,7 @@ impl Folder {
             Ok(message) => message,
             Err(e) => {
                 if data.first() == Some(&b'M') {
-                    return Err(Rejected::malformed(e));
+                    return Err(e.into());
                 }
                 self.widen_unreadable(data, rules, batch);
                 return Ok(());
@@ -187,13 +193,10 @@ impl Folder {
             Message::Logical {
                 prefix, content, ..
             } if prefix == EVENTS_PREFIX || prefix == OLD_ROWS_PREFIX => {
-                let key = self
-                    .key
-                    .as_ref()
-                    .ok_or_else(|| Rejected::forged("no signing key to check messages with"))?;
-                let payload = key.open(content).map_err(Rejected::forged)?;
-                let text = std::str::from_utf8(payload).map_err(Rejected::malformed)?;
-                let event = ChangeEvent::parse(text).map_err(Rejected::malformed)?;
+                let key = self.key.as_ref().ok_or(Refused::NoKey)?;
+                let payload = key.open(content)?;
+                let text = std::str::from_utf8(payload).map_err(|_| Refused::NotText)?;
+                let event = ChangeEvent::parse(text)?;
                 // Old rows the WAL lacks belong to a change already counted as an event.
                 let counted = prefix == EVENTS_PREFIX;
                 if batch
@@ -221,7 +224,7 @@ impl Folder {
         len: usize,
         rules: &Rules,
         batch: &mut Batch,
-    ) -> Result<(), Rejected> {
+    ) -> Result<(), Refused> {
         if head.first() == Some(&b'M') {
             let prefix = head
                 .get(10..)
@@ -229,10 +232,7 @@ impl Folder {
                 .filter(|p| p.len() < head.len().saturating_sub(10))
                 .unwrap_or_default();
             if prefix == EVENTS_PREFIX.as_bytes() || prefix == OLD_ROWS_PREFIX.as_bytes() {
-                return Err(Rejected::forged(format!(
-                    "a logical decoding message of {len} bytes with evictd's prefix (evictd's own are at most {} bytes)",
-                    LOGICAL_MESSAGE_LIMIT
-                )));
+                return Err(Refused::Oversized(len));
             }
             return Ok(());
         }
@@ -308,24 +308,12 @@ impl Folder {
             // The table lacks a column the rules reference: everything it could make stale.
             return self.widen(relation, rules, batch);
         };
-        let mut values: Vec<Option<&str>> = Vec::with_capacity(positions.len());
-        let mut unknown = false;
-        for row in &rows {
-            values.clear();
-            for &i in positions {
-                match row.get(i) {
-                    Some(Value::Text(text)) => values.push(Some(text)),
-                    Some(Value::Null) | None => values.push(None),
-                    // A TOASTed value the stream does not carry: the tag cannot be rendered.
-                    Some(Value::Unchanged) => unknown = true,
-                }
-            }
-            if unknown {
-                break;
-            }
-            rule.row_targets(&values, &mut batch.targets);
-        }
-        if unknown {
+        let rows = rows.iter().map(Vec::as_slice);
+        if rule
+            .rows_targets(positions, rows, &mut batch.targets)
+            .is_err()
+        {
+            // A TOASTed value the stream does not carry: the tag cannot be rendered.
             self.widen(relation, rules, batch);
         }
     }
@@ -399,12 +387,9 @@ struct Known {
 
 impl Known {
     fn new(relation: Relation, rules: &Rules) -> Self {
-        let positions = rules.find(&relation.table).and_then(|rule| {
-            rule.columns
-                .iter()
-                .map(|c| relation.columns.iter().position(|e| e == c))
-                .collect()
-        });
+        let positions = rules
+            .find(&relation.table)
+            .and_then(|rule| rule.positions(&relation.columns));
         Self {
             table: relation.table,
             positions,
@@ -646,7 +631,7 @@ mod tests {
         let mut batch = Batch::default();
         let tags = r#"{"v":1,"op":"TAGS","ts":1,"tags":["products:all"]}"#;
         let forged = folder.fold(&message("evictd", tags.as_bytes()), &rules, 10, &mut batch);
-        assert_eq!(forged.map_err(|r| r.kind), Err("forged"));
+        assert_eq!(forged.map_err(|r| r.kind()), Err("forged"));
         let wrong_key = SigningKey::new(&[4; 64]).sign(tags);
         let forged = folder.fold(
             &message("evictd", wrong_key.as_bytes()),
@@ -654,7 +639,7 @@ mod tests {
             10,
             &mut batch,
         );
-        assert_eq!(forged.map_err(|r| r.kind), Err("forged"));
+        assert_eq!(forged.map_err(|r| r.kind()), Err("forged"));
         let not_json = key.sign("not json");
         let malformed = folder.fold(
             &message("evictd", not_json.as_bytes()),
@@ -662,7 +647,7 @@ mod tests {
             10,
             &mut batch,
         );
-        assert_eq!(malformed.map_err(|r| r.kind), Err("malformed"));
+        assert_eq!(malformed.map_err(|r| r.kind()), Err("malformed"));
         folder
             .fold(
                 &message("someone-else", b"whatever"),
@@ -688,7 +673,7 @@ mod tests {
             &mut Batch::default(),
         );
         assert_eq!(
-            unsigned.map_err(|r| r.kind),
+            unsigned.map_err(|r| r.kind()),
             Err("forged"),
             "no key, no trust"
         );
@@ -720,7 +705,7 @@ mod tests {
             unreachable!()
         };
         let refused = folder.fold(&oversized(ours[..537].to_vec()), &rules, 10, &mut batch);
-        assert_eq!(refused.map_err(|r| r.kind), Err("forged"));
+        assert_eq!(refused.map_err(|r| r.kind()), Err("forged"));
         let Frame::XLogData(theirs) = message("pgl", &[b'x'; 600]) else {
             unreachable!()
         };

@@ -37,6 +37,16 @@ pub enum Value<'a> {
     Text(Cow<'a, str>),
 }
 
+impl crate::core::rules::RowValue for Value<'_> {
+    fn text(&self) -> Result<Option<&str>, crate::core::rules::Unreadable> {
+        match self {
+            Value::Text(text) => Ok(Some(text)),
+            Value::Null => Ok(None),
+            Value::Unchanged => Err(crate::core::rules::Unreadable),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message<'a> {
     Relation(Relation),

@@ -237,6 +237,34 @@ impl TableRule {
         })
     }
 
+    /// Where each of this rule's columns sits among `columns` (those of a statement's event,
+    /// or of a relation the replication stream described); `None` when one is missing.
+    pub fn positions<S: AsRef<str>>(&self, columns: &[S]) -> Option<Vec<usize>> {
+        self.columns
+            .iter()
+            .map(|wanted| columns.iter().position(|c| c.as_ref() == wanted))
+            .collect()
+    }
+
+    /// Adds what `rows` make stale, each row's values read at `positions` (from
+    /// [`TableRule::positions`]): the one path from a row to its tags, whatever carried it.
+    pub fn rows_targets<'r, V: RowValue + 'r>(
+        &self,
+        positions: &[usize],
+        rows: impl IntoIterator<Item = &'r [V]>,
+        out: &mut Targets,
+    ) -> Result<(), Unreadable> {
+        let mut values: Vec<Option<&str>> = Vec::with_capacity(positions.len());
+        for row in rows {
+            values.clear();
+            for &i in positions {
+                values.push(row.get(i).map_or(Ok(None), RowValue::text)?);
+            }
+            self.row_targets(&values, out);
+        }
+        Ok(())
+    }
+
     /// Adds what one changed row makes stale. `row` is indexed like `self.columns`.
     pub fn row_targets(&self, row: &[Option<&str>], out: &mut Targets) {
         for tag in &self.tags {
@@ -265,12 +293,22 @@ impl TableRule {
         }
         out.wide_tables.insert(self.table.to_string());
     }
+}
 
-    /// True when every template of this rule can be rendered from `columns` (an event built by an
-    /// older trigger may lack a column a newer configuration references).
-    pub fn covered_by(&self, columns: &[String]) -> bool {
-        self.columns.iter().all(|c| columns.contains(c))
-    }
+/// A table the configuration has no rule for.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("table `{0}` has no rule in this configuration")]
+pub struct UnknownTable(pub String);
+
+/// A row value the rules cannot read: the change's targets are unknown, so its table goes
+/// table-wide (a TOASTed value the replication stream does not carry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
+/// One value of a row as the rules read it, whatever carried the row (a trigger's event, the
+/// replication stream): its text, `None` for NULL.
+pub trait RowValue {
+    fn text(&self) -> Result<Option<&str>, Unreadable>;
 }
 
 /// What a set of changes makes stale, de-duplicated. The sink turns this into Redis commands.
@@ -362,6 +400,12 @@ impl Rules {
     pub fn find(&self, table: &str) -> Option<&TableRule> {
         let wanted = TableName::parse(table).ok()?;
         self.tables.iter().find(|r| r.table == wanted)
+    }
+
+    /// [`Rules::find`], or why there is none.
+    pub fn rule_of(&self, table: &str) -> Result<&TableRule, UnknownTable> {
+        self.find(table)
+            .ok_or_else(|| UnknownTable(table.to_string()))
     }
 
     /// Everything every configured table could make stale.

@@ -120,7 +120,11 @@ impl Daemon {
                     .state
                     .fold(&event, &self.settings.rules, threshold, &mut batch)
             {
-                self.reject(rejected.kind, rejected.reason, "logical decoding message");
+                self.reject(
+                    rejected.kind(),
+                    rejected.to_string(),
+                    "logical decoding message",
+                );
             }
             events += 1;
             if batch.targets.len() >= FLUSH_TAGS {

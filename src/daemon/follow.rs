@@ -26,6 +26,11 @@ pub(super) async fn next_event(stream: &mut Option<LogicalStream>) -> Result<Fra
 /// within half its `wal_sender_timeout` (30 s by default) of hearing nothing from us.
 const CATCH_UP_SILENCE: u32 = 12;
 
+/// Frames of the stream read into one batch at most (besides the [`FLUSH_TAGS`] bound), so a
+/// batch ends while the stream still flows. (`batch_max_events` counts events, of the other
+/// deliveries; a frame is a row, a message, a transaction's start or end.)
+const FRAMES_PER_BATCH: usize = 10_000;
+
 /// While a batch lingers, the stream wakes the daemon only once this much has arrived (a
 /// transaction of one row is ~300 bytes, so about one linger's worth at 9,000 commits a second):
 /// otherwise every message of every commit in the linger wakes it for nothing.
@@ -135,7 +140,7 @@ impl Daemon {
                 self.logical_markers_owed = true;
                 self.flush_with(sink, full, MarkerTtl::Deferred).await?;
             }
-            next = if events < self.settings.batch_max_events {
+            next = if events < FRAMES_PER_BATCH {
                 stream.try_recv()?
             } else {
                 None

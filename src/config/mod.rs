@@ -1,8 +1,11 @@
 //! Configuration: the TOML file, environment and flags, merged once into a validated [`Settings`].
+//! Every option's name, default, bounds and doc are declared once, in [`options`].
 //!
 //! Precedence is flag > environment > file > built-in default (clap already folds flag and
 //! environment into one `Option`). Every problem with the file is reported as
 //! `FILE: line N: PROBLEM` and maps to exit code 2.
+
+pub mod options;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,7 @@ use thiserror::Error;
 use toml::Spanned;
 
 use crate::core::rules::{Rules, TableName, TableRule};
+use options::Number;
 
 /// How events travel from the triggers to the daemon. Chosen at `migrate` time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -244,15 +248,15 @@ struct FileConfig {
     http_addr: Option<Spanned<String>>,
     log_format: Option<LogFormat>,
     tagts_ttl_secs: Option<Spanned<u64>>,
-    batch_max_events: Option<Spanned<usize>>,
+    batch_max_events: Option<Spanned<u64>>,
     batch_linger_ms: Option<Spanned<u64>>,
-    drain_chunk: Option<Spanned<usize>>,
+    drain_chunk: Option<Spanned<u64>>,
     wide_row_threshold: Option<Spanned<u64>>,
-    notify_buffer: Option<Spanned<usize>>,
+    notify_buffer: Option<Spanned<u64>>,
     publish_channel: Option<String>,
     health_interval_ms: Option<Spanned<u64>>,
-    second_pass_ms: Option<u64>,
-    sweep_interval_secs: Option<u64>,
+    second_pass_ms: Option<Spanned<u64>>,
+    sweep_interval_secs: Option<Spanned<u64>>,
     sweep_rate: Option<Spanned<u64>>,
     tls_ca_file: Option<PathBuf>,
     tables: Option<Vec<FileTable>>,
@@ -266,18 +270,6 @@ struct FileTable {
     #[serde(default)]
     keys: Vec<Spanned<String>>,
 }
-
-pub const DEFAULT_DATABASE_URL: &str = "postgres://localhost/postgres";
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-pub const DEFAULT_CHANNEL: &str = "cache_invalidation";
-pub const DEFAULT_KEY_PREFIX: &str = "cache:";
-pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9750";
-/// 20 ms: `logical` is the low-overhead delivery (latency budget 100 ms). Against 5 ms, at
-/// 6,000–9,000 durable commits/s on two shared cores, it halves the daemon's and Redis' CPU
-/// per commit again and gives the writers a point or three (BENCHMARKS.md); p99 22–34 ms.
-const DEFAULT_BATCH_LINGER_MS: u64 = 20;
-/// Past a second the daemon would look stuck to anyone watching the cache.
-const MAX_BATCH_LINGER_MS: u64 = 1_000;
 
 impl Settings {
     /// Built-in defaults, no file, no overrides.
@@ -317,7 +309,22 @@ impl Settings {
         let raw: FileConfig =
             toml::from_str(text).map_err(|e| invalid(e.span(), e.message().trim().to_string()))?;
 
-        let channel = pick_spanned(overrides.channel.clone(), raw.channel, DEFAULT_CHANNEL);
+        // A number from the file (with its span, for messages) within its option's bounds, or
+        // the option's default.
+        let number = |option: &Number, value: Option<Spanned<u64>>| match value {
+            None => Ok(option.default),
+            Some(s) => match option.bounds_problem(*s.get_ref()) {
+                None => Ok(*s.get_ref()),
+                Some(problem) => Err(invalid(Some(s.span()), problem)),
+            },
+        };
+        let text_default = |option: options::Text| option.default.unwrap_or_default();
+
+        let channel = pick_spanned(
+            overrides.channel.clone(),
+            raw.channel,
+            text_default(options::CHANNEL),
+        );
         if !crate::core::rules::is_identifier(&channel.0) {
             return Err(value_error(
                 "channel",
@@ -332,7 +339,7 @@ impl Settings {
         let key_prefix = pick_spanned(
             overrides.key_prefix.clone(),
             raw.key_prefix,
-            DEFAULT_KEY_PREFIX,
+            text_default(options::KEY_PREFIX),
         );
         if key_prefix.0.contains(['*', '?', '[', ']', '\\']) {
             return Err(value_error(
@@ -345,7 +352,7 @@ impl Settings {
         let http_addr_text = pick_spanned(
             overrides.http_addr.clone(),
             raw.http_addr,
-            DEFAULT_HTTP_ADDR,
+            text_default(options::HTTP_ADDR),
         );
         let http_addr = http_addr_text.0.parse::<SocketAddr>().map_err(|_| {
             value_error(
@@ -359,60 +366,18 @@ impl Settings {
             )
         })?;
 
-        let positive = |name: &'static str, v: Option<Spanned<usize>>, default: usize| match v {
-            None => Ok(default),
-            Some(s) if *s.get_ref() > 0 => Ok(*s.get_ref()),
-            Some(s) => Err(invalid(
-                Some(s.span()),
-                format!("{name} must be at least 1"),
-            )),
-        };
-        let batch_max_events = positive("batch_max_events", raw.batch_max_events, 10_000)?;
-        let drain_chunk = positive("drain_chunk", raw.drain_chunk, 250)?;
-        let batch_linger_ms = match raw.batch_linger_ms {
-            None => DEFAULT_BATCH_LINGER_MS,
-            Some(s) if *s.get_ref() <= MAX_BATCH_LINGER_MS => *s.get_ref(),
-            Some(s) => {
-                return Err(invalid(
-                    Some(s.span()),
-                    format!("batch_linger_ms must be at most {MAX_BATCH_LINGER_MS}"),
-                ));
-            }
-        };
-        let notify_buffer = positive("notify_buffer", raw.notify_buffer, 100_000)?;
-        let tagts_ttl_secs = positive(
-            "tagts_ttl_secs",
-            raw.tagts_ttl_secs
-                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
-            86_400,
-        )?;
-        let wide_row_threshold = positive(
-            "wide_row_threshold",
-            raw.wide_row_threshold
-                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
-            150_000,
-        )? as u64;
-
-        let health_interval_ms = positive(
-            "health_interval_ms",
-            raw.health_interval_ms
-                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
-            5_000,
-        )? as u64;
-
-        let sweep_rate = positive(
-            "sweep_rate",
-            raw.sweep_rate
-                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
-            5_000,
-        )? as u64;
-
-        let outbox_poll_max_ms = positive(
-            "outbox_poll_max_ms",
-            raw.outbox_poll_max_ms
-                .map(|s| Spanned::new(s.span(), *s.get_ref() as usize)),
-            50,
-        )? as u64;
+        let batch_max_events = number(&options::BATCH_MAX_EVENTS, raw.batch_max_events)?;
+        let drain_chunk = number(&options::DRAIN_CHUNK, raw.drain_chunk)?;
+        let batch_linger_ms = number(&options::BATCH_LINGER_MS, raw.batch_linger_ms)?;
+        let notify_buffer = number(&options::NOTIFY_BUFFER, raw.notify_buffer)?;
+        let tagts_ttl_secs = number(&options::TAGTS_TTL_SECS, raw.tagts_ttl_secs)?;
+        let wide_row_threshold = number(&options::WIDE_ROW_THRESHOLD, raw.wide_row_threshold)?;
+        let health_interval_ms = number(&options::HEALTH_INTERVAL_MS, raw.health_interval_ms)?;
+        let sweep_rate = number(&options::SWEEP_RATE, raw.sweep_rate)?;
+        let outbox_poll_max_ms = number(&options::OUTBOX_POLL_MAX_MS, raw.outbox_poll_max_ms)?;
+        let second_pass_ms = number(&options::SECOND_PASS_MS, raw.second_pass_ms)?;
+        let sweep_interval_secs = number(&options::SWEEP_INTERVAL_SECS, raw.sweep_interval_secs)?;
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
 
         let mut origin = RulesOrigin {
             file: file.map(Path::to_path_buf),
@@ -466,12 +431,12 @@ impl Settings {
                 .database_url
                 .clone()
                 .or(raw.database_url)
-                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string()),
+                .unwrap_or_else(|| text_default(options::DATABASE_URL).to_string()),
             redis_url: overrides
                 .redis_url
                 .clone()
                 .or(raw.redis_url)
-                .unwrap_or_else(|| DEFAULT_REDIS_URL.to_string()),
+                .unwrap_or_else(|| text_default(options::REDIS_URL).to_string()),
             channel: channel.0,
             key_prefix: key_prefix.0,
             delivery: overrides
@@ -485,21 +450,17 @@ impl Settings {
                 .log_format
                 .or(raw.log_format)
                 .unwrap_or(LogFormat::Text),
-            tagts_ttl: Duration::from_secs(tagts_ttl_secs as u64),
-            batch_max_events,
+            tagts_ttl: Duration::from_secs(tagts_ttl_secs),
+            batch_max_events: size(batch_max_events),
             batch_linger: Duration::from_millis(batch_linger_ms),
-            drain_chunk,
+            drain_chunk: size(drain_chunk),
             wide_row_threshold,
-            notify_buffer,
+            notify_buffer: size(notify_buffer),
             publish_channel: raw.publish_channel.filter(|c| !c.is_empty()),
             health_interval: Duration::from_millis(health_interval_ms),
-            second_pass: raw
-                .second_pass_ms
-                .filter(|ms| *ms > 0)
-                .map(Duration::from_millis),
-            sweep_interval: Some(raw.sweep_interval_secs.unwrap_or(300))
-                .filter(|s| *s > 0)
-                .map(Duration::from_secs),
+            second_pass: (second_pass_ms > 0).then(|| Duration::from_millis(second_pass_ms)),
+            sweep_interval: (sweep_interval_secs > 0)
+                .then(|| Duration::from_secs(sweep_interval_secs)),
             sweep_rate,
             tls_ca_file: overrides.tls_ca_file.clone().or(raw.tls_ca_file),
             rules,
@@ -566,6 +527,58 @@ mod tests {
         assert_eq!(s.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(s.database_url, "postgres://localhost/postgres");
         assert_eq!(s.rules.tables().len(), 4);
+    }
+
+    /// The defaults a program without a file runs with are the declared ones.
+    #[test]
+    fn defaults_are_the_declared_ones() {
+        let s = Settings::defaults();
+        assert_eq!(Some(s.delivery.as_str()), options::DELIVERY.default);
+        assert_eq!(
+            Some(s.outbox_wakeup.as_str()),
+            options::OUTBOX_WAKEUP.default
+        );
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(options::LOG_FORMAT.default, Some("text"));
+        assert_eq!(s.tagts_ttl.as_secs(), options::TAGTS_TTL_SECS.default);
+        assert_eq!(s.batch_max_events as u64, options::BATCH_MAX_EVENTS.default);
+        assert_eq!(s.drain_chunk as u64, options::DRAIN_CHUNK.default);
+        assert_eq!(s.wide_row_threshold, options::WIDE_ROW_THRESHOLD.default);
+        assert_eq!(s.notify_buffer as u64, options::NOTIFY_BUFFER.default);
+        assert_eq!(
+            s.health_interval.as_millis() as u64,
+            options::HEALTH_INTERVAL_MS.default
+        );
+        assert_eq!(s.sweep_rate, options::SWEEP_RATE.default);
+        assert_eq!(
+            s.outbox_poll_max.as_millis() as u64,
+            options::OUTBOX_POLL_MAX_MS.default
+        );
+        assert_eq!(s.second_pass, None);
+        assert_eq!(
+            s.sweep_interval.map(|d| d.as_secs()),
+            Some(options::SWEEP_INTERVAL_SECS.default)
+        );
+    }
+
+    /// README's example lists every option at its default, and the file reads it as such:
+    /// every declared name is one the file accepts.
+    #[test]
+    fn readme_shows_every_declared_option() {
+        let reference = options::reference();
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains(&reference),
+            "README's configuration example should read:\n{reference}"
+        );
+        let uncommented = reference.replace("# tls_ca_file", "tls_ca_file");
+        let uncommented = uncommented.replace("# publish_channel", "publish_channel");
+        let s = load(&uncommented).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.publish_channel.as_deref(), Some("cache_invalidated"));
+        assert_eq!(
+            s.batch_linger.as_millis() as u64,
+            options::BATCH_LINGER_MS.default
+        );
     }
 
     #[test]

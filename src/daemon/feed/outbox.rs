@@ -1,5 +1,6 @@
-//! Draining the outbox: claim a batch of rows (SKIP LOCKED), invalidate them — a huge
-//! statement in bounded pieces — and acknowledge only after Redis confirmed; poison rows go to
+//! The `outbox` feed: woken by a NOTIFY, the doorbell's busy polling or the poll wake-up, it
+//! claims a batch of rows (SKIP LOCKED), hands them to Redis — a huge statement in bounded
+//! pieces — and acknowledges (commits the claim) only after Redis confirmed; poison rows go to
 //! the dead-letter table with their reason.
 
 use std::time::{Duration, Instant};
@@ -7,13 +8,24 @@ use std::time::{Duration, Instant};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument as _, Span, debug};
 
-use super::report::batch_span;
-use super::{Daemon, FLUSH_TAGS, OUTBOX_POLL, ROWS_PER_PART, SessionError};
+use super::super::flush::Flusher;
+use super::super::report::batch_span;
+use super::super::{FLUSH_TAGS, SessionError};
+use super::Wake;
 use crate::config::Wakeup;
 use crate::core::batch::{Batch, SentTags};
 use crate::core::event::ChangeEvent;
 use crate::sink::{MarkerTtl, RedisSink, Report, SinkError};
 use crate::source::{Session, SourceError, doorbell, outbox};
+
+/// A many-row event is folded into batches this many rows at a time (bounding memory whatever
+/// the size of a statement).
+const ROWS_PER_PART: usize = 5_000;
+/// Safety poll of the outbox even without a wake-up NOTIFY.
+const OUTBOX_POLL: Duration = Duration::from_secs(1);
+/// The poll interval in `poll` wake-up mode while the outbox has rows: long enough that each
+/// claim takes a batch worth the round trips, short enough to stay far under 100 ms of lag.
+const OUTBOX_POLL_BUSY: Duration = Duration::from_millis(10);
 
 /// Claims taken in one transaction before it is committed: while Redis invalidates one claim's
 /// events, PostgreSQL already deletes (takes) the next rows, instead of each waiting for the
@@ -42,12 +54,12 @@ const DOORBELL_BUSY_EVENTS: usize = 3;
 /// NOTIFY's commit lock holds them back, until a drain finds under a quarter of this.
 const DOORBELL_THROTTLE_EVENTS: usize = 100;
 /// How soon a barrier that did not pass is tried again at first (doubling up to `OUTBOX_POLL`).
-pub(super) const DOORBELL_RETRY: Duration = Duration::from_millis(1);
+const DOORBELL_RETRY: Duration = Duration::from_millis(1);
 
 /// Where the daemon is in the doorbell's cycle (`outbox` delivery, `doorbell` wake-up; see
 /// `source::doorbell`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Doorbell {
+enum Doorbell {
     /// Writers ring; the daemon drains when they do (or at the safety poll).
     Idle,
     /// The daemon polls. `quiet`: polls in a row that found fewer than
@@ -61,7 +73,7 @@ pub(super) enum Doorbell {
 
 impl Doorbell {
     /// How long the session loop may wait before the next [`Daemon::drain_and_ring`].
-    pub(super) fn next_poll(self) -> Duration {
+    fn next_poll(self) -> Duration {
         match self {
             Doorbell::Idle => OUTBOX_POLL,
             // Work was just found: straight back.
@@ -74,7 +86,7 @@ impl Doorbell {
     /// The next step after a drain (not the barrier's) that found `found` events, and what
     /// writers must now be told: `Some(true)` that the daemon is busy (they need not ring),
     /// `Some(false)` that they must ring. Leaving `Busy` owes the barrier before the last drain.
-    pub(super) fn after_drain(self, found: usize) -> (Doorbell, Option<bool>) {
+    fn after_drain(self, found: usize) -> (Doorbell, Option<bool>) {
         let loaded = found >= DOORBELL_BUSY_EVENTS;
         match self {
             Doorbell::Idle | Doorbell::BarrierOwed { .. } if !loaded => (Doorbell::Idle, None),
@@ -143,7 +155,129 @@ struct ClaimWork {
     markers_owed: bool,
 }
 
-impl Daemon {
+/// The state of the outbox feed between wake-ups.
+pub(in crate::daemon) struct OutboxFeed {
+    wakeup: Wakeup,
+    /// `doorbell` wake-up: where the daemon is in the doorbell's cycle.
+    doorbell: Doorbell,
+    /// How long until the next poll, and when it is due.
+    poll_every: Duration,
+    next_poll: tokio::time::Instant,
+}
+
+impl OutboxFeed {
+    /// The start-up work: a Redis that restarted meanwhile is resynced; a doorbell a dead
+    /// daemon left busy is set back; the backlog is drained.
+    pub async fn start(
+        source: &mut Session,
+        sink: &RedisSink,
+        flusher: &mut Flusher,
+        redis_restarted: bool,
+    ) -> Result<Self, SessionError> {
+        if redis_restarted {
+            flusher
+                .resync(sink, "redis restarted or failed over")
+                .await?;
+        }
+        let mut feed = Self {
+            wakeup: source.wakeup,
+            doorbell: Doorbell::Idle,
+            poll_every: OUTBOX_POLL,
+            next_poll: tokio::time::Instant::now(),
+        };
+        if source.wakeup == Wakeup::Doorbell {
+            // A daemon that died draining left the doorbell telling writers not to ring: set
+            // it back, and drain after the barrier as any idle daemon does.
+            doorbell::set_busy(&source.connection.client, false)
+                .await
+                .map_err(SourceError::from)?;
+            feed.doorbell = Doorbell::BarrierOwed {
+                retry: DOORBELL_RETRY,
+            };
+        }
+        feed.drain_and_ring(source, sink, flusher).await?;
+        // Without the poll wake-up the poll is a safety net, or the doorbell's busy polling.
+        feed.poll_every = if feed.polling() {
+            OUTBOX_POLL_BUSY
+        } else {
+            feed.doorbell.next_poll()
+        };
+        feed.next_poll = tokio::time::Instant::now() + feed.poll_every;
+        Ok(feed)
+    }
+
+    fn polling(&self) -> bool {
+        self.wakeup == Wakeup::Poll
+    }
+
+    /// A wake-up NOTIFY, or the poll that is due. Cancel-safe.
+    pub async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(self.next_poll) => Ok(Wake::Poll),
+            notification = source.next_notification() => Ok(Wake::Notification(notification?)),
+        }
+    }
+
+    pub async fn handle(
+        &mut self,
+        wake: Wake,
+        source: &mut Session,
+        sink: &RedisSink,
+        flusher: &mut Flusher,
+    ) -> Result<(), SessionError> {
+        match wake {
+            Wake::Poll => {
+                let found = self.drain_and_ring(source, sink, flusher).await?;
+                if self.polling() {
+                    // Adaptive: straight back while there is work, backing off when idle.
+                    self.poll_every = if found > 0 {
+                        OUTBOX_POLL_BUSY
+                    } else {
+                        (self.poll_every * 2).min(flusher.settings.outbox_poll_max)
+                    };
+                } else {
+                    self.poll_every = self.doorbell.next_poll();
+                }
+                self.next_poll = tokio::time::Instant::now() + self.poll_every;
+            }
+            Wake::Notification(_) => {
+                self.on_wake_up(source, sink, flusher).await?;
+                if !self.polling() {
+                    self.next_poll = self
+                        .next_poll
+                        .min(tokio::time::Instant::now() + self.doorbell.next_poll());
+                }
+            }
+            Wake::Frame(_) => {}
+        }
+        Ok(())
+    }
+
+    /// A wake-up and every other already waiting, answered by one drain. What they say is
+    /// ignored: any role may NOTIFY, and the events are in the table; a dropped one costs
+    /// nothing, the drain reads everything.
+    async fn on_wake_up(
+        &mut self,
+        source: &mut Session,
+        sink: &RedisSink,
+        flusher: &mut Flusher,
+    ) -> Result<(), SessionError> {
+        while source.try_next_notification().is_some() {}
+        source.take_overflow();
+        self.drain_and_ring(source, sink, flusher).await?;
+        Ok(())
+    }
+
+    /// The outbox's backlog, for the metric.
+    pub async fn health(&self, source: &Session, flusher: &Flusher) -> Result<(), SessionError> {
+        let waiting = outbox::backlog(&source.connection.client)
+            .await
+            .map_err(SourceError::from)?;
+        flusher.observed.metrics.outbox_backlog.set(waiting);
+        Ok(())
+    }
+
     /// Drains the outbox; with `doorbell` wake-up, takes the [`Doorbell`] one step further
     /// ([`Doorbell::after_drain`]): a drain that found [`DOORBELL_BUSY_EVENTS`] or more tells
     /// writers the daemon is busy (they skip their NOTIFY) and the daemon polls instead (one
@@ -151,13 +285,14 @@ impl Daemon {
     /// [`DOORBELL_QUIET_POLLS`] polls in a row that found fewer it tells them it is idle and,
     /// once the barrier passed (every writer that saw it busy has ended), drains a last time.
     /// The session loop calls again after [`Doorbell::next_poll`]. Returns the events drained.
-    pub(super) async fn drain_and_ring(
+    async fn drain_and_ring(
         &mut self,
         source: &mut Session,
         sink: &RedisSink,
+        flusher: &mut Flusher,
     ) -> Result<usize, SessionError> {
         if source.wakeup != Wakeup::Doorbell {
-            return self.drain_outbox(source, sink).await;
+            return Self::drain_outbox(source, sink, flusher).await;
         }
         let mut total = 0;
         loop {
@@ -174,7 +309,7 @@ impl Daemon {
                 }
                 self.doorbell = Doorbell::Idle;
             }
-            let found = self.drain_outbox(source, sink).await?;
+            let found = Self::drain_outbox(source, sink, flusher).await?;
             total += found;
             let (next, tell_writers) = self.doorbell.after_drain(found);
             if let Some(busy) = tell_writers {
@@ -192,12 +327,12 @@ impl Daemon {
     }
 
     /// Claims, invalidates and acknowledges outbox rows until none are left.
-    pub(super) async fn drain_outbox(
-        &mut self,
+    async fn drain_outbox(
         source: &mut Session,
         sink: &RedisSink,
+        flusher: &mut Flusher,
     ) -> Result<usize, SessionError> {
-        let limit = self.settings.batch_max_events;
+        let limit = flusher.settings.batch_max_events;
         let mut total = 0;
         loop {
             // Wake-ups that arrived meanwhile are answered by this very drain. What they say
@@ -212,11 +347,10 @@ impl Daemon {
             let more = loop {
                 let rows = claim.take(limit as i64).await.map_err(SourceError::from)?;
                 takes += 1;
-                let (batch, taken) = self
-                    .fold_claimed(sink, rows, &mut poison, &mut work)
-                    .await?;
+                let (batch, taken) =
+                    Self::fold_claimed(sink, flusher, rows, &mut poison, &mut work).await?;
                 if taken == 0 && takes == 1 {
-                    self.observed.metrics.outbox_backlog.set(0);
+                    flusher.observed.metrics.outbox_backlog.set(0);
                     return Ok(total);
                 }
                 total += taken;
@@ -224,7 +358,7 @@ impl Daemon {
                 if !full || takes == TAKES_PER_TRANSACTION {
                     // Nothing left to overlap with: invalidated right here, which spares the
                     // common small claim two hops between threads.
-                    self.land(work.in_flight.take()).await?;
+                    Self::land(flusher, work.in_flight.take()).await?;
                     // After pieces whose markers wait for their TTL, this batch's may too:
                     // they all get it just below, before the acknowledgement.
                     let marker_ttl = if work.markers_owed {
@@ -232,15 +366,14 @@ impl Daemon {
                     } else {
                         MarkerTtl::Now
                     };
-                    self.invalidate_claimed(sink, batch, marker_ttl).await?;
+                    Self::invalidate_claimed(sink, flusher, batch, marker_ttl).await?;
                     break full;
                 }
                 // PostgreSQL deletes the next rows while Redis invalidates these.
-                self.send_claimed(sink, batch, MarkerTtl::Now, &mut work)
-                    .await?;
+                Self::send_claimed(sink, flusher, batch, MarkerTtl::Now, &mut work).await?;
             };
             // On a Redis error the claim is dropped: its rows go back, untouched.
-            self.land(work.in_flight.take()).await?;
+            Self::land(flusher, work.in_flight.take()).await?;
             if work.markers_owed {
                 sink.expire_pending_markers().await?;
             }
@@ -257,8 +390,8 @@ impl Daemon {
     /// pieces share are sent only until they recur ([`SentTags`]). Unusable rows are added to
     /// `poison`.
     async fn fold_claimed(
-        &mut self,
         sink: &RedisSink,
+        flusher: &mut Flusher,
         mut rows: outbox::Taken,
         poison: &mut Vec<outbox::Poison>,
         work: &mut ClaimWork,
@@ -273,7 +406,7 @@ impl Daemon {
             let event = match ChangeEvent::parse(payload) {
                 Ok(event) => event,
                 Err(e) => {
-                    let reason = self.reject("malformed", e.to_string(), payload);
+                    let reason = flusher.reject("malformed", e.to_string(), payload);
                     poison.push(outbox::Poison::new(&row, reason));
                     continue;
                 }
@@ -287,15 +420,15 @@ impl Daemon {
                 (FLUSH_TAGS, MarkerTtl::Now)
             };
             for (i, part) in parts.into_iter().enumerate() {
-                if let Err(e) = batch.add_part(&self.settings.rules, &event, part, i == 0) {
-                    let reason = self.reject("unknown_table", e.to_string(), payload);
+                if let Err(e) = batch.add_part(&flusher.settings.rules, &event, part, i == 0) {
+                    let reason = flusher.reject("unknown_table", e.to_string(), payload);
                     poison.push(outbox::Poison::new(&row, reason));
                     break;
                 }
                 if batch.targets.len() >= bound {
                     let mut full = std::mem::take(&mut batch);
                     sent.prune(&mut full);
-                    self.send_claimed(sink, full, marker_ttl, work).await?;
+                    Self::send_claimed(sink, flusher, full, marker_ttl, work).await?;
                 }
             }
         }
@@ -308,8 +441,8 @@ impl Daemon {
     /// Starts invalidating a batch drawn from claimed outbox rows (not yet acknowledged) once
     /// the one in flight has landed, and schedules its second pass.
     async fn send_claimed(
-        &mut self,
         sink: &RedisSink,
+        flusher: &mut Flusher,
         batch: Batch,
         marker_ttl: MarkerTtl,
         work: &mut ClaimWork,
@@ -317,9 +450,9 @@ impl Daemon {
         if batch.is_empty() {
             return Ok(());
         }
-        self.land(work.in_flight.take()).await?;
+        Self::land(flusher, work.in_flight.take()).await?;
         work.markers_owed |= marker_ttl == MarkerTtl::Deferred;
-        self.schedule_second_pass(&batch);
+        flusher.schedule_second_pass(&batch);
         let span = batch_span(&batch);
         let sink = sink.clone();
         let task = tokio::spawn(
@@ -340,27 +473,27 @@ impl Daemon {
     /// Invalidates a batch drawn from claimed outbox rows (not yet acknowledged), records it and
     /// schedules its second pass.
     async fn invalidate_claimed(
-        &mut self,
         sink: &RedisSink,
+        flusher: &mut Flusher,
         batch: Batch,
         marker_ttl: MarkerTtl,
     ) -> Result<(), SessionError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.schedule_second_pass(&batch);
+        flusher.schedule_second_pass(&batch);
         let started = Instant::now();
         let span = batch_span(&batch);
         let report = sink
             .invalidate_with(&batch.targets, marker_ttl)
             .instrument(span.clone())
             .await?;
-        span.in_scope(|| self.record(&batch, report, started.elapsed()));
+        span.in_scope(|| flusher.record(&batch, report, started.elapsed()));
         Ok(())
     }
 
     /// Waits for the batch in flight, if any, and records it.
-    async fn land(&mut self, in_flight: Option<InFlight>) -> Result<(), SessionError> {
+    async fn land(flusher: &mut Flusher, in_flight: Option<InFlight>) -> Result<(), SessionError> {
         let Some(InFlight {
             task,
             span,
@@ -371,7 +504,7 @@ impl Daemon {
         };
         let (batch, report) = task.await.map_err(SessionError::Invalidation)?;
         let report = report?;
-        span.in_scope(|| self.record(&batch, report, started.elapsed()));
+        span.in_scope(|| flusher.record(&batch, report, started.elapsed()));
         Ok(())
     }
 }

@@ -1,24 +1,18 @@
-//! `logical` delivery: following the replication stream. Changes are folded into a batch until
+//! The `logical` feed: following the replication stream. Changes are folded into a batch until
 //! the stream has nothing more waiting (or the batch is full), invalidated, and only then is
 //! the end of the last complete transaction confirmed to PostgreSQL.
 
 use tracing::{info, warn};
 
-use super::{Daemon, FLUSH_TAGS, SessionError};
+use super::super::flush::Flusher;
+use super::super::{FLUSH_TAGS, SessionError};
+use super::Wake;
 use crate::core::folder::marker_content;
 use crate::core::wal::Frame;
 use crate::schema::slot::{self, SlotState};
 use crate::sink::{MarkerTtl, RedisSink};
 use crate::source::logical::{self, LogicalStream};
 use crate::source::{Session, SourceError};
-
-/// The next event of `stream`; never resolves when there is no stream (other deliveries).
-pub(super) async fn next_event(stream: &mut Option<LogicalStream>) -> Result<Frame, SourceError> {
-    match stream {
-        Some(stream) => stream.recv().await,
-        None => std::future::pending().await,
-    }
-}
 
 /// Health intervals the stream may stay silent while catching up before readiness (60 s at
 /// the default 5 s). Longer than after readiness (two): before it sends a huge transaction the
@@ -36,71 +30,118 @@ const FRAMES_PER_BATCH: usize = 10_000;
 /// otherwise every message of every commit in the linger wakes it for nothing.
 const LINGER_WAKE_BYTES: usize = 64 * 1024;
 
-impl Daemon {
+/// The state of the logical feed between frames.
+pub(in crate::daemon) struct LogicalFeed {
+    stream: LogicalStream,
+    /// When the last batch was flushed ([`crate::config::Settings::batch_linger`]).
+    last_flush: Option<tokio::time::Instant>,
+    /// Part of a huge transaction went to Redis with its markers' TTL deferred; they get it
+    /// before the transaction is confirmed.
+    markers_owed: bool,
+}
+
+impl LogicalFeed {
     /// Makes sure the slot exists (a new one means what happened before is unknown: resync),
     /// starts streaming, and follows the stream until it has delivered everything committed
     /// before this call, so that readiness means caught up, as in outbox mode.
-    pub(super) async fn start_logical(
-        &mut self,
+    pub async fn start(
         source: &Session,
         sink: &RedisSink,
+        flusher: &mut Flusher,
         redis_restarted: bool,
-    ) -> Result<LogicalStream, SessionError> {
+    ) -> Result<Self, SessionError> {
         let client = &source.connection.client;
         let slot = slot::name(client).await.map_err(SourceError::from)?;
         let state = slot::ensure(client, &slot)
             .await
             .map_err(SourceError::from)?;
         if state == SlotState::Created {
-            self.resync(sink, "new replication slot: earlier changes are unknown")
+            flusher
+                .resync(sink, "new replication slot: earlier changes are unknown")
                 .await?;
         } else if redis_restarted {
-            self.resync(sink, "redis restarted or failed over").await?;
+            flusher
+                .resync(sink, "redis restarted or failed over")
+                .await?;
         }
-        let mut stream =
-            LogicalStream::start(&self.settings, &slot, source.signing_key.clone()).await?;
+        let stream =
+            LogicalStream::start(&flusher.settings, &slot, source.signing_key.clone()).await?;
+        let mut feed = Self {
+            stream,
+            last_flush: None,
+            markers_owed: false,
+        };
         // A non-transactional message is decoded at its place in the WAL: when it comes back,
         // every transaction committed before it has been delivered.
         let nonce = format!("{:016x}", rand::random::<u64>());
         logical::write_marker(client, &nonce).await?;
         // A long backlog streams for as long as it takes, but a stream silent for
         // CATCH_UP_SILENCE health intervals (a frozen or half-open connection) is given up.
-        let silence = self.settings.health_interval * CATCH_UP_SILENCE;
+        let silence = flusher.settings.health_interval * CATCH_UP_SILENCE;
+        let shutdown = flusher.shutdown().clone();
         loop {
             let event = tokio::select! {
-                _ = self.shutdown.cancelled() => return Err(SessionError::Shutdown),
-                event = tokio::time::timeout(silence, stream.recv()) => {
+                _ = shutdown.cancelled() => return Err(SessionError::Shutdown),
+                event = tokio::time::timeout(silence, feed.stream.recv()) => {
                     event.map_err(|_| SessionError::StreamSilent(silence))??
                 }
             };
-            if self
-                .on_logical(event, &mut stream, sink, Some(&nonce))
-                .await?
-            {
+            if feed.on_frame(event, sink, flusher, Some(&nonce)).await? {
                 break;
             }
         }
         info!(slot, "caught up with the replication slot");
-        Ok(stream)
+        Ok(feed)
+    }
+
+    /// The next frame of the stream, or a NOTIFY (which only wakes: the events are in the WAL).
+    /// Cancel-safe.
+    pub async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
+        tokio::select! {
+            biased;
+            notification = source.next_notification() => Ok(Wake::Notification(notification?)),
+            frame = self.stream.recv() => Ok(Wake::Frame(frame?)),
+        }
+    }
+
+    pub async fn handle(
+        &mut self,
+        wake: Wake,
+        source: &mut Session,
+        sink: &RedisSink,
+        flusher: &mut Flusher,
+    ) -> Result<(), SessionError> {
+        match wake {
+            Wake::Frame(frame) => {
+                self.on_frame(frame, sink, flusher, None).await?;
+            }
+            Wake::Notification(_) => {
+                while source.try_next_notification().is_some() {}
+                source.take_overflow();
+            }
+            Wake::Poll => {}
+        }
+        Ok(())
     }
 
     /// Folds `first` and every event already waiting into one batch, invalidates it, then
     /// confirms the last complete transaction. Returns whether the caught-up marker carrying
     /// `marker` went by (it ends the batch).
-    pub(super) async fn on_logical(
+    async fn on_frame(
         &mut self,
         first: Frame,
-        stream: &mut LogicalStream,
         sink: &RedisSink,
+        flusher: &mut Flusher,
         marker: Option<&str>,
     ) -> Result<bool, SessionError> {
+        let stream = &mut self.stream;
         // Under load, the changes arriving in the linger after the previous batch join this
         // one: the first waits at most that long, and Redis gets one call instead of dozens.
-        if let Some(flushed) = self.last_logical_flush
-            && flushed.elapsed() < self.settings.batch_linger
+        if let Some(flushed) = self.last_flush
+            && flushed.elapsed() < flusher.settings.batch_linger
         {
             let quiet = stream.quiet_until(LINGER_WAKE_BYTES);
-            tokio::time::sleep_until(flushed + self.settings.batch_linger).await;
+            tokio::time::sleep_until(flushed + flusher.settings.batch_linger).await;
             drop(quiet);
             // The kernel signals what arrived meanwhile as the socket is restored; the runtime
             // takes notice when it next polls for I/O, which a yielded task waits for. Folding
@@ -109,7 +150,7 @@ impl Daemon {
             tokio::task::yield_now().await;
         }
         let mut marker_seen = false;
-        let threshold = self.settings.wide_row_threshold;
+        let threshold = flusher.settings.wide_row_threshold;
         let mut batch = std::mem::take(&mut stream.pending);
         let mut next = Some(first);
         let mut events = 0usize;
@@ -123,9 +164,9 @@ impl Daemon {
             if let Err(rejected) =
                 stream
                     .state
-                    .fold(&event, &self.settings.rules, threshold, &mut batch)
+                    .fold(&event, &flusher.settings.rules, threshold, &mut batch)
             {
-                self.reject(
+                flusher.reject(
                     rejected.kind(),
                     rejected.to_string(),
                     "logical decoding message",
@@ -137,8 +178,8 @@ impl Daemon {
                 // only its end is confirmed late, after its markers got their TTL (deferred:
                 // one MSET per call instead of a `SET … PX` per tag, so the entries go sooner).
                 let full = std::mem::take(&mut batch);
-                self.logical_markers_owed = true;
-                self.flush_with(sink, full, MarkerTtl::Deferred).await?;
+                self.markers_owed = true;
+                flusher.flush_with(sink, full, MarkerTtl::Deferred).await?;
             }
             next = if events < FRAMES_PER_BATCH {
                 stream.try_recv()?
@@ -154,13 +195,13 @@ impl Daemon {
             stream.pending = batch;
             return Ok(false);
         }
-        self.last_logical_flush = Some(tokio::time::Instant::now());
-        if self.logical_markers_owed {
-            self.flush_with(sink, batch, MarkerTtl::Deferred).await?;
+        self.last_flush = Some(tokio::time::Instant::now());
+        if self.markers_owed {
+            flusher.flush_with(sink, batch, MarkerTtl::Deferred).await?;
             sink.expire_pending_markers().await?;
-            self.logical_markers_owed = false;
+            self.markers_owed = false;
         } else {
-            self.flush(sink, batch).await?;
+            flusher.flush(sink, batch).await?;
         }
         if let Some(lsn) = stream.state.confirmable {
             stream.confirm(lsn);
@@ -175,16 +216,17 @@ impl Daemon {
     }
 }
 
-impl Daemon {
+impl LogicalFeed {
     /// The replication path's health: the marker written on the previous tick must have come
     /// back through the stream by now (a half-open replication connection shows no error, just
     /// silence); then a new one is written.
-    pub(super) async fn stream_health(
-        &self,
+    pub async fn health(
+        &mut self,
         source: &Session,
-        stream: &mut LogicalStream,
+        flusher: &Flusher,
     ) -> Result<(), SessionError> {
-        let limit = self.settings.health_interval * 2;
+        let stream = &mut self.stream;
+        let limit = flusher.settings.health_interval * 2;
         if let Some((_, sent)) = &stream.state.awaiting {
             if sent.elapsed() > limit {
                 return Err(SessionError::StreamSilent(limit));

@@ -1,21 +1,22 @@
 //! evictd keeps a Redis tag cache honest when PostgreSQL changes behind the application's back.
 //!
-//! Modules in reading order, following the data:
+//! Modules in reading order, following the data (ARCHITECTURE.md draws the map):
 //!
-//! - [`config`] — file, environment and flags merged once into validated `Settings`.
-//! - [`schema`] — the SQL side: triggers that describe each committed statement.
-//! - [`source`] — where events arrive: LISTEN on the channel, the outbox table.
-//! - [`event`] — `ChangeEvent` and its parser (pure).
-//! - [`rules`] — event rows → tags and key patterns (pure).
-//! - [`glob`] — Redis glob escaping and matching, many patterns in one SCAN pass (pure).
-//! - [`batch`] — de-duplicates the targets of many events between flushes (pure).
-//! - [`sink`] — the only code that talks to Redis: detach, drain, unlink, stamp.
-//! - [`daemon`] — the supervisor and event loop tying them together.
+//! - [`config`] — every option declared once; file, environment and flags merged into
+//!   validated `Settings`.
+//! - [`schema`] — the SQL side: capture triggers, the publication and old-row triggers of
+//!   `logical` delivery, the signing key, the replication slot; migrate and uninstall.
+//! - [`source`] — PostgreSQL I/O: the listening session, the outbox's claims and doorbell, the
+//!   replication stream.
+//! - [`core`] — the pure core: events, the stream's frames and their folding, signatures,
+//!   rules, globs, key names, batches.
+//! - [`daemon`] — the supervisor, the feed of each delivery, and the path of every batch to
+//!   Redis.
+//! - [`sink`] — the only code that talks to Redis: detach, drain, unlink, stamp, scan.
 //! - [`http`], [`metrics`], [`shutdown`] — what an operator sees and how it stops.
 //! - [`cmd`] — one module per subcommand; [`cli`] — the clap types.
-//! - [`signature`] — the check of signed NOTIFY payloads and logical messages (pure).
 //! - [`db`], [`tls`], [`backoff`], [`redact`] — connection helpers.
-//! - [`throwaway`] — local servers for `evictd dev` and the tests.
+//! - [`throwaway`] — local servers for `evictd dev`, the tests and the benchmark.
 
 pub mod backoff;
 pub mod cli;

@@ -2,7 +2,8 @@
 //! describe it, and the parser for the JSON they write.
 //!
 //! Pure and total: any byte string either parses or yields an [`EventError`] naming the reason.
-//! The same JSON arrives through NOTIFY payloads (`notify` mode) and outbox rows (`outbox` mode).
+//! The same JSON arrives through NOTIFY payloads (`notify` delivery, signed), outbox rows
+//! (`outbox`) and logical decoding messages (`logical`: `invalidate_tags` and old rows, signed).
 //!
 //! Wire format, version 1 (written by the SQL in `schema::ddl`):
 //!

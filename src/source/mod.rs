@@ -1,6 +1,7 @@
-//! Where events come from: a PostgreSQL session that LISTENs on the channel and, in outbox
-//! mode, the outbox table it drains. Connection loss surfaces as an error; the daemon's
-//! supervisor reconnects.
+//! PostgreSQL I/O of the feeds: a session that LISTENs on the channel (events in `notify`
+//! delivery, wake-ups in the others) and reads what is installed; the outbox's claims and
+//! doorbell (`outbox`); the replication stream (`logical`). Connection loss surfaces as an
+//! error; the daemon's supervisor reconnects.
 
 pub mod doorbell;
 pub mod logical;

@@ -309,24 +309,7 @@ impl Env {
     /// A connection of its own LISTENing on the default channel: what it hears arrives on
     /// `payloads`.
     pub async fn listen(&self) -> Listener {
-        use futures_util::StreamExt as _;
-        let (client, mut connection) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls)
-            .await
-            .expect("listener connection");
-        let (tx, payloads) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = stream.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    let _ = tx.send(n.payload().to_string());
-                }
-            }
-        });
-        client
-            .batch_execute("LISTEN cache_invalidation")
-            .await
-            .expect("LISTEN");
-        Listener { client, payloads }
+        listen(&self.db_url).await
     }
 
     pub async fn sql(&self, sql: &str) {
@@ -453,8 +436,30 @@ impl Env {
     }
 }
 
-/// The daemon as a child process. Killed on drop.
-/// See [`Env::listen`].
+/// A connection of its own to `db_url` LISTENing on the default channel: what it hears arrives
+/// on `payloads`.
+pub async fn listen(db_url: &str) -> Listener {
+    use futures_util::StreamExt as _;
+    let (client, mut connection) = tokio_postgres::connect(db_url, tokio_postgres::NoTls)
+        .await
+        .expect("listener connection");
+    let (tx, payloads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute("LISTEN cache_invalidation")
+        .await
+        .expect("LISTEN");
+    Listener { client, payloads }
+}
+
+/// See [`listen`].
 pub struct Listener {
     pub client: tokio_postgres::Client,
     pub payloads: tokio::sync::mpsc::UnboundedReceiver<String>,

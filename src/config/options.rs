@@ -1,6 +1,6 @@
 //! Every option of the configuration file declared once: its name, default, bounds and what it
 //! does. Parsing reads defaults and bounds from here, error messages name the bounds, and the
-//! commented example in README's Configuration section is [`reference`] (a test keeps them
+//! commented example in README's Configuration section is [`reference()`] (a test keeps them
 //! equal).
 
 /// A whole-number option.

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Start-up work, before readiness, so that entries written after `ready` are never swept by
-//! it: finish interrupted drains; then the feed's own ([`feed`]): in `notify` mode invalidate
+//! it: finish interrupted drains; then the feed's own (`feed`): in `notify` mode invalidate
 //! every table table-wide (what happened while nobody listened is unknown), in `outbox` mode
 //! drain the backlog, in `logical` mode catch up with the replication slot.
 

@@ -33,7 +33,7 @@ const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
 /// The largest message the stream buffers whole. Every logical decoding message of evictd's
 /// own is smaller (`schema::ddl::LOGICAL_MESSAGE_LIMIT`), and so is any change row short of a
 /// huge value in a published column; anything larger — `pg_logical_emit_message` is open to
-/// every role — is skipped unread, its first [`OVERSIZED_HEAD_BYTES`] kept to tell what it was
+/// every role — is skipped unread, its first `OVERSIZED_HEAD_BYTES` kept to tell what it was
 /// ([`Frame::Oversized`]), so no message makes the daemon hold more than this.
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Of a frame too large to buffer, the start kept: the `XLogData` header and enough of the
@@ -281,7 +281,7 @@ impl WalStream {
     }
 
     /// Reports everything up to `lsn` as done, so the slot may release that WAL. The report
-    /// goes out from [`Self::recv`], within [`STATUS_INTERVAL`].
+    /// goes out from [`Self::recv`], within `STATUS_INTERVAL`.
     pub fn confirm(&mut self, lsn: Lsn) {
         if lsn > self.applied {
             self.applied = lsn;

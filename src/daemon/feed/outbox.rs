@@ -72,7 +72,7 @@ enum Doorbell {
 }
 
 impl Doorbell {
-    /// How long the session loop may wait before the next [`Daemon::drain_and_ring`].
+    /// How long the session loop may wait before the next [`OutboxFeed::drain_and_ring`].
     fn next_poll(self) -> Duration {
         match self {
             Doorbell::Idle => OUTBOX_POLL,

@@ -753,17 +753,21 @@ async fn frozen_stream_during_catch_up_is_noticed() {
     edit(&env, 0..10).await;
     let daemon = env.spawn_daemon(&[]);
     let start = Instant::now();
+    // Frozen once it reads WAL past the slot's position: streaming has started (a walsender
+    // frozen earlier, before it answers START_REPLICATION, is the connect timeout's case).
     let pid: i32 = loop {
         let row = env
             .pg
-            .query_one(
-                "SELECT active_pid FROM pg_replication_slots WHERE database = current_database()",
+            .query_opt(
+                "SELECT r.pid FROM pg_stat_replication r, pg_replication_slots s \
+                 WHERE s.database = current_database() AND s.active_pid = r.pid \
+                 AND r.sent_lsn > s.confirmed_flush_lsn",
                 &[],
             )
             .await
             .unwrap();
-        if let Some(pid) = row.get::<_, Option<i32>>(0) {
-            break pid;
+        if let Some(row) = row {
+            break row.get(0);
         }
         assert!(start.elapsed() < DEADLINE, "no walsender");
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::schema::SchemaError;
 use crate::sink::{RedisSink, SinkError, SinkOptions};
 use crate::source::{Session, SourceError};
-use feed::Feed;
+use feed::{AnyFeed, Feed as _};
 use flush::Flusher;
 use sweeper::sweep_forever;
 
@@ -135,7 +135,7 @@ async fn session(
             "finished drains a previous run left"
         );
     }
-    let mut feed = Feed::start(&mut source, &sink, flusher, redis_restarted).await?;
+    let mut feed = AnyFeed::start(&mut source, &sink, flusher, redis_restarted).await?;
     flusher.set_ready(true);
     backoff.reset();
     info!(

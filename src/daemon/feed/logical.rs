@@ -6,7 +6,7 @@ use tracing::{info, warn};
 
 use super::super::flush::Flusher;
 use super::super::{FLUSH_TAGS, SessionError};
-use super::Wake;
+use super::{Feed, Wake};
 use crate::core::folder::marker_content;
 use crate::core::wal::Frame;
 use crate::schema::slot::{self, SlotState};
@@ -92,36 +92,6 @@ impl LogicalFeed {
         }
         info!(slot, "caught up with the replication slot");
         Ok(feed)
-    }
-
-    /// The next frame of the stream, or a NOTIFY (which only wakes: the events are in the WAL).
-    /// Cancel-safe.
-    pub async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
-        tokio::select! {
-            biased;
-            notification = source.next_notification() => Ok(Wake::Notification(notification?)),
-            frame = self.stream.recv() => Ok(Wake::Frame(frame?)),
-        }
-    }
-
-    pub async fn handle(
-        &mut self,
-        wake: Wake,
-        source: &mut Session,
-        sink: &RedisSink,
-        flusher: &mut Flusher,
-    ) -> Result<(), SessionError> {
-        match wake {
-            Wake::Frame(frame) => {
-                self.on_frame(frame, sink, flusher, None).await?;
-            }
-            Wake::Notification(_) => {
-                while source.try_next_notification().is_some() {}
-                source.take_overflow();
-            }
-            Wake::Poll => {}
-        }
-        Ok(())
     }
 
     /// Folds `first` and every event already waiting into one batch, invalidates it, then
@@ -216,15 +186,43 @@ impl LogicalFeed {
     }
 }
 
-impl LogicalFeed {
+impl LogicalFeed {}
+
+impl Feed for LogicalFeed {
+    /// The next frame of the stream, or a NOTIFY (which only wakes: the events are in the WAL).
+    /// Cancel-safe.
+    async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
+        tokio::select! {
+            biased;
+            notification = source.next_notification() => Ok(Wake::Notification(notification?)),
+            frame = self.stream.recv() => Ok(Wake::Frame(frame?)),
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        wake: Wake,
+        source: &mut Session,
+        sink: &RedisSink,
+        flusher: &mut Flusher,
+    ) -> Result<(), SessionError> {
+        match wake {
+            Wake::Frame(frame) => {
+                self.on_frame(frame, sink, flusher, None).await?;
+            }
+            Wake::Notification(_) => {
+                while source.try_next_notification().is_some() {}
+                source.take_overflow();
+            }
+            Wake::Poll => {}
+        }
+        Ok(())
+    }
+
     /// The replication path's health: the marker written on the previous tick must have come
     /// back through the stream by now (a half-open replication connection shows no error, just
     /// silence); then a new one is written.
-    pub async fn health(
-        &mut self,
-        source: &Session,
-        flusher: &Flusher,
-    ) -> Result<(), SessionError> {
+    async fn health(&mut self, source: &Session, flusher: &Flusher) -> Result<(), SessionError> {
         let stream = &mut self.stream;
         let limit = flusher.settings.health_interval * 2;
         if let Some((_, sent)) = &stream.state.awaiting {

@@ -37,15 +37,38 @@ pub(super) enum Wake {
     Frame(Frame),
 }
 
+/// What every delivery's feed does once started: wait for what wakes it, handle it (fold,
+/// flush, acknowledge), and check its own health on the daemon's tick.
+pub(super) trait Feed {
+    /// What wakes the feed next. Cancel-safe: the loop waits on it beside its timers.
+    async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError>;
+
+    /// Turns what woke the feed into batches for Redis, and acknowledges them once Redis has
+    /// them. Runs to its end.
+    async fn handle(
+        &mut self,
+        wake: Wake,
+        source: &mut Session,
+        sink: &RedisSink,
+        flusher: &mut Flusher,
+    ) -> Result<(), SessionError>;
+
+    /// The delivery's part of the health tick (the outbox's backlog, the replication stream's
+    /// liveness marker); nothing by default.
+    async fn health(&mut self, _source: &Session, _flusher: &Flusher) -> Result<(), SessionError> {
+        Ok(())
+    }
+}
+
 /// The feed of the delivery the database has installed.
-pub(super) enum Feed {
+pub(super) enum AnyFeed {
     Notify(NotifyFeed),
     Outbox(OutboxFeed),
     /// Boxed: the stream's buffers and folder state are large beside the others.
     Logical(Box<LogicalFeed>),
 }
 
-impl Feed {
+impl AnyFeed {
     /// Does the delivery's start-up work (resync, backlog drain, catch-up with the slot), after
     /// which the daemon is ready: entries written from then on are never swept by it.
     pub async fn start(
@@ -55,28 +78,27 @@ impl Feed {
         redis_restarted: bool,
     ) -> Result<Self, SessionError> {
         Ok(match source.delivery {
-            Delivery::Notify => Feed::Notify(NotifyFeed::start(sink, flusher).await?),
+            Delivery::Notify => AnyFeed::Notify(NotifyFeed::start(sink, flusher).await?),
             Delivery::Outbox => {
-                Feed::Outbox(OutboxFeed::start(source, sink, flusher, redis_restarted).await?)
+                AnyFeed::Outbox(OutboxFeed::start(source, sink, flusher, redis_restarted).await?)
             }
-            Delivery::Logical => Feed::Logical(Box::new(
+            Delivery::Logical => AnyFeed::Logical(Box::new(
                 LogicalFeed::start(source, sink, flusher, redis_restarted).await?,
             )),
         })
     }
+}
 
-    /// What wakes the feed next. Cancel-safe: the loop waits on it beside its timers.
-    pub async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
+impl Feed for AnyFeed {
+    async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
         match self {
-            Feed::Notify(_) => Ok(Wake::Notification(source.next_notification().await?)),
-            Feed::Outbox(feed) => feed.wait(source).await,
-            Feed::Logical(feed) => feed.wait(source).await,
+            AnyFeed::Notify(feed) => feed.wait(source).await,
+            AnyFeed::Outbox(feed) => feed.wait(source).await,
+            AnyFeed::Logical(feed) => feed.wait(source).await,
         }
     }
 
-    /// Turns what woke the feed into batches for Redis, and acknowledges them once Redis has
-    /// them. Runs to its end.
-    pub async fn handle(
+    async fn handle(
         &mut self,
         wake: Wake,
         source: &mut Session,
@@ -84,23 +106,17 @@ impl Feed {
         flusher: &mut Flusher,
     ) -> Result<(), SessionError> {
         match self {
-            Feed::Notify(feed) => feed.handle(wake, source, sink, flusher).await,
-            Feed::Outbox(feed) => feed.handle(wake, source, sink, flusher).await,
-            Feed::Logical(feed) => feed.handle(wake, source, sink, flusher).await,
+            AnyFeed::Notify(feed) => feed.handle(wake, source, sink, flusher).await,
+            AnyFeed::Outbox(feed) => feed.handle(wake, source, sink, flusher).await,
+            AnyFeed::Logical(feed) => feed.handle(wake, source, sink, flusher).await,
         }
     }
 
-    /// The delivery's part of the health tick: the outbox's backlog, the replication stream's
-    /// liveness marker.
-    pub async fn health(
-        &mut self,
-        source: &Session,
-        flusher: &Flusher,
-    ) -> Result<(), SessionError> {
+    async fn health(&mut self, source: &Session, flusher: &Flusher) -> Result<(), SessionError> {
         match self {
-            Feed::Notify(_) => Ok(()),
-            Feed::Outbox(feed) => feed.health(source, flusher).await,
-            Feed::Logical(feed) => feed.health(source, flusher).await,
+            AnyFeed::Notify(feed) => feed.health(source, flusher).await,
+            AnyFeed::Outbox(feed) => feed.health(source, flusher).await,
+            AnyFeed::Logical(feed) => feed.health(source, flusher).await,
         }
     }
 }
@@ -114,6 +130,12 @@ impl NotifyFeed {
             .resync(sink, "start-up: notify mode cannot know what it missed")
             .await?;
         Ok(Self)
+    }
+}
+
+impl Feed for NotifyFeed {
+    async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
+        Ok(Wake::Notification(source.next_notification().await?))
     }
 
     /// One notification and whatever others are already waiting (up to `batch_max_events`

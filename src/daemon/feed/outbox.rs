@@ -11,7 +11,7 @@ use tracing::{Instrument as _, Span, debug};
 use super::super::flush::Flusher;
 use super::super::report::batch_span;
 use super::super::{FLUSH_TAGS, SessionError};
-use super::Wake;
+use super::{Feed, Wake};
 use crate::config::Wakeup;
 use crate::core::batch::{Batch, SentTags};
 use crate::core::event::ChangeEvent;
@@ -210,50 +210,6 @@ impl OutboxFeed {
         self.wakeup == Wakeup::Poll
     }
 
-    /// A wake-up NOTIFY, or the poll that is due. Cancel-safe.
-    pub async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
-        tokio::select! {
-            biased;
-            () = tokio::time::sleep_until(self.next_poll) => Ok(Wake::Poll),
-            notification = source.next_notification() => Ok(Wake::Notification(notification?)),
-        }
-    }
-
-    pub async fn handle(
-        &mut self,
-        wake: Wake,
-        source: &mut Session,
-        sink: &RedisSink,
-        flusher: &mut Flusher,
-    ) -> Result<(), SessionError> {
-        match wake {
-            Wake::Poll => {
-                let found = self.drain_and_ring(source, sink, flusher).await?;
-                if self.polling() {
-                    // Adaptive: straight back while there is work, backing off when idle.
-                    self.poll_every = if found > 0 {
-                        OUTBOX_POLL_BUSY
-                    } else {
-                        (self.poll_every * 2).min(flusher.settings.outbox_poll_max)
-                    };
-                } else {
-                    self.poll_every = self.doorbell.next_poll();
-                }
-                self.next_poll = tokio::time::Instant::now() + self.poll_every;
-            }
-            Wake::Notification(_) => {
-                self.on_wake_up(source, sink, flusher).await?;
-                if !self.polling() {
-                    self.next_poll = self
-                        .next_poll
-                        .min(tokio::time::Instant::now() + self.doorbell.next_poll());
-                }
-            }
-            Wake::Frame(_) => {}
-        }
-        Ok(())
-    }
-
     /// A wake-up and every other already waiting, answered by one drain. What they say is
     /// ignored: any role may NOTIFY, and the events are in the table; a dropped one costs
     /// nothing, the drain reads everything.
@@ -266,15 +222,6 @@ impl OutboxFeed {
         while source.try_next_notification().is_some() {}
         source.take_overflow();
         self.drain_and_ring(source, sink, flusher).await?;
-        Ok(())
-    }
-
-    /// The outbox's backlog, for the metric.
-    pub async fn health(&self, source: &Session, flusher: &Flusher) -> Result<(), SessionError> {
-        let waiting = outbox::backlog(&source.connection.client)
-            .await
-            .map_err(SourceError::from)?;
-        flusher.observed.metrics.outbox_backlog.set(waiting);
         Ok(())
     }
 
@@ -505,6 +452,61 @@ impl OutboxFeed {
         let (batch, report) = task.await.map_err(SessionError::Invalidation)?;
         let report = report?;
         span.in_scope(|| flusher.record(&batch, report, started.elapsed()));
+        Ok(())
+    }
+}
+
+impl Feed for OutboxFeed {
+    /// A wake-up NOTIFY, or the poll that is due. Cancel-safe.
+    async fn wait(&mut self, source: &mut Session) -> Result<Wake, SessionError> {
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(self.next_poll) => Ok(Wake::Poll),
+            notification = source.next_notification() => Ok(Wake::Notification(notification?)),
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        wake: Wake,
+        source: &mut Session,
+        sink: &RedisSink,
+        flusher: &mut Flusher,
+    ) -> Result<(), SessionError> {
+        match wake {
+            Wake::Poll => {
+                let found = self.drain_and_ring(source, sink, flusher).await?;
+                if self.polling() {
+                    // Adaptive: straight back while there is work, backing off when idle.
+                    self.poll_every = if found > 0 {
+                        OUTBOX_POLL_BUSY
+                    } else {
+                        (self.poll_every * 2).min(flusher.settings.outbox_poll_max)
+                    };
+                } else {
+                    self.poll_every = self.doorbell.next_poll();
+                }
+                self.next_poll = tokio::time::Instant::now() + self.poll_every;
+            }
+            Wake::Notification(_) => {
+                self.on_wake_up(source, sink, flusher).await?;
+                if !self.polling() {
+                    self.next_poll = self
+                        .next_poll
+                        .min(tokio::time::Instant::now() + self.doorbell.next_poll());
+                }
+            }
+            Wake::Frame(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The outbox's backlog, for the metric.
+    async fn health(&mut self, source: &Session, flusher: &Flusher) -> Result<(), SessionError> {
+        let waiting = outbox::backlog(&source.connection.client)
+            .await
+            .map_err(SourceError::from)?;
+        flusher.observed.metrics.outbox_backlog.set(waiting);
         Ok(())
     }
 }

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{Instrument as _, debug, info, warn};
 
+use super::Observed;
+use super::error::SessionError;
 use super::report::{RejectLog, Summary, batch_span};
-use super::{Observed, SessionError};
 use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::core::batch::Batch;
@@ -18,6 +19,10 @@ use crate::core::event::truncate;
 use crate::core::rules::Targets;
 use crate::metrics::EventLabels;
 use crate::sink::{MarkerTtl, RedisSink, Report};
+
+/// A batch is invalidated once it holds this many tags (and patterns), so memory stays
+/// bounded whatever the size of a statement or transaction.
+pub(super) const FLUSH_TAGS: usize = 20_000;
 
 /// The invalidation path every feed's batches take. Lives across sessions: second passes and
 /// Redis' last identity outlast a reconnect.

@@ -12,6 +12,7 @@
 //! every table table-wide (what happened while nobody listened is unknown), in `outbox` mode
 //! drain the backlog, in `logical` mode catch up with the replication slot.
 
+mod error;
 mod feed;
 mod flush;
 mod report;
@@ -21,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -29,37 +29,12 @@ use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::schema::SchemaError;
-use crate::sink::{RedisSink, SinkError, SinkOptions};
+use crate::sink::{RedisSink, SinkOptions};
 use crate::source::{Session, SourceError};
+use error::SessionError;
 use feed::{AnyFeed, Feed as _};
 use flush::Flusher;
 use sweeper::sweep_forever;
-
-/// A batch is invalidated once it holds this many tags (and patterns), so memory stays
-/// bounded whatever the size of a statement or transaction.
-const FLUSH_TAGS: usize = 20_000;
-
-#[derive(Debug, Error)]
-enum SessionError {
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Sink(#[from] SinkError),
-    #[error("postgresql did not answer a ping within {0:?} (half-open connection?)")]
-    PgTimeout(Duration),
-    #[error(
-        "the replication stream did not deliver our marker within {0:?} (half-open connection?)"
-    )]
-    StreamSilent(Duration),
-    #[error("shutting down")]
-    Shutdown,
-    /// The task invalidating a batch panicked (a bug) or was cancelled.
-    #[error("invalidation task failed: {0}")]
-    Invalidation(tokio::task::JoinError),
-    /// A problem no reconnect can fix: the configuration names what the database lacks.
-    #[error(transparent)]
-    Fatal(SchemaError),
-}
 
 /// Shared state the HTTP endpoints and tests observe.
 #[derive(Clone)]

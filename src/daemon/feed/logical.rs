@@ -4,8 +4,8 @@
 
 use tracing::{info, warn};
 
-use super::super::flush::Flusher;
-use super::super::{FLUSH_TAGS, SessionError};
+use super::super::error::SessionError;
+use super::super::flush::{FLUSH_TAGS, Flusher};
 use super::{Feed, Wake};
 use crate::core::folder::marker_content;
 use crate::core::wal::Frame;

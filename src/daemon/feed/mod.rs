@@ -16,7 +16,7 @@ mod outbox;
 use tokio_postgres::Notification;
 use tracing::warn;
 
-use super::SessionError;
+use super::error::SessionError;
 use super::flush::Flusher;
 use crate::config::Delivery;
 use crate::core::batch::Batch;

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument as _, Span, debug};
 
-use super::super::flush::Flusher;
+use super::super::error::SessionError;
+use super::super::flush::{FLUSH_TAGS, Flusher};
 use super::super::report::batch_span;
-use super::super::{FLUSH_TAGS, SessionError};
 use super::{Feed, Wake};
 use crate::config::Wakeup;
 use crate::core::batch::{Batch, SentTags};

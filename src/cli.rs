@@ -44,13 +44,15 @@ pub struct GlobalArgs {
         value_name = "URL"
     )]
     pub redis_url: Option<String>,
-    /// NOTIFY channel [default: cache_invalidation]
+    /// NOTIFY channel installed by `migrate` [default: cache_invalidation]; `run` listens on
+    /// the installed one (and warns when it differs)
     #[arg(long, env = "EVICTD_CHANNEL", global = true)]
     pub channel: Option<String>,
     /// Prefix of every Redis key evictd touches [default: cache:]
     #[arg(long, env = "EVICTD_KEY_PREFIX", global = true)]
     pub key_prefix: Option<String>,
-    /// Delivery mode installed by `migrate`: outbox or notify [default: outbox]
+    /// Delivery mode installed by `migrate`: outbox, notify or logical [default: outbox];
+    /// `run` follows what the database has installed (and warns when it differs)
     #[arg(long, env = "EVICTD_DELIVERY", global = true)]
     pub delivery: Option<Delivery>,
     /// Address for /metrics, /healthz and /readyz [default: 127.0.0.1:9750]
@@ -109,7 +111,12 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
     /// Seconds to finish the batch in hand after SIGTERM/SIGINT before exiting anyway
-    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "EVICTD_SHUTDOWN_TIMEOUT",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
     pub shutdown_timeout: u64,
 }
 
@@ -171,10 +178,65 @@ pub struct InvalidateArgs {
     /// One of the application's cache types
     #[arg(long = "type", value_enum, value_name = "TYPE")]
     pub cache_type: Option<CacheType>,
+    /// With `--type products` or `client_configs`: only this client's entries
     #[arg(long, value_name = "ID")]
     pub client_id: Option<String>,
+    /// With `--type expert_sessions`: only this product's entries
     #[arg(long, value_name = "ID")]
     pub product_id: Option<String>,
+    /// With `--type module_content`: only this module's entries
     #[arg(long, value_name = "ID")]
     pub module_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// What configures evictd can come from the environment (containers, systemd units); the
+    /// one-shot commands' own arguments say what to do this time, and have none.
+    #[test]
+    fn every_setting_flag_has_its_environment_variable() {
+        let cli = Cli::command();
+        let run = cli
+            .get_subcommands()
+            .find(|c| c.get_name() == "run")
+            .unwrap();
+        let flags = cli.get_arguments().chain(run.get_arguments());
+        let mut checked = 0;
+        for arg in flags.filter(|a| a.get_long().is_some()) {
+            let name = arg.get_long().unwrap();
+            if matches!(name, "help" | "version") {
+                continue;
+            }
+            assert!(
+                arg.get_env().is_some(),
+                "--{name} has no environment variable"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 11, "only {checked} flags checked");
+    }
+
+    #[test]
+    fn every_invalidate_flag_has_help() {
+        let cli = Cli::command();
+        let invalidate = cli
+            .get_subcommands()
+            .find(|c| c.get_name() == "invalidate")
+            .unwrap();
+        for arg in invalidate.get_arguments() {
+            assert!(arg.get_help().is_some(), "{} has no help", arg.get_id());
+        }
+    }
+
+    #[test]
+    fn delivery_help_lists_every_mode() {
+        let help = Cli::command().render_long_help().to_string();
+        for mode in ["outbox", "notify", "logical"] {
+            assert!(help.contains(mode), "--delivery help lacks {mode}");
+        }
+    }
 }

@@ -535,3 +535,38 @@ async fn json_logs_are_one_object_per_line() {
     }
     assert!(daemon.log().contains("\"span\""), "{}", daemon.log());
 }
+
+/// A `--delivery` or `--channel` that differs from what `migrate` installed is followed by the
+/// database's record, with a warning naming both; invalidation goes on as installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_warns_when_flags_differ_from_the_installed_delivery() {
+    let env = Env::new(Delivery::Outbox).await;
+    seed(&env).await;
+    let daemon = env.spawn_daemon(&["--delivery", "notify", "--channel", "somewhere_else"]);
+    daemon.wait_ready().await;
+    daemon
+        .wait_log("the configured delivery differs from what the database has installed")
+        .await;
+    daemon
+        .wait_log("the configured channel differs from what the database has installed")
+        .await;
+    let log = daemon.log();
+    assert!(log.contains("configured=notify installed=outbox"), "{log}");
+    assert!(log.contains("configured=somewhere_else"), "{log}");
+    let key = env.cache("p1", &[&format!("products:id:{P1}")]).await;
+    env.sql(&format!("UPDATE products SET name = 'w' WHERE id = '{P1}'"))
+        .await;
+    env.wait_gone(&[key]).await;
+}
+
+/// With the flags matching what is installed (as every other test runs), no such warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_is_quiet_when_flags_match_the_installed_delivery() {
+    let env = Env::new(Delivery::Outbox).await;
+    let daemon = env.start_daemon().await;
+    assert!(
+        !daemon.log().contains("differs from what the database has installed"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -147,6 +147,10 @@ pub struct Settings {
     pub key_prefix: String,
     /// Delivery mode `migrate` installs; `run` follows what the database records.
     pub delivery: Delivery,
+    /// Whether the delivery mode and the channel were given (flag, environment or file) rather
+    /// than defaulted; `run` warns when a given one differs from what the database records.
+    pub delivery_given: bool,
+    pub channel_given: bool,
     /// How outbox mode wakes the daemon (installed by `migrate`, like `delivery`).
     pub outbox_wakeup: Wakeup,
     /// The longest pause between two polls of the outbox in `poll` wake-up mode.
@@ -320,6 +324,8 @@ impl Settings {
         };
         let text_default = |option: options::Text| option.default.unwrap_or_default();
 
+        let channel_given = overrides.channel.is_some() || raw.channel.is_some();
+        let delivery_given = overrides.delivery.is_some() || raw.delivery.is_some();
         let channel = pick_spanned(
             overrides.channel.clone(),
             raw.channel,
@@ -443,6 +449,8 @@ impl Settings {
                 .delivery
                 .or(raw.delivery)
                 .unwrap_or(Delivery::Outbox),
+            delivery_given,
+            channel_given,
             outbox_wakeup: raw.outbox_wakeup.unwrap_or(Wakeup::Doorbell),
             outbox_poll_max: Duration::from_millis(outbox_poll_max_ms),
             http_addr,

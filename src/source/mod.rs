@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 
 use thiserror::Error;
 use tokio_postgres::Notification;
+use tracing::warn;
 
 use crate::config::{Delivery, Settings, Wakeup};
 use crate::core::signature::SigningKey;
@@ -83,6 +84,22 @@ impl Session {
                 installed: installed.version,
                 wanted: schema::ddl::SCHEMA_VERSION,
             });
+        }
+        if settings.delivery_given && settings.delivery != installed.delivery {
+            warn!(
+                configured = %settings.delivery.as_str(),
+                installed = %installed.delivery.as_str(),
+                "the configured delivery differs from what the database has installed; following \
+                 the database (run `evictd migrate` to install the configured one)"
+            );
+        }
+        if settings.channel_given && settings.channel != installed.channel {
+            warn!(
+                configured = %settings.channel,
+                installed = %installed.channel,
+                "the configured channel differs from what the database has installed; listening \
+                 on the installed one (run `evictd migrate` to install the configured one)"
+            );
         }
         // The daemon's own commits only acknowledge outbox rows. Losing the last few acks in a
         // PostgreSQL crash means invalidating those events again (at-least-once holds); not

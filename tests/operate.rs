@@ -565,7 +565,9 @@ async fn run_is_quiet_when_flags_match_the_installed_delivery() {
     let env = Env::new(Delivery::Outbox).await;
     let daemon = env.start_daemon().await;
     assert!(
-        !daemon.log().contains("differs from what the database has installed"),
+        !daemon
+            .log()
+            .contains("differs from what the database has installed"),
         "{}",
         daemon.log()
     );

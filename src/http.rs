@@ -1,5 +1,5 @@
 //! `/healthz`, `/readyz` and `/metrics` over HTTP/1. No business logic: it reads the shared
-//! readiness flag and encodes the metrics registry.
+//! liveness and readiness and encodes the metrics registry.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,6 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::liveness::Liveness;
+
 /// Connections served at once. Probes and a scraper need a handful; past this, new ones wait
 /// in the kernel's backlog instead of costing the daemon a task and a descriptor each.
 const MAX_CONNECTIONS: usize = 64;
@@ -29,6 +31,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn serve(
     addr: SocketAddr,
     ready: Arc<AtomicBool>,
+    liveness: Liveness,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
@@ -59,11 +62,12 @@ pub async fn serve(
                 },
             };
             let ready = ready.clone();
+            let liveness = liveness.clone();
             let registry = registry.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let service = service_fn(move |request| {
-                    let response = respond(&request, &ready, &registry);
+                    let response = respond(&request, &ready, &liveness, &registry);
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let _ = http1::Builder::new()
@@ -80,6 +84,7 @@ pub async fn serve(
 fn respond<B>(
     request: &Request<B>,
     ready: &AtomicBool,
+    liveness: &Liveness,
     registry: &Registry,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String, content_type: &str| {
@@ -90,7 +95,17 @@ fn respond<B>(
             .unwrap_or_default()
     };
     match request.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        // Alive means the daemon's loops make progress, whether or not its servers answer:
+        // a restart fixes a stuck loop, not an unreachable database.
+        "/healthz" if liveness.is_alive() => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/healthz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stalled: no progress for {} s\n",
+                liveness.since_last_beat().as_secs()
+            ),
+            "text/plain",
+        ),
         "/readyz" if ready.load(Ordering::Relaxed) => {
             text(StatusCode::OK, "ready\n".into(), "text/plain")
         }

@@ -26,6 +26,7 @@ pub mod core;
 pub mod daemon;
 pub mod db;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod redact;
 pub mod schema;

@@ -64,7 +64,7 @@ fn readme_configuration_example_is_valid() {
 }
 
 /// `systemd-analyze verify` accepts the unit (with paths pointed at this build), and it is a
-/// notify service with a watchdog.
+/// notify service with a watchdog that does not restart-loop on a configuration error.
 #[test]
 fn systemd_unit_verifies() {
     let unit = read("deploy/systemd/evictd.service");
@@ -72,6 +72,7 @@ fn systemd_unit_verifies() {
         "Type=notify",
         "WatchdogSec=",
         "Restart=always",
+        "RestartPreventExitStatus=2",
         "DynamicUser=yes",
         "ProtectSystem=strict",
     ] {

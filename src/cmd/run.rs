@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use crate::cli::RunArgs;
 use crate::config::Settings;
 use crate::daemon::{self, Observed};
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::redact::redact_url;
 use crate::{http, shutdown};
@@ -28,9 +29,11 @@ pub async fn serve_and_run(
 ) -> anyhow::Result<()> {
     let (metrics, registry) = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let liveness = Liveness::new(settings.liveness_timeout);
     let addr = http::serve(
         settings.http_addr,
         ready.clone(),
+        liveness.clone(),
         Arc::new(registry),
         token.clone(),
     )
@@ -44,7 +47,11 @@ pub async fn serve_and_run(
     );
     let mut daemon = tokio::spawn(daemon::run(
         settings,
-        Observed { ready, metrics },
+        Observed {
+            ready,
+            liveness,
+            metrics,
+        },
         token.clone(),
     ));
     let grace = Duration::from_secs(args.shutdown_timeout);

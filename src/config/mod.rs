@@ -118,6 +118,9 @@ impl FromStr for LogFormat {
     }
 }
 
+/// The environment variable of [`Settings::stall_on_tag`].
+pub const STALL_ON_TAG_ENV: &str = "EVICTD_FAULT_STALL_ON_TAG";
+
 /// Values given on the command line or in the environment; `None` means "not given".
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -179,6 +182,13 @@ pub struct Settings {
     /// How often both servers are pinged; a ping slower than this fails, so a frozen
     /// (half-open) PostgreSQL connection is noticed within two intervals.
     pub health_interval: Duration,
+    /// How long the daemon's loops may go without progress (a batch confirmed, a health tick, a
+    /// retry) before `/healthz` fails and systemd's watchdog is no longer fed. Above the longest
+    /// wait of a server call (Redis' 10 s response timeout).
+    pub liveness_timeout: Duration,
+    /// A fault for the liveness tests, from `EVICTD_FAULT_STALL_ON_TAG` (not an option users
+    /// set): an invalidation carrying this tag never finishes, as a deadlocked one would not.
+    pub stall_on_tag: Option<String>,
     /// When set, every batch's tags are invalidated a second time after this delay, removing
     /// entries an application wrote back from a read that raced the first invalidation.
     pub second_pass: Option<Duration>,
@@ -259,6 +269,7 @@ struct FileConfig {
     notify_buffer: Option<Spanned<u64>>,
     publish_channel: Option<String>,
     health_interval_ms: Option<Spanned<u64>>,
+    liveness_timeout_secs: Option<Spanned<u64>>,
     second_pass_ms: Option<Spanned<u64>>,
     sweep_interval_secs: Option<Spanned<u64>>,
     sweep_rate: Option<Spanned<u64>>,
@@ -379,6 +390,8 @@ impl Settings {
         let tagts_ttl_secs = number(&options::TAGTS_TTL_SECS, raw.tagts_ttl_secs)?;
         let wide_row_threshold = number(&options::WIDE_ROW_THRESHOLD, raw.wide_row_threshold)?;
         let health_interval_ms = number(&options::HEALTH_INTERVAL_MS, raw.health_interval_ms)?;
+        let liveness_timeout_secs =
+            number(&options::LIVENESS_TIMEOUT_SECS, raw.liveness_timeout_secs)?;
         let sweep_rate = number(&options::SWEEP_RATE, raw.sweep_rate)?;
         let outbox_poll_max_ms = number(&options::OUTBOX_POLL_MAX_MS, raw.outbox_poll_max_ms)?;
         let second_pass_ms = number(&options::SECOND_PASS_MS, raw.second_pass_ms)?;
@@ -466,6 +479,10 @@ impl Settings {
             notify_buffer: size(notify_buffer),
             publish_channel: raw.publish_channel.filter(|c| !c.is_empty()),
             health_interval: Duration::from_millis(health_interval_ms),
+            liveness_timeout: Duration::from_secs(liveness_timeout_secs),
+            stall_on_tag: std::env::var(STALL_ON_TAG_ENV)
+                .ok()
+                .filter(|t| !t.is_empty()),
             second_pass: (second_pass_ms > 0).then(|| Duration::from_millis(second_pass_ms)),
             sweep_interval: (sweep_interval_secs > 0)
                 .then(|| Duration::from_secs(sweep_interval_secs)),

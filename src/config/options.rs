@@ -144,6 +144,13 @@ pub const HEALTH_INTERVAL_MS: Number = Number {
     max: u64::MAX,
     doc: "ping both servers; a frozen connection is noticed within two",
 };
+pub const LIVENESS_TIMEOUT_SECS: Number = Number {
+    name: "liveness_timeout_secs",
+    default: 60,
+    min: 1,
+    max: 86_400,
+    doc: "no progress this long: /healthz fails, systemd's watchdog starves",
+};
 pub const SECOND_PASS_MS: Number = Number {
     name: "second_pass_ms",
     default: 0,
@@ -177,7 +184,7 @@ pub const TEXT: [Text; 8] = [
     LOG_FORMAT,
     OUTBOX_WAKEUP,
 ];
-pub const NUMBERS: [Number; 11] = [
+pub const NUMBERS: [Number; 12] = [
     TAGTS_TTL_SECS,
     BATCH_MAX_EVENTS,
     BATCH_LINGER_MS,
@@ -186,6 +193,7 @@ pub const NUMBERS: [Number; 11] = [
     OUTBOX_POLL_MAX_MS,
     NOTIFY_BUFFER,
     HEALTH_INTERVAL_MS,
+    LIVENESS_TIMEOUT_SECS,
     SECOND_PASS_MS,
     SWEEP_INTERVAL_SECS,
     SWEEP_RATE,

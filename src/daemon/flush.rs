@@ -159,6 +159,7 @@ impl Flusher {
         let mut failed = false;
         let span = batch_span(&batch);
         let report = loop {
+            self.observed.liveness.beat();
             match sink
                 .invalidate_with(&batch.targets, marker_ttl)
                 .instrument(span.clone())
@@ -173,7 +174,7 @@ impl Flusher {
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "redis invalidation failed; retrying");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return Err(SessionError::Shutdown),
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.observed.liveness.sleep(delay) => {}
                     }
                 }
             }
@@ -191,6 +192,7 @@ impl Flusher {
 
     /// Metrics, the debug line and the summary of one batch Redis confirmed.
     pub fn record(&mut self, batch: &Batch, report: Report, took: Duration) {
+        self.observed.liveness.beat();
         let m = &self.observed.metrics;
         m.batches.inc();
         if report.wrong_type > 0 {
@@ -237,7 +239,7 @@ impl Flusher {
     }
 
     /// Redis' part of the health tick: a ping within `limit`; a Redis that restarted meanwhile
-    /// gets a resync. Ready (and the watchdog fed) when it answers, not ready when it does not.
+    /// gets a resync. Ready when it answers, not ready when it does not.
     pub async fn redis_health(
         &mut self,
         sink: &RedisSink,
@@ -249,9 +251,6 @@ impl Flusher {
                     self.resync(sink, "redis restarted or failed over").await?;
                 }
                 self.set_ready(true);
-                if sd_notify::watchdog_enabled().is_some() {
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                }
                 if self.summary.has_news() {
                     self.summary.maybe_log();
                 }

@@ -17,6 +17,7 @@ mod feed;
 mod flush;
 mod report;
 mod sweeper;
+mod watchdog;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -27,6 +28,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Settings;
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::schema::SchemaError;
 use crate::sink::{RedisSink, SinkOptions};
@@ -40,6 +42,7 @@ use sweeper::sweep_forever;
 #[derive(Clone)]
 pub struct Observed {
     pub ready: Arc<AtomicBool>,
+    pub liveness: Liveness,
     pub metrics: Metrics,
 }
 
@@ -58,9 +61,16 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    tokio::spawn(watchdog::watch(
+        observed.liveness.clone(),
+        observed.ready.clone(),
+        shutdown.clone(),
+    ));
+    let liveness = observed.liveness.clone();
     let mut flusher = Flusher::new(settings, observed, shutdown.clone());
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
+        liveness.beat();
         let outcome = session(&mut flusher, &shutdown, &mut backoff).await;
         flusher.set_ready(false);
         match outcome {
@@ -77,7 +87,7 @@ pub async fn run(
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "not serving; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = liveness.sleep(delay) => {}
                 }
             }
         }
@@ -91,7 +101,11 @@ async fn session(
     backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
     let settings = flusher.settings.clone();
-    let sink = RedisSink::connect(&settings.redis_url, SinkOptions::from(&settings)).await?;
+    let options = SinkOptions {
+        heartbeat: Some(flusher.observed.liveness.clone()),
+        ..SinkOptions::from(&settings)
+    };
+    let sink = RedisSink::connect(&settings.redis_url, options).await?;
     sink.ping().await?;
     sink.check_version().await?;
     sink.warn_if_evicting().await;
@@ -119,13 +133,11 @@ async fn session(
         "evictd is ready"
     );
 
-    // Under a systemd watchdog, ping at least twice per watchdog period.
-    let tick = sd_notify::watchdog_enabled().map_or(settings.health_interval, |w| {
-        settings.health_interval.min(w / 2)
-    });
-    let mut health = tokio::time::interval(tick);
+    let mut health = tokio::time::interval(settings.health_interval);
     health.reset();
     loop {
+        // Every turn is progress; a turn that never ends (a stuck flush) stops the beats.
+        flusher.observed.liveness.beat();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),

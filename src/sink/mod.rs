@@ -94,6 +94,11 @@ pub struct SinkOptions {
     pub publish_channel: Option<String>,
     /// Extra CA certificates for `rediss://` URLs.
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Beaten at each page of a keyspace walk, so that a long one counts as progress.
+    pub heartbeat: Option<crate::liveness::Liveness>,
+    /// The liveness tests' fault (`Settings::stall_on_tag`): an invalidation carrying this tag
+    /// never finishes, as a deadlocked one would not.
+    pub stall_on_tag: Option<String>,
 }
 
 impl From<&crate::config::Settings> for SinkOptions {
@@ -104,6 +109,8 @@ impl From<&crate::config::Settings> for SinkOptions {
             tagts_ttl: settings.tagts_ttl,
             publish_channel: settings.publish_channel.clone(),
             tls_ca_file: settings.tls_ca_file.clone(),
+            heartbeat: None,
+            stall_on_tag: settings.stall_on_tag.clone(),
         }
     }
 }
@@ -255,6 +262,12 @@ impl RedisSink {
         targets: &Targets,
         marker_ttl: MarkerTtl,
     ) -> Result<Report, SinkError> {
+        if let Some(tag) = &self.options.stall_on_tag
+            && targets.tags.contains(tag)
+        {
+            tracing::warn!(tag = %tag, "stalling this batch, as EVICTD_FAULT_STALL_ON_TAG asks");
+            std::future::pending::<()>().await;
+        }
         self.invalidate_reporting(targets, marker_ttl, &|_| {})
             .await
     }

@@ -42,6 +42,9 @@ impl RedisSink {
             .await?;
         scan.cursor = next;
         scan.done = next == 0;
+        if let Some(heartbeat) = &self.options.heartbeat {
+            heartbeat.beat();
+        }
         Ok(Some(keys))
     }
 

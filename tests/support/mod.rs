@@ -219,10 +219,12 @@ impl Env {
                 .arg(&full)
                 .ignore();
         }
-        let () = pipe
-            .query_async(&mut self.redis.clone())
-            .await
-            .expect("write cache entry");
+        // Retried while Redis restarts, as `exists` is (the whole transaction, so at most once).
+        let start = Instant::now();
+        while let Err(e) = pipe.query_async::<()>(&mut self.redis.clone()).await {
+            assert!(start.elapsed() < DEADLINE, "write cache entry: {e}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         full
     }
 

@@ -2,6 +2,8 @@
 //! the stream has nothing more waiting (or the batch is full), invalidated, and only then is
 //! the end of the last complete transaction confirmed to PostgreSQL.
 
+use std::time::{Duration, Instant};
+
 use tracing::{info, warn};
 
 use super::super::error::SessionError;
@@ -77,15 +79,25 @@ impl LogicalFeed {
         logical::write_marker(client, &nonce).await?;
         // A long backlog streams for as long as it takes, but a stream silent for
         // CATCH_UP_SILENCE health intervals (a frozen or half-open connection) is given up.
+        // Waiting within that bound is progress (the walsender may decode a large backlog for
+        // minutes before the first frame): the wait beats every second.
         let silence = flusher.settings.health_interval * CATCH_UP_SILENCE;
         let shutdown = flusher.shutdown().clone();
+        let mut waiting = tokio::time::interval(Duration::from_secs(1));
+        let mut last_frame = Instant::now();
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return Err(SessionError::Shutdown),
-                event = tokio::time::timeout(silence, feed.stream.recv()) => {
-                    event.map_err(|_| SessionError::StreamSilent(silence))??
+                event = feed.stream.recv() => event?,
+                _ = waiting.tick() => {
+                    if last_frame.elapsed() > silence {
+                        return Err(SessionError::StreamSilent(silence));
+                    }
+                    flusher.observed.liveness.beat();
+                    continue;
                 }
             };
+            last_frame = Instant::now();
             if feed.on_frame(event, sink, flusher, Some(&nonce)).await? {
                 break;
             }

@@ -7,6 +7,43 @@
 SELECT pg_catalog.set_config('evictd.saved_search_path', pg_catalog.current_setting('search_path'), true);
 SET LOCAL search_path = pg_catalog, pg_temp;
 
+-- Every table and column the rules name must exist: triggers reading a missing column would
+-- fail every write to the table.
+DO $check$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT * FROM (VALUES
+        ('public', 'products', 'client_id', 'products:client:{client_id}'),
+        ('public', 'products', 'id', 'products:id:{id}'),
+        ('public', 'job_readiness_expert_sessions', 'id', 'expert_sessions:id:{id}'),
+        ('public', 'job_readiness_expert_sessions', 'product_id', 'expert_sessions:product:{product_id}'),
+        ('public', 'modules', 'id', 'module_content:id:{id}'),
+        ('public', 'modules', 'product_id', 'module_content:product:{product_id}'),
+        ('public', 'clients', 'id', 'client_configs:id:{id}')
+    ) AS v(nsp, rel, col, template) LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_class c
+                       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                       WHERE n.nspname OPERATOR(pg_catalog.=) r.nsp
+                         AND c.relname OPERATOR(pg_catalog.=) r.rel) THEN
+            RAISE EXCEPTION 'evictd: table %.% does not exist', r.nsp, r.rel
+                USING HINT = 'create it, or remove its [[tables]] rule, then generate this SQL again';
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                       JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
+                       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                       WHERE n.nspname OPERATOR(pg_catalog.=) r.nsp
+                         AND c.relname OPERATOR(pg_catalog.=) r.rel
+                         AND a.attname OPERATOR(pg_catalog.=) r.col
+                         AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'evictd: table %.% has no column % (placeholder {%} of rule "%")',
+                r.nsp, r.rel, r.col, r.col, r.template
+                USING HINT = 'fix the rule in the configuration, then generate this SQL again';
+        END IF;
+    END LOOP;
+END
+$check$;
+
 CREATE SCHEMA IF NOT EXISTS evictd;
 REVOKE ALL ON SCHEMA evictd FROM PUBLIC;
 GRANT USAGE ON SCHEMA evictd TO PUBLIC;
@@ -165,6 +202,7 @@ DECLARE
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
+    BEGIN
     IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["client_id","id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
@@ -261,6 +299,22 @@ BEGIN
         PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     END IF;
     RETURN NULL;
+    EXCEPTION WHEN undefined_column THEN
+        -- A rule column dropped or renamed since `migrate`: the rows cannot be read, so the
+        -- table goes table-wide and the writer's statement goes on (`doctor` names the rule).
+    END;
+    head := '{"v":1,"op":"' OPERATOR(pg_catalog.||) TG_OP OPERATOR(pg_catalog.||) '","table":"public.products","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint;
+    payload := head OPERATOR(pg_catalog.||) ',"wide":true}';
+    INSERT INTO evictd.outbox (payload) VALUES (payload);
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
+    RETURN NULL;
 END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.capture__public__products() FROM PUBLIC;
@@ -292,6 +346,7 @@ DECLARE
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
+    BEGIN
     IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
@@ -388,6 +443,22 @@ BEGIN
         PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     END IF;
     RETURN NULL;
+    EXCEPTION WHEN undefined_column THEN
+        -- A rule column dropped or renamed since `migrate`: the rows cannot be read, so the
+        -- table goes table-wide and the writer's statement goes on (`doctor` names the rule).
+    END;
+    head := '{"v":1,"op":"' OPERATOR(pg_catalog.||) TG_OP OPERATOR(pg_catalog.||) '","table":"public.job_readiness_expert_sessions","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint;
+    payload := head OPERATOR(pg_catalog.||) ',"wide":true}';
+    INSERT INTO evictd.outbox (payload) VALUES (payload);
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
+    RETURN NULL;
 END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.capture__public__job_readiness_expert_sessions() FROM PUBLIC;
@@ -419,6 +490,7 @@ DECLARE
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
+    BEGIN
     IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id","product_id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
@@ -515,6 +587,22 @@ BEGIN
         PERFORM pg_catalog.pg_notify('cache_invalidation', '');
     END IF;
     RETURN NULL;
+    EXCEPTION WHEN undefined_column THEN
+        -- A rule column dropped or renamed since `migrate`: the rows cannot be read, so the
+        -- table goes table-wide and the writer's statement goes on (`doctor` names the rule).
+    END;
+    head := '{"v":1,"op":"' OPERATOR(pg_catalog.||) TG_OP OPERATOR(pg_catalog.||) '","table":"public.modules","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint;
+    payload := head OPERATOR(pg_catalog.||) ',"wide":true}';
+    INSERT INTO evictd.outbox (payload) VALUES (payload);
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
+    RETURN NULL;
 END
 $fn$;
 REVOKE ALL ON FUNCTION evictd.capture__public__modules() FROM PUBLIC;
@@ -546,6 +634,7 @@ DECLARE
     head pg_catalog.text;
     payload pg_catalog.text;
 BEGIN
+    BEGIN
     IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO evictd.outbox (payload)
         SELECT x.h OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) x.body OPERATOR(pg_catalog.||) ']}' FROM (
@@ -633,6 +722,22 @@ BEGIN
         INSERT INTO evictd.outbox (payload)
             SELECT head OPERATOR(pg_catalog.||) ',"cols":["id"],"rows":[' OPERATOR(pg_catalog.||) b OPERATOR(pg_catalog.||) ']}' FROM pg_catalog.unnest(bodies) b;
     END IF;
+    IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
+        IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
+            PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+        END IF;
+    ELSE
+        PERFORM pg_catalog.pg_notify('cache_invalidation', '');
+    END IF;
+    RETURN NULL;
+    EXCEPTION WHEN undefined_column THEN
+        -- A rule column dropped or renamed since `migrate`: the rows cannot be read, so the
+        -- table goes table-wide and the writer's statement goes on (`doctor` names the rule).
+    END;
+    head := '{"v":1,"op":"' OPERATOR(pg_catalog.||) TG_OP OPERATOR(pg_catalog.||) '","table":"public.clients","ts":' OPERATOR(pg_catalog.||) (extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000)::bigint;
+    payload := head OPERATOR(pg_catalog.||) ',"wide":true}';
+    INSERT INTO evictd.outbox (payload) VALUES (payload);
     IF coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN
         PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311146920957994082);
         IF NOT coalesce(pg_catalog.pg_sequence_last_value('evictd.doorbell'::pg_catalog.regclass), 0) OPERATOR(pg_catalog.=) 1 THEN

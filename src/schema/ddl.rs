@@ -7,6 +7,7 @@
 //! `sql/evictd.sql` holds it for the default configuration (a test keeps them identical).
 
 mod capture;
+mod check;
 mod publication;
 mod signing;
 
@@ -17,6 +18,7 @@ use crate::core::rules::{TableName, TableRule};
 
 pub use capture::OUTBOX_EVENT_ROWS;
 use capture::{capture_function, triggers};
+use check::rule_columns_check;
 pub use publication::{
     OLD_ROWS_PREFIX, PUBLICATION, SLOT_NAME_SQL, identity_columns_sql, sent_columns_sql,
 };
@@ -74,6 +76,7 @@ pub fn render(settings: &Settings) -> String {
          SELECT pg_catalog.set_config('evictd.saved_search_path', pg_catalog.current_setting('search_path'), true);\n\
          SET LOCAL search_path = pg_catalog, pg_temp;\n\n",
     );
+    sql.push_str(&rule_columns_check(settings.rules.tables()));
     sql.push_str(&format!(
         r#"CREATE SCHEMA IF NOT EXISTS evictd;
 REVOKE ALL ON SCHEMA evictd FROM PUBLIC;

@@ -74,11 +74,22 @@ pub async fn installed(client: &impl GenericClient) -> Result<Option<Installed>,
     }))
 }
 
-/// Checks that every configured table exists and has every column its templates reference.
-pub async fn check_columns(
+/// What the rules name that the database lacks: a table (nothing can be installed on it) or a
+/// column (a rule's placeholder names none, or the column was dropped or renamed since
+/// `migrate`).
+#[derive(Debug)]
+pub struct RuleGap {
+    pub table_missing: bool,
+    /// A [`SchemaError::Config`] naming the rule's file and line.
+    pub error: SchemaError,
+}
+
+/// Every table and rule column the database lacks, in the rules' order.
+pub async fn rule_gaps(
     client: &impl GenericClient,
     settings: &Settings,
-) -> Result<(), SchemaError> {
+) -> Result<Vec<RuleGap>, SchemaError> {
+    let mut gaps = Vec::new();
     for rule in settings.rules.tables() {
         let rows = client
             .query(
@@ -97,27 +108,45 @@ pub async fn check_columns(
             .map(|t| t.source().to_string())
             .unwrap_or_default();
         if columns.is_empty() {
-            return Err(SchemaError::Config {
-                location: settings.origin.locate(&rule.table, &first_template),
-                problem: format!("table `{}` does not exist in the database", rule.table),
+            gaps.push(RuleGap {
+                table_missing: true,
+                error: SchemaError::Config {
+                    location: settings.origin.locate(&rule.table, &first_template),
+                    problem: format!("table `{}` does not exist in the database", rule.table),
+                },
             });
+            continue;
         }
         for template in rule.tags.iter().chain(&rule.keys) {
             let placeholders =
                 crate::core::rules::Template::placeholders(template.source()).unwrap_or_default();
-            if let Some(missing) = placeholders.iter().find(|p| !columns.contains(p)) {
-                return Err(SchemaError::Config {
-                    location: settings.origin.locate(&rule.table, template.source()),
-                    problem: format!(
-                        "placeholder `{{{missing}}}` in `{}` names no column of table `{}`",
-                        template.source(),
-                        rule.table
-                    ),
+            for missing in placeholders.iter().filter(|p| !columns.contains(p)) {
+                gaps.push(RuleGap {
+                    table_missing: false,
+                    error: SchemaError::Config {
+                        location: settings.origin.locate(&rule.table, template.source()),
+                        problem: format!(
+                            "placeholder `{{{missing}}}` in `{}` names no column of table `{}`",
+                            template.source(),
+                            rule.table
+                        ),
+                    },
                 });
             }
         }
     }
-    Ok(())
+    Ok(gaps)
+}
+
+/// Fails with the first of [`rule_gaps`]: what `migrate` and `doctor` require.
+pub async fn check_columns(
+    client: &impl GenericClient,
+    settings: &Settings,
+) -> Result<(), SchemaError> {
+    match rule_gaps(client, settings).await?.into_iter().next() {
+        Some(gap) => Err(gap.error),
+        None => Ok(()),
+    }
 }
 
 /// The partitions of `table` (at any depth) that lack evictd's triggers, by qualified name:

@@ -75,7 +75,20 @@ impl Session {
             .client
             .batch_execute(schema::PIN_SEARCH_PATH)
             .await?;
-        schema::check_columns(&connection.client, settings).await?;
+        // A missing table is a configuration the database cannot serve. A missing column is
+        // one dropped or renamed since `migrate` (which refuses rules naming none): the
+        // triggers, and the stream, send that table's changes table-wide meanwhile.
+        for gap in schema::rule_gaps(&connection.client, settings).await? {
+            if gap.table_missing {
+                return Err(gap.error.into());
+            }
+            warn!(
+                problem = %gap.error,
+                "a rule names a column the table lacks (dropped or renamed since `evictd \
+                 migrate`?): the table's changes are invalidated table-wide until the rule is \
+                 fixed and `evictd migrate` runs"
+            );
+        }
         let installed = schema::installed(&connection.client)
             .await?
             .ok_or(SourceError::NotInstalled)?;

@@ -134,6 +134,33 @@ pub async fn run_checks(settings: &Settings) -> Vec<Check> {
     checks
 }
 
+/// Every table and column the rules name exists. A column dropped or renamed since `migrate`
+/// fails no write (the triggers, and the stream, send the table's changes table-wide), but
+/// every change of that table then empties all its entries.
+async fn rules_check(settings: &Settings, client: &Client) -> Check {
+    match schema::rule_gaps(client, settings).await {
+        Ok(gaps) if gaps.is_empty() => check(
+            "rules",
+            Status::Ok,
+            "every table and column the rules name exists".to_string(),
+            None,
+        ),
+        Ok(gaps) => check(
+            "rules",
+            Status::Fail,
+            gaps.iter()
+                .map(|gap| gap.error.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+            Some(
+                "a column dropped or renamed since `evictd migrate` sends its table's changes \
+                 table-wide: fix the rule (or the table), then run `evictd migrate`",
+            ),
+        ),
+        Err(e) => check("rules", Status::Fail, e.to_string(), None),
+    }
+}
+
 async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
     let mut checks = Vec::new();
     let installed = match schema::installed(client).await {
@@ -178,6 +205,7 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
             None
         }
     };
+    checks.push(rules_check(settings, client).await);
     if installed
         .as_ref()
         .is_some_and(|i| i.delivery == Delivery::Logical)

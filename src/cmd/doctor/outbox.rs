@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use super::{Check, Status, check};
 use crate::config::Settings;
 use crate::db;
-use crate::schema::{self, ddl};
+use crate::schema::ddl;
 
 /// How long the LISTEN/NOTIFY round trip may take before it counts as broken.
 const ROUND_TRIP: Duration = Duration::from_secs(3);
@@ -19,14 +19,6 @@ const BACKLOG_AGE_WARN_SECS: f64 = 60.0;
 const DOORBELL_STUCK_SECS: f64 = 5.0;
 
 pub(super) async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<Check> {
-    if let Err(e) = schema::check_columns(client, settings).await {
-        return vec![check(
-            "triggers",
-            Status::Fail,
-            e.to_string(),
-            Some("fix the configuration or the table, then run `evictd migrate`"),
-        )];
-    }
     let mut checks = Vec::new();
     for rule in settings.rules.tables() {
         // The table and every partition of it: a statement naming a partition fires only

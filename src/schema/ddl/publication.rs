@@ -279,7 +279,13 @@ BEGIN
     counted := {count_text};
     PERFORM pg_catalog.set_config('{counter}', {signed_counted}, true);
     IF n OPERATOR(pg_catalog.<=) {row_limit} THEN
-        payload := {precise};
+        BEGIN
+            payload := {precise};
+        EXCEPTION WHEN undefined_column THEN
+            -- A rule column renamed since `migrate` (a WHEN clause keeps a dropped one): the
+            -- table goes table-wide and the writer's statement goes on.
+            payload := {wide};
+        END;
     ELSIF n OPERATOR(pg_catalog.=) {wide_at} THEN
         payload := {wide};
     ELSE

@@ -17,9 +17,12 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification, Socket};
 
 use crate::redact::redact_url;
+use crate::tls::{Attempt, PgTlsMode};
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -62,6 +65,9 @@ pub struct NotificationFeed {
 pub struct Connection {
     pub client: Client,
     pub driver: JoinHandle<Result<(), tokio_postgres::Error>>,
+    /// Whether the connection is encrypted: with `sslmode=prefer` (the default) the server may
+    /// decline TLS, or its certificate not verify, and the connection is plain text.
+    pub encrypted: bool,
 }
 
 /// Parses `url` and applies the liveness defaults evictd needs: a connect timeout and TCP
@@ -86,58 +92,178 @@ pub fn parse_config(url: &str) -> Result<Config, DbError> {
     Ok(config)
 }
 
-/// Connects to `url` (over TLS when its `sslmode` asks for it, trusting the system roots plus
-/// `ca_file` or the URL's `sslrootcert`). Notifications go to `feed` when given (bounded by its
-/// capacity), and are dropped otherwise.
+/// Connects to `url`, with or without TLS as its `sslmode` decides (see [`crate::tls`]),
+/// trusting the system roots plus `ca_file` or the URL's `sslrootcert`. Notifications go to
+/// `feed` when given (bounded by its capacity), and are dropped otherwise.
 pub async fn connect(
     url: &str,
     ca_file: Option<&Path>,
     feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
 ) -> Result<Connection, DbError> {
     let tls = crate::tls::pg_tls(url);
-    let config = parse_config(&tls.url).map_err(|e| match e {
+    let mut config = parse_config(&tls.url).map_err(|e| match e {
         DbError::Url { detail, .. } => DbError::Url {
             url: redact_url(url),
             detail,
         },
         other => other,
     })?;
-    let connect_error = |e: tokio_postgres::Error| DbError::Connect {
+    let client_config = tls_config(url, &tls, ca_file)?;
+    let attempts = tls.mode.attempts();
+    let mut failures = Vec::new();
+    for &attempt in attempts {
+        let outcome = match (attempt, &client_config) {
+            (Attempt::Plain, _) => {
+                config.ssl_mode(SslMode::Disable);
+                connect_plain(&config, feed.clone()).await
+            }
+            (Attempt::Tls | Attempt::TlsIfOffered, Some(client_config)) => {
+                config.ssl_mode(if attempt == Attempt::Tls {
+                    SslMode::Require
+                } else {
+                    SslMode::Prefer
+                });
+                connect_tls(&config, client_config.clone(), feed.clone()).await
+            }
+            // No root certificate to verify with: `prefer` and `allow` go on in plain text.
+            (Attempt::Tls | Attempt::TlsIfOffered, None) => continue,
+        };
+        match outcome {
+            Ok(connection) => {
+                if !failures.is_empty() {
+                    tracing::warn!(
+                        url = %redact_url(url),
+                        failed = %failures.join("; "),
+                        encrypted = connection.encrypted,
+                        "connected to postgresql only after another attempt failed, as the \
+                         url's sslmode allows (sslmode=verify-full refuses plain text)"
+                    );
+                }
+                return Ok(connection);
+            }
+            Err(e) if attempts.len() == 1 => {
+                return Err(DbError::Connect {
+                    url: redact_url(url),
+                    detail: describe(&e),
+                });
+            }
+            Err(e) => failures.push(format!("{}: {}", attempt_name(attempt), describe(&e))),
+        }
+    }
+    Err(DbError::Connect {
         url: redact_url(url),
-        detail: describe(&e),
+        detail: failures.join("; "),
+    })
+}
+
+fn attempt_name(attempt: Attempt) -> &'static str {
+    match attempt {
+        Attempt::Plain => "in plain text",
+        Attempt::Tls | Attempt::TlsIfOffered => "over tls",
+    }
+}
+
+async fn connect_plain(
+    config: &Config,
+    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
+) -> Result<Connection, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    Ok(Connection {
+        client,
+        driver: drive(connection, feed),
+        encrypted: false,
+    })
+}
+
+async fn connect_tls(
+    config: &Config,
+    client_config: rustls::ClientConfig,
+    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
+) -> Result<Connection, tokio_postgres::Error> {
+    let handshake = Arc::new(AtomicBool::new(false));
+    let connector = NotingHandshake {
+        inner: tokio_postgres_rustls::MakeRustlsConnect::new(client_config),
+        done: handshake.clone(),
     };
-    if let Some(client_config) = tls_config(url, &tls, ca_file)? {
-        let connector = tokio_postgres_rustls::MakeRustlsConnect::new(client_config);
-        let (client, connection) = config.connect(connector).await.map_err(connect_error)?;
-        Ok(Connection {
-            client,
-            driver: drive(connection, feed),
-        })
-    } else {
-        let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
-        Ok(Connection {
-            client,
-            driver: drive(connection, feed),
+    let (client, connection) = config.connect(connector).await?;
+    Ok(Connection {
+        client,
+        driver: drive(connection, feed),
+        encrypted: handshake.load(Ordering::Relaxed),
+    })
+}
+
+/// The rustls connector, noting whether a TLS handshake took place: with `sslmode=prefer`
+/// tokio-postgres goes on in plain text when the server declines TLS, and does not say so.
+struct NotingHandshake {
+    inner: tokio_postgres_rustls::MakeRustlsConnect,
+    done: Arc<AtomicBool>,
+}
+
+impl MakeTlsConnect<Socket> for NotingHandshake {
+    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = NotingConnect<
+        <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect,
+    >;
+    type Error = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(NotingConnect {
+            inner: <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::make_tls_connect(
+                &mut self.inner,
+                domain,
+            )?,
+            done: self.done.clone(),
         })
     }
 }
 
-/// The TLS configuration `url` asks for (`None`: plain text), trusting the system roots plus
-/// the URL's `sslrootcert` or else `ca_file`. Shared by the main and the replication connection.
+struct NotingConnect<T> {
+    inner: T,
+    done: Arc<AtomicBool>,
+}
+
+impl<T> TlsConnect<Socket> for NotingConnect<T>
+where
+    T: TlsConnect<Socket>,
+    T::Future: Send + 'static,
+{
+    type Stream = T::Stream;
+    type Error = T::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<T::Stream, T::Error>> + Send>>;
+
+    fn connect(self, stream: Socket) -> Self::Future {
+        let done = self.done;
+        let handshake = self.inner.connect(stream);
+        Box::pin(async move {
+            let stream = handshake.await?;
+            done.store(true, Ordering::Relaxed);
+            Ok(stream)
+        })
+    }
+}
+
+/// The TLS configuration for `url`'s TLS attempts, trusting the system roots plus the URL's
+/// `sslrootcert` or else `ca_file`; `None` when `sslmode=prefer` or `allow` finds no root to
+/// verify with (they then go on in plain text). Shared by the main and the replication
+/// connection.
 pub fn tls_config(
     url: &str,
     tls: &crate::tls::PgTls,
     ca_file: Option<&Path>,
 ) -> Result<Option<rustls::ClientConfig>, DbError> {
-    if !tls.tls {
+    if tls.mode == PgTlsMode::Disable {
         return Ok(None);
     }
-    crate::tls::client_config(tls.ca_file.as_deref().or(ca_file))
-        .map(Some)
-        .map_err(|source| DbError::Tls {
+    match crate::tls::client_config(tls.ca_file.as_deref().or(ca_file)) {
+        Ok(config) => Ok(Some(config)),
+        Err(crate::tls::TlsError::NoRoots) if tls.mode != PgTlsMode::Require => Ok(None),
+        Err(source) => Err(DbError::Tls {
             url: redact_url(url),
             source,
-        })
+        }),
+    }
 }
 
 /// Polls `connection` in a task of its own, forwarding notifications without ever blocking.

@@ -1,10 +1,14 @@
 //! TLS for both servers with one crypto stack: rustls with the ring provider, the system's
 //! root certificates plus an optional CA file (e.g. the one Supabase offers for download).
 //!
-//! PostgreSQL: `sslmode=require`, `verify-ca` and `verify-full` connect over TLS and always
-//! verify the certificate chain and host name (rustls has no unverified mode, and we add none);
-//! `sslrootcert=FILE` in the URL names a CA file. `disable`, `allow` and `prefer` connect in
-//! plain text. Redis: `rediss://` URLs, with the same optional CA file.
+//! PostgreSQL, as libpq decides: `prefer` (also when the URL names no `sslmode`) tries TLS
+//! first and falls back to plain text when the server declines it or the handshake fails;
+//! `allow` tries plain text first and TLS if that fails; `disable` never uses TLS; `require`,
+//! `verify-ca` and `verify-full` use TLS or fail. TLS always verifies the certificate chain and
+//! host name (rustls has no unverified mode, and we add none), so with `prefer` a certificate
+//! that does not verify means plain text, said in the log. `sslrootcert=FILE` in the URL names a
+//! CA file. A Unix socket is never encrypted (as with libpq). Redis: `rediss://` URLs, with the
+//! same optional CA file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,43 +74,78 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
         .with_no_client_auth())
 }
 
-/// How a PostgreSQL URL asks for TLS, with the URL rewritten for tokio-postgres (whose parser
-/// knows neither `verify-*` nor `sslrootcert`).
+/// What a PostgreSQL URL's `sslmode` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgTlsMode {
+    Disable,
+    Allow,
+    Prefer,
+    /// `require`, `verify-ca`, `verify-full`: all verify (see the module's header).
+    Require,
+}
+
+/// One way of connecting, tried in the order [`PgTlsMode::attempts`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Plain,
+    /// TLS, or no connection.
+    Tls,
+    /// TLS if the server offers it, plain text on the same connection if it declines.
+    TlsIfOffered,
+}
+
+impl PgTlsMode {
+    /// The attempts this mode makes, in order; the next one runs only if the previous failed.
+    pub fn attempts(self) -> &'static [Attempt] {
+        match self {
+            PgTlsMode::Disable => &[Attempt::Plain],
+            PgTlsMode::Allow => &[Attempt::Plain, Attempt::Tls],
+            PgTlsMode::Prefer => &[Attempt::TlsIfOffered, Attempt::Plain],
+            PgTlsMode::Require => &[Attempt::Tls],
+        }
+    }
+}
+
+/// How a PostgreSQL URL asks for TLS, with `sslmode` and `sslrootcert` taken out of the URL
+/// (tokio-postgres' parser knows neither `verify-*` nor `sslrootcert`; the mode is applied
+/// per attempt).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgTls {
     pub url: String,
-    pub tls: bool,
+    pub mode: PgTlsMode,
     pub ca_file: Option<PathBuf>,
 }
 
 pub fn pg_tls(url: &str) -> PgTls {
-    let mut tls = false;
+    let mut mode = PgTlsMode::Prefer;
     let mut ca_file = None;
-    let mut rewrite = |key: &str, value: &str| -> Option<String> {
+    let mut take = |key: &str, value: &str| -> bool {
         match key {
-            "sslmode" => match value {
-                "require" | "verify-ca" | "verify-full" => {
-                    tls = true;
-                    Some("require".to_string())
-                }
-                _ => Some("disable".to_string()),
-            },
+            "sslmode" => {
+                mode = match value {
+                    "disable" => PgTlsMode::Disable,
+                    "allow" => PgTlsMode::Allow,
+                    "require" | "verify-ca" | "verify-full" => PgTlsMode::Require,
+                    _ => PgTlsMode::Prefer,
+                };
+                true
+            }
             "sslrootcert" => {
                 ca_file = Some(PathBuf::from(value));
-                None
+                true
             }
-            _ => Some(value.to_string()),
+            _ => false,
         }
     };
     let url = if url.contains("://") {
         match url.split_once('?') {
             None => url.to_string(),
             Some((base, query)) => {
-                let params: Vec<String> = query
+                let params: Vec<&str> = query
                     .split('&')
-                    .filter_map(|pair| {
+                    .filter(|pair| {
                         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                        rewrite(key, value).map(|v| format!("{key}={v}"))
+                        !take(key, value)
                     })
                     .collect();
                 if params.is_empty() {
@@ -118,14 +157,14 @@ pub fn pg_tls(url: &str) -> PgTls {
         }
     } else {
         url.split_whitespace()
-            .filter_map(|pair| {
+            .filter(|pair| {
                 let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                rewrite(key, value).map(|v| format!("{key}={v}"))
+                !take(key, value)
             })
             .collect::<Vec<_>>()
             .join(" ")
     };
-    PgTls { url, tls, ca_file }
+    PgTls { url, mode, ca_file }
 }
 
 #[cfg(test)]
@@ -133,23 +172,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sslmodes_map_to_what_tokio_postgres_parses() {
+    fn sslmodes_follow_libpq() {
         let p =
             pg_tls("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x");
-        assert_eq!(
-            p.url,
-            "postgres://u@h/db?sslmode=require&application_name=x"
-        );
-        assert!(p.tls);
+        assert_eq!(p.url, "postgres://u@h/db?application_name=x");
+        assert_eq!(p.mode, PgTlsMode::Require);
         assert_eq!(p.ca_file, Some(PathBuf::from("/ca.pem")));
         let p = pg_tls("postgres://u@h/db?sslmode=prefer");
-        assert_eq!(p.url, "postgres://u@h/db?sslmode=disable");
-        assert!(!p.tls);
+        assert_eq!(p.url, "postgres://u@h/db");
+        assert_eq!(p.mode, PgTlsMode::Prefer);
+        // No sslmode: libpq's default, prefer.
         let p = pg_tls("postgres://u@h/db");
         assert_eq!(p.url, "postgres://u@h/db");
-        assert!(!p.tls);
-        let p = pg_tls("host=h sslmode=require sslrootcert=/c.pem");
-        assert_eq!(p.url, "host=h sslmode=require");
-        assert!(p.tls);
+        assert_eq!(p.mode, PgTlsMode::Prefer);
+        assert_eq!(pg_tls("host=h sslmode=allow").mode, PgTlsMode::Allow);
+        assert_eq!(pg_tls("host=h sslmode=allow").url, "host=h");
+        assert_eq!(
+            pg_tls("postgres://h/db?sslmode=disable").mode,
+            PgTlsMode::Disable
+        );
+        assert_eq!(
+            PgTlsMode::Prefer.attempts(),
+            &[Attempt::TlsIfOffered, Attempt::Plain]
+        );
+        assert_eq!(PgTlsMode::Require.attempts(), &[Attempt::Tls]);
     }
 }

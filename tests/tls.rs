@@ -1,6 +1,7 @@
 //! TLS to both servers, against local PostgreSQL and Redis serving certificates of a CA the
 //! test creates: `sslmode=verify-full` with `sslrootcert`, `rediss://` with `--tls-ca-file`, and
-//! refusal when the CA is not trusted.
+//! refusal when the CA is not trusted; libpq's `prefer` when the URL names no `sslmode` (TLS
+//! where the server offers it, plain text where it does not, said in the log and by `doctor`).
 
 mod support;
 
@@ -280,4 +281,192 @@ async fn insert_and_wait_gone(pg: &Postgres, conn: &mut redis::aio::MultiplexedC
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+fn evictd_against(db_url: &str, redis_url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_evictd"));
+    command
+        .env("DATABASE_URL", db_url)
+        .env("REDIS_URL", redis_url)
+        .env_remove("EVICTD_CONFIG")
+        .env_remove("EVICTD_TLS_CA_FILE")
+        .env_remove("EVICTD_DELIVERY");
+    command
+}
+
+/// `doctor --json`'s `postgresql-tls` check: (status, message).
+fn doctor_tls(mut command: Command) -> (String, String) {
+    let output = finish({
+        command.args(["doctor", "--json"]);
+        command
+    });
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", text(&output)));
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "postgresql-tls")
+        .unwrap_or_else(|| panic!("no postgresql-tls check: {report}"))
+        .clone();
+    (
+        check["status"].as_str().unwrap().to_string(),
+        check["message"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A URL without `sslmode` is libpq's `prefer`: a server offering TLS with a certificate that
+/// verifies gets TLS (both the daemon's session and the replication stream); one whose
+/// certificate does not verify gets plain text, with a warning; `sslmode=disable` never tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sslmode_means_tls_where_the_server_offers_it() {
+    evictd::tls::install_provider();
+    let certs = make_certs();
+    let pg = Postgres::start_with(&[
+        "ssl=on",
+        &format!("ssl_cert_file={}", certs.cert.display()),
+        &format!("ssl_key_file={}", certs.key.display()),
+    ])
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    pg.psql("postgres", &["-c", EXAMPLE_SCHEMA]).unwrap();
+    let redis = Redis::start().unwrap_or_else(|e| panic!("{e:#}"));
+    let db_url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let trusted = |args: &[&str]| {
+        let mut command = evictd_against(&db_url, &redis.url());
+        command.args(args).env("EVICTD_TLS_CA_FILE", &certs.ca);
+        command
+    };
+    let migrated = finish(trusted(&["migrate", "--delivery", "logical"]));
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    let daemon = run_encrypted(
+        trusted(&["run", "--http-addr", "127.0.0.1:0"]),
+        &pg,
+        "evictd",
+    )
+    .await;
+    daemon.wait_log("postgres_tls=true").await;
+    daemon.wait_log("tls=true").await;
+    let ssl = pg
+        .psql(
+            "postgres",
+            &[
+                "-At",
+                "-c",
+                "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = 'evictd-logical'",
+            ],
+        )
+        .unwrap();
+    assert_eq!(ssl.trim(), "t", "the replication stream: {}", daemon.log());
+    drop(daemon);
+    assert_eq!(
+        doctor_tls(trusted(&[])).0,
+        "OK",
+        "doctor on an encrypted connection"
+    );
+
+    // The CA unknown: the certificate does not verify, and `prefer` goes on in plain text.
+    let untrusted = |args: &[&str]| {
+        let mut command = evictd_against(&db_url, &redis.url());
+        command.args(args);
+        command
+    };
+    let mut command = untrusted(&["run", "--http-addr", "127.0.0.1:0"]);
+    command.stderr(std::process::Stdio::piped());
+    let daemon = Daemon::spawn(command);
+    daemon.wait_ready().await;
+    daemon.wait_log("postgres_tls=false").await;
+    daemon
+        .wait_log("connected to postgresql only after another attempt failed")
+        .await;
+    daemon
+        .wait_log("replication connection made only after another attempt failed")
+        .await;
+    drop(daemon);
+
+    // `disable` never tries TLS.
+    let disabled = format!("{db_url}?sslmode=disable");
+    let mut command = evictd_against(&disabled, &redis.url());
+    command
+        .args(["run", "--http-addr", "127.0.0.1:0"])
+        .env("EVICTD_TLS_CA_FILE", &certs.ca)
+        .stderr(std::process::Stdio::piped());
+    let daemon = Daemon::spawn(command);
+    daemon.wait_ready().await;
+    daemon.wait_log("postgres_tls=false").await;
+    assert!(
+        !daemon.log().contains("another attempt failed"),
+        "{}",
+        daemon.log()
+    );
+}
+
+/// A server without TLS: `prefer` connects in plain text at once. `doctor` says so, and WARNs
+/// when the server is on another machine (here: this machine's own non-loopback address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_servers_work_and_doctor_warns_about_remote_ones() {
+    let address = non_loopback_ipv4().expect(
+        "this test needs a non-loopback IPv4 address on the machine (to stand for another host)",
+    );
+    let pg = Postgres::start_with(&[&format!("listen_addresses=127.0.0.1,{address}")])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    pg.prepend_hba(&format!("host all all {address}/32 trust\n"))
+        .unwrap();
+    pg.psql("postgres", &["-c", EXAMPLE_SCHEMA]).unwrap();
+    let redis = Redis::start().unwrap_or_else(|e| panic!("{e:#}"));
+    let local = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let remote = format!("postgres://postgres@{address}:{}/postgres", pg.port);
+    let migrated = finish({
+        let mut c = evictd_against(&local, &redis.url());
+        c.arg("migrate");
+        c
+    });
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    let mut command = evictd_against(&remote, &redis.url());
+    command
+        .args(["run", "--http-addr", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped());
+    let daemon = Daemon::spawn(command);
+    daemon.wait_ready().await;
+    daemon.wait_log("postgres_tls=false").await;
+    assert!(
+        !daemon.log().contains("another attempt failed"),
+        "{}",
+        daemon.log()
+    );
+    drop(daemon);
+
+    assert_eq!(doctor_tls(evictd_against(&local, &redis.url())).0, "OK");
+    let (status, message) = doctor_tls(evictd_against(&remote, &redis.url()));
+    assert_eq!(status, "WARN", "{message}");
+    assert!(
+        message.contains(&format!("plain text to {address}")),
+        "{message}"
+    );
+}
+
+/// The first IPv4 address of this machine that is not a loopback one.
+fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
+    let mut found = None;
+    // SAFETY: getifaddrs fills a list we walk and free; nothing outlives it.
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut list) != 0 {
+            return None;
+        }
+        let mut entry = list;
+        while !entry.is_null() {
+            let address = (*entry).ifa_addr;
+            if !address.is_null() && i32::from((*address).sa_family) == libc::AF_INET {
+                let ipv4 = &*(address as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(ipv4.sin_addr.s_addr));
+                if !ip.is_loopback() && found.is_none() {
+                    found = Some(ip);
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    found
 }

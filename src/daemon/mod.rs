@@ -130,6 +130,7 @@ async fn session(
     info!(
         channel = %source.channel,
         delivery = source.delivery.as_str(),
+        postgres_tls = source.connection.encrypted,
         "evictd is ready"
     );
 

@@ -65,6 +65,7 @@ impl LogicalStream {
         )?;
         let wal = WalStream::start(Target {
             config: &config,
+            mode: tls.mode,
             tls: client_config,
             slot,
             publication: PUBLICATION,
@@ -75,6 +76,11 @@ impl LogicalStream {
             state: Folder::new(key),
             pending: Batch::default(),
         })
+    }
+
+    /// Whether the replication connection is encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.wal.encrypted
     }
 
     /// The next frame; `Err` when the stream ended (connection loss included). Cancel-safe.

@@ -22,6 +22,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 use crate::core::wal::{Frame, Lsn};
+use crate::tls::{Attempt, PgTlsMode};
 
 /// Authentication request kinds of the SASL exchange after the mechanism list.
 const SASL_CONTINUE: u32 = 11;
@@ -66,6 +67,8 @@ pub enum WalError {
     Closed,
     #[error("no host in the database url accepted the replication stream: {0}")]
     NoHost(String),
+    #[error("{0}")]
+    Attempts(String),
 }
 
 /// Restores the socket's wake-ups when dropped ([`WalStream::quiet_until`]). It borrows the
@@ -116,7 +119,9 @@ enum Taken {
 /// Where and as whom to connect, and what to stream.
 pub struct Target<'a> {
     pub config: &'a tokio_postgres::Config,
-    /// TLS for the connection (`None`: plain text).
+    /// What the URL's `sslmode` asks for, and the TLS configuration its TLS attempts use
+    /// (`None`: none can be made; see [`crate::db::tls_config`]).
+    pub mode: PgTlsMode,
     pub tls: Option<rustls::ClientConfig>,
     pub slot: &'a str,
     pub publication: &'a str,
@@ -145,6 +150,8 @@ pub struct WalStream {
     /// Streaming has started: messages up to [`MAX_FRAME_BYTES`] are taken, larger ones
     /// skipped; before, anything over [`MAX_STARTUP_MESSAGE_BYTES`] is an error.
     streaming: bool,
+    /// Whether the connection is encrypted (see [`crate::tls`] for when it is not).
+    pub encrypted: bool,
 }
 
 impl WalStream {
@@ -174,10 +181,55 @@ impl WalStream {
         Err(WalError::NoHost(failures.join("; ")))
     }
 
+    /// The attempts the URL's `sslmode` makes (see [`crate::tls`]), in order, on one host.
     async fn start_within(target: &Target<'_>, host: Host, port: u16) -> Result<Self, WalError> {
+        let attempts = target.mode.attempts();
+        let mut failures = Vec::new();
+        for &attempt in attempts {
+            let tls = match (attempt, &target.tls) {
+                (Attempt::Plain, _) => None,
+                (Attempt::Tls, Some(tls)) => Some((tls.clone(), false)),
+                (Attempt::TlsIfOffered, Some(tls)) => Some((tls.clone(), true)),
+                (Attempt::Tls | Attempt::TlsIfOffered, None) => continue,
+            };
+            match Self::start_once(target, host.clone(), port, tls).await {
+                Ok(stream) => {
+                    if !failures.is_empty() {
+                        tracing::warn!(
+                            failed = %failures.join("; "),
+                            encrypted = stream.encrypted,
+                            "replication connection made only after another attempt failed, as \
+                             the url's sslmode allows (sslmode=verify-full refuses plain text)"
+                        );
+                    }
+                    return Ok(stream);
+                }
+                Err(e) if attempts.len() == 1 => return Err(e),
+                Err(e) => failures.push(format!(
+                    "{}: {e}",
+                    if attempt == Attempt::Plain {
+                        "in plain text"
+                    } else {
+                        "over tls"
+                    }
+                )),
+            }
+        }
+        Err(WalError::Attempts(failures.join("; ")))
+    }
+
+    /// One attempt: `tls` is the configuration and whether a server declining TLS is answered
+    /// in plain text on the same connection (`None`: plain text).
+    async fn start_once(
+        target: &Target<'_>,
+        host: Host,
+        port: u16,
+        tls: Option<(rustls::ClientConfig, bool)>,
+    ) -> Result<Self, WalError> {
         let config = target.config;
-        let (io, tcp) = connect(host, port, target.tls.clone()).await?;
+        let (io, tcp, encrypted) = connect(host, port, tls).await?;
         let mut stream = Self::over(io, tcp);
+        stream.encrypted = encrypted;
         let user = config.get_user().unwrap_or("postgres");
         let database = config.get_dbname().unwrap_or(user);
         let application = config.get_application_name().unwrap_or("evictd");
@@ -229,6 +281,7 @@ impl WalStream {
             unflushed: false,
             skipping: 0,
             streaming: false,
+            encrypted: false,
         }
     }
 
@@ -595,25 +648,31 @@ fn set_keepalives(fd: std::os::fd::RawFd) {
     }
 }
 
+/// Opens the connection, over TLS when `tls` says so; with its flag set, a server declining TLS
+/// gets the startup in plain text on the same connection. Returns the stream, the TCP socket
+/// (none for a Unix socket) and whether it is encrypted.
 async fn connect(
     host: Host,
     port: u16,
-    tls: Option<rustls::ClientConfig>,
-) -> Result<(Box<dyn Io>, Option<std::os::fd::RawFd>), WalError> {
+    tls: Option<(rustls::ClientConfig, bool)>,
+) -> Result<(Box<dyn Io>, Option<std::os::fd::RawFd>, bool), WalError> {
     match host {
         Host::Tcp(name) => {
             let tcp = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
             set_keepalives(fd);
-            let Some(tls) = tls else {
-                return Ok((Box::new(tcp), Some(fd)));
+            let Some((tls, plain_if_declined)) = tls else {
+                return Ok((Box::new(tcp), Some(fd), false));
             };
             let mut tcp = tcp;
             let mut request = BytesMut::new();
             frontend::ssl_request(&mut request);
             tcp.write_all(&request).await?;
             if tcp.read_u8().await? != b'S' {
+                if plain_if_declined {
+                    return Ok((Box::new(tcp), Some(fd), false));
+                }
                 return Err(WalError::Tls("the server does not accept TLS".into()));
             }
             let mut maker = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
@@ -624,12 +683,17 @@ async fn connect(
                 .connect(tcp)
                 .await
                 .map_err(|e| WalError::Tls(e.to_string()))?;
-            Ok((Box::new(stream), Some(fd)))
+            Ok((Box::new(stream), Some(fd), true))
         }
+        // TLS is not used over Unix sockets (nor by libpq).
         #[cfg(unix)]
         Host::Unix(dir) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
-            Ok((Box::new(tokio::net::UnixStream::connect(path).await?), None))
+            Ok((
+                Box::new(tokio::net::UnixStream::connect(path).await?),
+                None,
+                false,
+            ))
         }
     }
 }

@@ -103,6 +103,7 @@ pub async fn run_checks(settings: &Settings) -> Vec<Check> {
                 ),
                 None,
             ));
+            checks.push(tls_check(settings, conn.encrypted));
             Some(conn)
         }
         Ok(Err(e)) => {
@@ -132,6 +133,65 @@ pub async fn run_checks(settings: &Settings) -> Vec<Check> {
         checks.extend(database_checks(settings, &conn.client).await);
     }
     checks
+}
+
+/// Whether the connection to PostgreSQL is encrypted. Plain text is fine to this machine; to
+/// another, passwords and cached data cross the network readable, which `sslmode=prefer` (the
+/// default) allows when the server declines TLS or its certificate does not verify.
+fn tls_check(settings: &Settings, encrypted: bool) -> Check {
+    if encrypted {
+        return check(
+            "postgresql-tls",
+            Status::Ok,
+            "the connection to PostgreSQL is encrypted (TLS, certificate verified)".to_string(),
+            None,
+        );
+    }
+    let remote: Vec<String> =
+        crate::db::parse_config(&crate::tls::pg_tls(&settings.database_url).url)
+            .map(|config| {
+                config
+                    .get_hosts()
+                    .iter()
+                    .filter_map(|host| match host {
+                        tokio_postgres::config::Host::Tcp(name) if !is_local(name) => {
+                            Some(name.clone())
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+    if remote.is_empty() {
+        return check(
+            "postgresql-tls",
+            Status::Ok,
+            "plain text to a server on this machine".to_string(),
+            None,
+        );
+    }
+    check(
+        "postgresql-tls",
+        Status::Warn,
+        format!(
+            "plain text to {}: the password and the data cross the network unencrypted",
+            remote.join(", ")
+        ),
+        Some(
+            "add sslmode=verify-full to the URL, with the server's CA in tls_ca_file or \
+             sslrootcert if the system does not trust it (Supabase: Project Settings → Database \
+             → SSL certificate)",
+        ),
+    )
+}
+
+/// Whether `host` names this machine: `localhost` or a loopback address.
+fn is_local(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Every table and column the rules name exists. A column dropped or renamed since `migrate`

@@ -102,7 +102,11 @@ impl LogicalFeed {
                 break;
             }
         }
-        info!(slot, "caught up with the replication slot");
+        info!(
+            slot,
+            tls = feed.stream.encrypted(),
+            "caught up with the replication slot"
+        );
         Ok(feed)
     }
 

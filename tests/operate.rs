@@ -307,7 +307,77 @@ async fn explain_shows_tags_and_keys_and_changes_nothing() {
             format!("products:id:{P1}"),
         ]
     );
-    assert_eq!(report["keysThatWouldGo"], 5);
+    // Three entries, listed once each however many of the tags name them.
+    let prefix = &env.prefix;
+    let expected: Vec<String> = ["list:c1", "list:c2", "product:p1"]
+        .iter()
+        .map(|k| format!("{prefix}{k}"))
+        .collect();
+    assert_eq!(report["keysThatWouldGo"], 3);
+    assert_eq!(report["keys"], serde_json::json!(expected), "{report:#}");
+    assert_eq!(
+        report["tags"][0]["keys"],
+        serde_json::json!([&expected[0], &expected[1]]),
+        "products:all names both lists"
+    );
+
+    assert_eq!(
+        snapshot(&env).await,
+        before,
+        "explain must not change Redis"
+    );
+
+    // A tag naming more entries than the text shows: the text lists ten and says how many
+    // more, `--json` lists them all.
+    let mut many = Vec::new();
+    for i in 0..12 {
+        many.push(env.cache(&format!("page:{i:02}"), &["products:all"]).await);
+    }
+    many.sort();
+    let before = snapshot(&env).await;
+    let plain = env.run_cli(&[
+        "explain",
+        "products",
+        "insert",
+        "--new",
+        &new_client,
+        "--new",
+        &id,
+    ]);
+    let said = text(&plain);
+    assert!(plain.status.success(), "{said}");
+    assert!(said.contains(&format!("    {}", many[0])), "{said}");
+    assert!(
+        said.contains("… and 4 more (--json lists them all)"),
+        "{said}"
+    );
+    let json = env.run_cli(&[
+        "explain",
+        "products",
+        "insert",
+        "--new",
+        &new_client,
+        "--new",
+        &id,
+        "--json",
+    ]);
+    let report: Value = serde_json::from_slice(&json.stdout).unwrap();
+    let all_tag = report["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tag"] == "products:all")
+        .unwrap();
+    assert_eq!(all_tag["keys"].as_array().unwrap().len(), 14, "{all_tag}");
+    for key in &many {
+        assert!(
+            report["keys"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!(key))
+        );
+    }
+
     let plain = env.run_cli(&["explain", "products", "truncate"]);
     assert!(text(&plain).contains("table-wide"), "{}", text(&plain));
     assert!(

@@ -1,6 +1,8 @@
 //! `evictd explain`: what a change would invalidate — tags, key patterns and, when Redis
 //! answers, the keys — without removing anything.
 
+use std::collections::BTreeSet;
+
 use serde_json::json;
 
 use crate::cli::ExplainArgs;
@@ -9,8 +11,10 @@ use crate::core::batch::Batch;
 use crate::core::event::{Change, ChangeEvent, Op, Rows, Text};
 use crate::sink::{RedisSink, SinkOptions};
 
-/// Keys listed per tag or pattern; the count is always complete.
-const SHOWN: usize = 5;
+/// Keys listed per tag or pattern in the text output; the counts are complete, and `--json`
+/// lists every key. (Listing means holding them: a tag of a million members is a million
+/// names in memory, for a command an operator runs by hand.)
+const SHOWN: usize = 10;
 
 pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<()> {
     let usage = |message: String| ConfigError::Value {
@@ -81,7 +85,8 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
     let sink = RedisSink::connect(&settings.redis_url, SinkOptions::from(settings)).await;
     let mut tags: Vec<serde_json::Value> = Vec::new();
     let mut patterns: Vec<serde_json::Value> = Vec::new();
-    let mut total = 0u64;
+    // Every existing entry that would go, once however many tags name it.
+    let mut all_keys = BTreeSet::new();
     let mut redis_error = None;
     match &sink {
         Ok(sink) => {
@@ -92,19 +97,15 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
             names.sort();
             names.dedup();
             for tag in names {
-                let (size, members) = sink.members(&sink.keys().tag(&tag), SHOWN).await?;
-                let existing = sink.existing(&members).await?;
-                total += size;
-                tags.push(json!({ "tag": tag, "members": size, "some": existing }));
+                let (size, members) = sink.members(&sink.keys().tag(&tag), usize::MAX).await?;
+                let keys = sink.existing(&members).await?;
+                all_keys.extend(keys.iter().cloned());
+                tags.push(json!({ "tag": tag, "members": size, "keys": keys }));
             }
             for glob in &targets.key_globs {
                 let keys = sink.scan(glob).await?;
-                total += keys.len() as u64;
-                patterns.push(json!({
-                    "pattern": glob,
-                    "keys": keys.len(),
-                    "some": keys.iter().take(SHOWN).collect::<Vec<_>>(),
-                }));
+                all_keys.extend(keys.iter().cloned());
+                patterns.push(json!({ "pattern": glob, "keys": keys }));
             }
         }
         Err(e) => {
@@ -125,7 +126,8 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
             "tagGlobs": targets.tag_globs,
             "keyPatterns": patterns,
             "tableWide": !targets.wide_tables.is_empty(),
-            "keysThatWouldGo": redis_error.is_none().then_some(total),
+            "keysThatWouldGo": redis_error.is_none().then_some(all_keys.len()),
+            "keys": redis_error.is_none().then_some(&all_keys),
             "missingColumns": missing,
             "ignoredColumns": ignored,
             "redisError": redis_error,
@@ -137,22 +139,25 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
     for glob in &targets.tag_globs {
         println!("  table-wide: every tag matching {glob}");
     }
-    for tag in &tags {
-        match tag.get("members") {
-            Some(members) => println!(
-                "  tag {}  ({members} keys)",
-                tag["tag"].as_str().unwrap_or_default()
-            ),
-            None => println!("  tag {}", tag["tag"].as_str().unwrap_or_default()),
+    for (kind, name, list) in tags
+        .iter()
+        .map(|t| ("tag", &t["tag"], &t["keys"]))
+        .chain(patterns.iter().map(|p| ("keys", &p["pattern"], &p["keys"])))
+    {
+        let name = name.as_str().unwrap_or_default();
+        let Some(keys) = list.as_array() else {
+            println!("  {kind} {name}");
+            continue;
+        };
+        println!("  {kind} {name}  ({} keys)", keys.len());
+        for key in keys.iter().take(SHOWN) {
+            println!("    {}", key.as_str().unwrap_or_default());
         }
-    }
-    for pattern in &patterns {
-        match pattern.get("keys") {
-            Some(keys) => println!(
-                "  keys {}  ({keys} keys)",
-                pattern["pattern"].as_str().unwrap_or_default()
-            ),
-            None => println!("  keys {}", pattern["pattern"].as_str().unwrap_or_default()),
+        if keys.len() > SHOWN {
+            println!(
+                "    … and {} more (--json lists them all)",
+                keys.len() - SHOWN
+            );
         }
     }
     if !missing.is_empty() && op != Op::Truncate {
@@ -163,7 +168,10 @@ pub async fn explain(settings: &Settings, args: &ExplainArgs) -> anyhow::Result<
         );
     }
     match redis_error {
-        None => println!("{total} keys would be removed; nothing was removed"),
+        None => println!(
+            "{} keys would be removed; nothing was removed",
+            all_keys.len()
+        ),
         Some(e) => println!("redis not reachable ({e}); keys not counted"),
     }
     Ok(())

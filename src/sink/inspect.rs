@@ -253,15 +253,23 @@ impl RedisSink {
         Ok((count, names))
     }
 
-    /// Keys that exist among `keys`.
+    /// Keys that exist among `keys`, asked a pipeline of a thousand at a time.
     pub async fn existing(&self, keys: &[String]) -> Result<Vec<String>, SinkError> {
         let mut conn = self.conn.clone();
         let mut out = Vec::new();
-        for key in keys {
-            let n: u64 = conn.exists(key).await?;
-            if n == 1 {
-                out.push(key.clone());
+        for chunk in keys.chunks(1_000) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.exists(key);
             }
+            let found: Vec<u64> = pipe.query_async(&mut conn).await?;
+            out.extend(
+                chunk
+                    .iter()
+                    .zip(found)
+                    .filter(|(_, n)| *n == 1)
+                    .map(|(key, _)| key.clone()),
+            );
         }
         Ok(out)
     }

@@ -4,12 +4,12 @@
 //! tokio-postgres delivers notifications only to whoever polls `Connection::poll_message`, so
 //! every connection here is driven by a task of ours that forwards them to a bounded channel.
 //! That task never blocks: when the channel is full it drops the notification and raises the
-//! `overflowed` flag, and the daemon answers with a table-wide resync.
+//! `dropped` count, and the daemon answers with a table-wide resync.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -55,10 +55,11 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     text
 }
 
-/// Notifications forwarded from a connection, and whether any were dropped for lack of room.
+/// Notifications forwarded from a connection, and how many were dropped for lack of room
+/// since the count was last taken.
 pub struct NotificationFeed {
     pub receiver: mpsc::Receiver<Notification>,
-    pub overflowed: Arc<AtomicBool>,
+    pub dropped: Arc<AtomicU64>,
 }
 
 /// A connected client and the task driving its connection (it ends when the connection does).
@@ -98,7 +99,7 @@ pub fn parse_config(url: &str) -> Result<Config, DbError> {
 pub async fn connect(
     url: &str,
     ca_file: Option<&Path>,
-    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
+    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicU64>)>,
 ) -> Result<Connection, DbError> {
     let tls = crate::tls::pg_tls(url);
     let mut config = parse_config(&tls.url).map_err(|e| match e {
@@ -165,7 +166,7 @@ fn attempt_name(attempt: Attempt) -> &'static str {
 
 async fn connect_plain(
     config: &Config,
-    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
+    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicU64>)>,
 ) -> Result<Connection, tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     Ok(Connection {
@@ -178,7 +179,7 @@ async fn connect_plain(
 async fn connect_tls(
     config: &Config,
     client_config: rustls::ClientConfig,
-    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
+    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicU64>)>,
 ) -> Result<Connection, tokio_postgres::Error> {
     let handshake = Arc::new(AtomicBool::new(false));
     let connector = NotingHandshake {
@@ -269,7 +270,7 @@ pub fn tls_config(
 /// Polls `connection` in a task of its own, forwarding notifications without ever blocking.
 fn drive<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
-    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicBool>)>,
+    feed: Option<(mpsc::Sender<Notification>, Arc<AtomicU64>)>,
 ) -> JoinHandle<Result<(), tokio_postgres::Error>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -280,10 +281,10 @@ where
         while let Some(message) = messages.next().await {
             match message? {
                 AsyncMessage::Notification(n) => {
-                    if let Some((sender, overflowed)) = &feed
+                    if let Some((sender, dropped)) = &feed
                         && sender.try_send(n).is_err()
                     {
-                        overflowed.store(true, Ordering::Relaxed);
+                        dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 AsyncMessage::Notice(notice) => {
@@ -301,16 +302,16 @@ pub fn notification_feed(
     capacity: usize,
 ) -> (
     NotificationFeed,
-    (mpsc::Sender<Notification>, Arc<AtomicBool>),
+    (mpsc::Sender<Notification>, Arc<AtomicU64>),
 ) {
     let (sender, receiver) = mpsc::channel(capacity);
-    let overflowed = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicU64::new(0));
     (
         NotificationFeed {
             receiver,
-            overflowed: overflowed.clone(),
+            dropped: dropped.clone(),
         },
-        (sender, overflowed),
+        (sender, dropped),
     )
 }
 

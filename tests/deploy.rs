@@ -1,5 +1,6 @@
 //! The files in `deploy/` are checked, not only written: the systemd unit verifies, the
-//! configuration they ship loads, the dashboard queries only metrics the daemon exports, the
+//! configuration they ship loads, the dashboard and the alerting rules query only metrics the
+//! daemon exports (and the rules pass promtool's checks and tests), the
 //! container build's stage builds from exactly what it copies, and the least-privilege role
 //! can run the daemon.
 //! (The Kubernetes variants are rendered, validated against the Kubernetes schemas and checked
@@ -124,26 +125,30 @@ fn systemd_unit_verifies() {
     assert!(exposure <= 2.0, "exposure {exposure}: {report}");
 }
 
-/// Every metric the dashboard queries is one the daemon exports.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_queries_exported_metrics() {
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&read("deploy/grafana/evictd-dashboard.json")).unwrap();
-    let mut queried = BTreeSet::new();
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"].as_str().unwrap();
-            for (i, _) in expr.match_indices("evictd_") {
-                let name: String = expr[i..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                queried.insert(name);
+/// The metric names in a PromQL expression: ours and the process's.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for prefix in ["evictd_", "process_"] {
+        for (i, _) in expr.match_indices(prefix) {
+            if expr[..i]
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                continue;
             }
+            let name: String = expr[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name);
         }
     }
-    assert!(queried.len() >= 8, "{queried:?}");
+    names
+}
 
+/// The series names a live daemon's `/metrics` serves, once it has handled an event.
+async fn live_series_names() -> BTreeSet<String> {
     let env = Env::new(Delivery::Outbox).await;
     let daemon = env.start_daemon().await;
     env.sql("INSERT INTO clients (name) VALUES ('m')").await;
@@ -159,17 +164,80 @@ async fn dashboard_queries_exported_metrics() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    let exported: BTreeSet<String> = metrics
+    metrics
         .lines()
-        .filter(|l| l.starts_with("# TYPE "))
-        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
         .map(str::to_string)
-        .collect();
+        .collect()
+}
+
+/// Every metric the dashboard queries is one the daemon exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_queries_exported_metrics() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/evictd-dashboard.json")).unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queried.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(queried.len() >= 12, "{queried:?}");
+    let exported = live_series_names().await;
     for name in &queried {
-        let base = name.trim_end_matches("_bucket").trim_end_matches("_total");
         assert!(
-            exported.contains(base),
-            "dashboard queries {name}, not exported: {exported:?}"
+            exported.contains(name),
+            "the dashboard queries {name}, which /metrics does not serve: {exported:?}"
+        );
+    }
+}
+
+/// The alerting rules pass `promtool check rules` and their own `promtool test rules` (each
+/// alert fires on what it is about, and not on a healthy daemon's figures), and every metric
+/// they name is one a live daemon serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_rules_are_valid_and_name_exported_metrics() {
+    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("promtool not found: apt-get install prometheus");
+    let folder = repo_file("deploy/prometheus");
+    for args in [
+        ["check", "rules", "evictd-alerts.yaml"],
+        ["test", "rules", "evictd-alerts.test.yaml"],
+    ] {
+        let output = Command::new(promtool)
+            .args(args)
+            .current_dir(&folder)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let rules = read("deploy/prometheus/evictd-alerts.yaml");
+    let mut named = BTreeSet::new();
+    let mut alerts = 0;
+    for line in rules.lines().map(str::trim) {
+        if let Some(expr) = line.strip_prefix("expr:") {
+            named.extend(metric_names(expr));
+            alerts += 1;
+        }
+    }
+    assert!(
+        alerts >= 8 && named.len() >= 8,
+        "{alerts} rules naming {named:?}"
+    );
+    let exported = live_series_names().await;
+    for name in &named {
+        assert!(
+            exported.contains(name),
+            "an alert names {name}, which /metrics does not serve: {exported:?}"
         );
     }
 }

@@ -181,6 +181,14 @@ async fn notify_buffer_overflow_falls_back_to_table_wide() {
         );
     }
     env.assert_present(&[unrelated]).await;
+    // Each dropped notification is counted, for the alert.
+    let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("evictd_notifications_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no evictd_notifications_dropped_total: {metrics}"));
+    assert!(dropped >= 1.0, "{dropped} notifications dropped");
 }
 
 /// Passwords in connection strings never reach a log line, an error message or a command's

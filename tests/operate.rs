@@ -642,3 +642,104 @@ async fn run_is_quiet_when_flags_match_the_installed_delivery() {
         daemon.log()
     );
 }
+
+/// The value of the first sample of `name` in a `/metrics` text.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in: {metrics}"))
+}
+
+/// What an operator alerts on: the build, the process's memory and descriptors, when the last
+/// batch went, and the outbox's oldest event and the slot's WAL as the daemon reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_an_operator_alerts_on() {
+    let env = Env::with_config(Delivery::Outbox, "health_interval_ms = 200\n").await;
+    seed(&env).await;
+    let daemon = env.start_daemon().await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    env.barrier().await;
+    let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "evictd_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
+    let last_batch = sample(&metrics, "evictd_last_batch_timestamp_seconds");
+    assert!(
+        last_batch >= before - 1.0,
+        "last batch at {last_batch}, test began {before}"
+    );
+    assert!(sample(&metrics, "process_resident_memory_bytes") > 1e6);
+    assert!(sample(&metrics, "process_open_fds") >= 3.0);
+    assert!(sample(&metrics, "process_max_fds") >= sample(&metrics, "process_open_fds"));
+    assert!(sample(&metrics, "process_cpu_seconds_total") > 0.0);
+    drop(daemon);
+
+    // The outbox's oldest event, as the health tick reads it: one left waiting 90 s ago.
+    env.sql(
+        "INSERT INTO evictd.outbox (payload, created_at) \
+         VALUES ('{\"v\":1,\"op\":\"TRUNCATE\",\"table\":\"public.clients\"}', clock_timestamp() - interval '90 s')",
+    )
+    .await;
+    let backlog = evictd::source::outbox::backlog(&env.pg).await.unwrap();
+    assert_eq!(backlog.waiting, 1);
+    assert!(backlog.oldest_age_seconds >= 90.0, "{backlog:?}");
+    let daemon = env.start_daemon().await;
+    env.wait_outbox_empty().await;
+    let start = std::time::Instant::now();
+    loop {
+        let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+        if sample(&metrics, "evictd_outbox_oldest_event_age_seconds") == 0.0
+            && sample(&metrics, "evictd_outbox_backlog") == 0.0
+        {
+            break;
+        }
+        assert!(start.elapsed() < support::DEADLINE, "{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The WAL a replication slot holds back, as the `logical` daemon reports it: writes made while
+/// no daemon reads grow it, and a daemon that caught up reports it back down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_lag_is_measured_and_reported() {
+    let env = Env::with_config(Delivery::Logical, "health_interval_ms = 200\n").await;
+    seed(&env).await;
+    drop(env.start_daemon().await);
+    let slot = evictd::schema::slot::name(&env.pg).await.unwrap();
+    let before = evictd::schema::slot::lag_bytes(&env.pg, &slot)
+        .await
+        .unwrap()
+        .expect("the slot exists");
+    env.sql("INSERT INTO clients (name) SELECT 'lag' FROM generate_series(1, 2000)")
+        .await;
+    let behind = evictd::schema::slot::lag_bytes(&env.pg, &slot)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(behind > before + 10_000, "{before} -> {behind} bytes");
+    let daemon = env.start_daemon().await;
+    let start = std::time::Instant::now();
+    loop {
+        let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
+        let reported = sample(&metrics, "evictd_replication_slot_lag_bytes");
+        // -1 until the health tick measured it.
+        if reported >= 0.0 && reported < behind as f64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "slot lag reported {reported}, {behind} before catching up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

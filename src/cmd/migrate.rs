@@ -40,7 +40,8 @@ pub async fn uninstall(settings: &Settings) -> anyhow::Result<()> {
     if schema::installed(&conn.client).await?.is_some() {
         let waiting = crate::source::outbox::backlog(&conn.client)
             .await
-            .context("cannot count the outbox")?;
+            .context("cannot count the outbox")?
+            .waiting;
         if waiting > 0 {
             eprintln!("warning: dropping {waiting} events still waiting in evictd.outbox");
         }

@@ -194,6 +194,7 @@ impl Flusher {
     pub fn record(&mut self, batch: &Batch, report: Report, took: Duration) {
         self.observed.liveness.beat();
         let m = &self.observed.metrics;
+        m.last_batch_timestamp_seconds.set(now_ms() as f64 / 1000.0);
         m.batches.inc();
         if report.wrong_type > 0 {
             m.errors_by("tag_type", report.wrong_type);

@@ -101,3 +101,20 @@ pub async fn drop_if_idle(
         .await?;
     Ok(dropped > 0)
 }
+
+/// The WAL slot `slot` holds back: how far its confirmed position trails the current one, in
+/// bytes (`None` when the slot does not exist).
+pub async fn lag_bytes(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), confirmed_flush_lsn)::pg_catalog.int8 \
+             FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|row| row.get(0)))
+}

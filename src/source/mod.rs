@@ -171,8 +171,8 @@ impl Session {
         self.feed.receiver.try_recv().ok()
     }
 
-    /// True (once) when notifications were dropped because the buffer was full.
-    pub fn take_overflow(&self) -> bool {
-        self.feed.overflowed.swap(false, Ordering::Relaxed)
+    /// How many notifications were dropped because the buffer was full, since the last call.
+    pub fn take_dropped(&self) -> u64 {
+        self.feed.dropped.swap(0, Ordering::Relaxed)
     }
 }

@@ -111,12 +111,28 @@ impl Claim<'_> {
     }
 }
 
-/// Events waiting (an estimate is not good enough for the `stats` and `doctor` output).
+/// The outbox's waiting events.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    /// How many (an estimate is not good enough for the `stats` and `doctor` output).
+    pub waiting: i64,
+    /// How long the oldest has waited, 0 when none does.
+    pub oldest_age_seconds: f64,
+}
+
 pub async fn backlog(
     client: &impl tokio_postgres::GenericClient,
-) -> Result<i64, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT count(*) FROM evictd.outbox", &[])
-        .await?
-        .get(0))
+) -> Result<Backlog, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.count(*), coalesce(extract(epoch FROM \
+                 pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.min(created_at)), 0)::float8 \
+             FROM evictd.outbox",
+            &[],
+        )
+        .await?;
+    Ok(Backlog {
+        waiting: row.get(0),
+        oldest_age_seconds: row.get::<_, f64>(1).max(0.0),
+    })
 }

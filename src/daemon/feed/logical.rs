@@ -35,6 +35,8 @@ const LINGER_WAKE_BYTES: usize = 64 * 1024;
 /// The state of the logical feed between frames.
 pub(in crate::daemon) struct LogicalFeed {
     stream: LogicalStream,
+    /// The slot streamed from, for its lag.
+    slot: String,
     /// When the last batch was flushed ([`crate::config::Settings::batch_linger`]).
     last_flush: Option<tokio::time::Instant>,
     /// Part of a huge transaction went to Redis with its markers' TTL deferred; they get it
@@ -70,6 +72,7 @@ impl LogicalFeed {
             LogicalStream::start(&flusher.settings, &slot, source.signing_key.clone()).await?;
         let mut feed = Self {
             stream,
+            slot: slot.clone(),
             last_flush: None,
             markers_owed: false,
         };
@@ -228,7 +231,13 @@ impl Feed for LogicalFeed {
             }
             Wake::Notification(_) => {
                 while source.try_next_notification().is_some() {}
-                source.take_overflow();
+                // Only wake-ups of the other deliveries (see the outbox feed): dropping them
+                // loses nothing, but they are counted.
+                flusher
+                    .observed
+                    .metrics
+                    .notifications_dropped
+                    .inc_by(source.take_dropped());
             }
             Wake::Poll => {}
         }
@@ -239,6 +248,16 @@ impl Feed for LogicalFeed {
     /// back through the stream by now (a half-open replication connection shows no error, just
     /// silence); then a new one is written.
     async fn health(&mut self, source: &Session, flusher: &Flusher) -> Result<(), SessionError> {
+        // For the metric only: a role that may not read it loses the figure, not the session.
+        match slot::lag_bytes(&source.connection.client, &self.slot).await {
+            Ok(Some(lag)) => {
+                flusher.observed.metrics.slot_lag_bytes.set(lag);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %crate::db::describe(&e), "cannot read the slot's lag")
+            }
+        }
         let stream = &mut self.stream;
         let limit = flusher.settings.health_interval * 2;
         if let Some((_, sent)) = &stream.state.awaiting {

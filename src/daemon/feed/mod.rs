@@ -172,8 +172,15 @@ impl Feed for NotifyFeed {
                 None
             };
         }
-        if source.take_overflow() {
+        let dropped = source.take_dropped();
+        if dropped > 0 {
+            flusher
+                .observed
+                .metrics
+                .notifications_dropped
+                .inc_by(dropped);
             warn!(
+                dropped,
                 buffer = flusher.settings.notify_buffer,
                 "notifications arrived faster than Redis took them and some were dropped; invalidating every table"
             );

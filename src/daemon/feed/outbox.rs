@@ -220,7 +220,12 @@ impl OutboxFeed {
         flusher: &mut Flusher,
     ) -> Result<(), SessionError> {
         while source.try_next_notification().is_some() {}
-        source.take_overflow();
+        // Wake-ups carry nothing: the drain below answers the dropped ones too.
+        flusher
+            .observed
+            .metrics
+            .notifications_dropped
+            .inc_by(source.take_dropped());
         self.drain_and_ring(source, sink, flusher).await?;
         Ok(())
     }
@@ -503,10 +508,14 @@ impl Feed for OutboxFeed {
 
     /// The outbox's backlog, for the metric.
     async fn health(&mut self, source: &Session, flusher: &Flusher) -> Result<(), SessionError> {
-        let waiting = outbox::backlog(&source.connection.client)
+        let backlog = outbox::backlog(&source.connection.client)
             .await
             .map_err(SourceError::from)?;
-        flusher.observed.metrics.outbox_backlog.set(waiting);
+        let metrics = &flusher.observed.metrics;
+        metrics.outbox_backlog.set(backlog.waiting);
+        metrics
+            .outbox_oldest_age_seconds
+            .set(backlog.oldest_age_seconds);
         Ok(())
     }
 }

@@ -1,11 +1,15 @@
 //! Every metric evictd exports lives here, named `evictd_*`, with low-cardinality labels only
-//! (table, op, kind, server — never a tag or key). Updated per batch, not per event.
+//! (table, op, kind, server — never a tag or key). Updated per batch, not per event. Beside
+//! them, the process's own figures under their usual `process_*` names (`process`).
+
+mod process;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +49,15 @@ pub struct Metrics {
     pub reconnects: Family<ServerLabels, Counter>,
     /// Events waiting in `evictd.outbox` at the last look.
     pub outbox_backlog: Gauge,
+    /// Age of the oldest event waiting in `evictd.outbox` at the last look (0 when none).
+    pub outbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// WAL the replication slot holds back (`logical`), at the last look; -1 until measured
+    /// (and in the other deliveries).
+    pub slot_lag_bytes: Gauge,
+    /// When Redis last confirmed a batch (Unix time, seconds).
+    pub last_batch_timestamp_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Notifications dropped because the buffer (`notify_buffer`) was full.
+    pub notifications_dropped: Counter,
     /// Seconds from the statement to its invalidation in Redis (the oldest event of each batch).
     pub lag_seconds: Histogram,
     /// 1 when ready (listening, both servers answer), else 0.
@@ -66,11 +79,16 @@ impl Metrics {
             errors: Family::default(),
             reconnects: Family::default(),
             outbox_backlog: Gauge::default(),
+            outbox_oldest_age_seconds: Gauge::default(),
+            slot_lag_bytes: Gauge::default(),
+            last_batch_timestamp_seconds: Gauge::default(),
+            notifications_dropped: Counter::default(),
             // 0.5 ms .. ~65 s
             lag_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             ready: Gauge::default(),
             swept: Counter::default(),
         };
+        metrics.slot_lag_bytes.set(-1);
         // Known label values start at zero, so alerts and dashboards see the series from the
         // first scrape rather than after the first error.
         for kind in ["postgres", "redis"] {
@@ -81,7 +99,14 @@ impl Metrics {
                 kind: kind.to_string(),
             });
         }
-        let mut registry = Registry::with_prefix("evictd");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("evictd");
+        registry.register(
+            "build",
+            "The running build (its version as a label; always 1)",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
         registry.register(
             "events",
             "Change events processed, by table and operation",
@@ -124,6 +149,26 @@ impl Metrics {
             metrics.outbox_backlog.clone(),
         );
         registry.register(
+            "outbox_oldest_event_age_seconds",
+            "Age of the oldest event waiting in evictd.outbox (0 when none)",
+            metrics.outbox_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "replication_slot_lag_bytes",
+            "WAL the replication slot holds back (logical delivery; -1 until measured)",
+            metrics.slot_lag_bytes.clone(),
+        );
+        registry.register(
+            "last_batch_timestamp_seconds",
+            "When Redis last confirmed a batch (Unix time)",
+            metrics.last_batch_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "notifications_dropped",
+            "Notifications dropped because the buffer (notify_buffer) was full",
+            metrics.notifications_dropped.clone(),
+        );
+        registry.register(
             "lag_seconds",
             "Seconds from statement to invalidation",
             metrics.lag_seconds.clone(),
@@ -134,7 +179,7 @@ impl Metrics {
             "Tag-set members removed because their entry expired",
             metrics.swept.clone(),
         );
-        (metrics, registry)
+        (metrics, root)
     }
 
     fn error_family_touch(&self, server: &str) {

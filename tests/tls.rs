@@ -116,11 +116,8 @@ fn make_certs() -> Certs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_full_postgres_and_rediss_with_a_test_ca() {
-    // This test's own redis client builds its TLS configuration from the process default.
-    evictd::tls::install_provider();
-    let certs = make_certs();
+/// PostgreSQL serving `certs`' certificate (plain text is accepted too), with the example schema.
+fn tls_postgres(certs: &Certs) -> Postgres {
     let pg = Postgres::start_with(&[
         "ssl=on",
         &format!("ssl_cert_file={}", certs.cert.display()),
@@ -128,6 +125,15 @@ async fn verify_full_postgres_and_rediss_with_a_test_ca() {
     ])
     .unwrap_or_else(|e| panic!("{e:#}"));
     pg.psql("postgres", &["-c", EXAMPLE_SCHEMA]).unwrap();
+    pg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_postgres_and_rediss_with_a_test_ca() {
+    // This test's own redis client builds its TLS configuration from the process default.
+    evictd::tls::install_provider();
+    let certs = make_certs();
+    let pg = tls_postgres(&certs);
     let redis =
         Redis::start_tls(&certs.cert, &certs.key, &certs.ca).unwrap_or_else(|e| panic!("{e:#}"));
     let db_url = format!(
@@ -322,13 +328,7 @@ fn doctor_tls(mut command: Command) -> (String, String) {
 async fn no_sslmode_means_tls_where_the_server_offers_it() {
     evictd::tls::install_provider();
     let certs = make_certs();
-    let pg = Postgres::start_with(&[
-        "ssl=on",
-        &format!("ssl_cert_file={}", certs.cert.display()),
-        &format!("ssl_key_file={}", certs.key.display()),
-    ])
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    pg.psql("postgres", &["-c", EXAMPLE_SCHEMA]).unwrap();
+    let pg = tls_postgres(&certs);
     let redis = Redis::start().unwrap_or_else(|e| panic!("{e:#}"));
     let db_url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
     let trusted = |args: &[&str]| {

@@ -331,9 +331,13 @@ BEGIN
              WHERE p.level OPERATOR(pg_catalog.>) 0
     LOOP
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_insert', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_update', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_delete', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__products()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_truncate', r);
     END LOOP;
 END
 $do$;
@@ -475,9 +479,13 @@ BEGIN
              WHERE p.level OPERATOR(pg_catalog.>) 0
     LOOP
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_insert', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_update', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_delete', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__job_readiness_expert_sessions()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_truncate', r);
     END LOOP;
 END
 $do$;
@@ -619,9 +627,13 @@ BEGIN
              WHERE p.level OPERATOR(pg_catalog.>) 0
     LOOP
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_insert', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_update', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_delete', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__modules()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_truncate', r);
     END LOOP;
 END
 $do$;
@@ -763,9 +775,13 @@ BEGIN
              WHERE p.level OPERATOR(pg_catalog.>) 0
     LOOP
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_insert', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_update', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_delete', r);
         EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.capture__public__clients()', r);
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE TRIGGER evictd_truncate', r);
     END LOOP;
 END
 $do$;

@@ -1124,3 +1124,57 @@ keys = ["{prefix}v1:product:{id}:*"]
     assert_eq!(env.count_existing(&fillers).await, fillers.len() as u64);
     env.assert_present(&[bystander]).await;
 }
+
+/// A restore (Supabase's procedure, `pg_restore --disable-triggers`) and a logical-replication
+/// subscriber's apply worker write with `session_replication_role = replica`, under which
+/// ordinary triggers stay silent: with the default firing a product moved to another client
+/// that way leaves the old client's lists stale in every delivery (`logical` reads the move
+/// from the WAL, but the old client only from its old-row trigger). With
+/// `trigger_firing = "always"` the triggers fire there too and nothing stays stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_fire_under_the_replica_role_only_when_always() {
+    let moved = format!(
+        "SET session_replication_role = replica;
+         UPDATE products SET client_id = '{C2}' WHERE id = '{P1}';
+         RESET session_replication_role;"
+    );
+    for delivery in [Delivery::Outbox, Delivery::Notify, Delivery::Logical] {
+        for (config, fires) in [("", false), ("trigger_firing = \"always\"\n", true)] {
+            let env = Env::with_config(delivery, config).await;
+            env.sql(&seed_sql()).await;
+            let daemon = env.start_daemon().await;
+            let old_client = env
+                .cache("old-client", &[&format!("products:client:{C1}")])
+                .await;
+            env.sql(&moved).await;
+            env.barrier().await;
+            assert_eq!(
+                !env.exists(&old_client).await,
+                fires,
+                "{delivery:?} {config:?}: the old client's entry {}",
+                if fires {
+                    "stayed"
+                } else {
+                    "went, though the triggers should be silent"
+                }
+            );
+            let enabled: Vec<String> = env
+                .pg
+                .query(
+                    "SELECT DISTINCT tgenabled::text FROM pg_trigger WHERE tgname LIKE 'evictd\\_%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert_eq!(
+                enabled,
+                [if fires { "A" } else { "O" }],
+                "{delivery:?} {config:?}"
+            );
+            drop(daemon);
+        }
+    }
+}

@@ -100,6 +100,27 @@ impl FromStr for Wakeup {
     }
 }
 
+/// When evictd's triggers fire (chosen at `migrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TriggerFiring {
+    /// PostgreSQL's default: not while `session_replication_role = replica`, which restores
+    /// (Supabase's procedure, `pg_restore --disable-triggers`) and logical-replication apply
+    /// workers set. Changes made so go unseen.
+    Origin,
+    /// `ENABLE ALWAYS`: in every session, restores and subscribers included.
+    Always,
+}
+
+impl TriggerFiring {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerFiring::Origin => "origin",
+            TriggerFiring::Always => "always",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -156,6 +177,8 @@ pub struct Settings {
     pub channel_given: bool,
     /// How outbox mode wakes the daemon (installed by `migrate`, like `delivery`).
     pub outbox_wakeup: Wakeup,
+    /// When the triggers `migrate` installs fire.
+    pub trigger_firing: TriggerFiring,
     /// The longest pause between two polls of the outbox in `poll` wake-up mode.
     pub outbox_poll_max: Duration,
     pub http_addr: SocketAddr,
@@ -258,6 +281,7 @@ struct FileConfig {
     key_prefix: Option<Spanned<String>>,
     delivery: Option<Delivery>,
     outbox_wakeup: Option<Wakeup>,
+    trigger_firing: Option<TriggerFiring>,
     outbox_poll_max_ms: Option<Spanned<u64>>,
     http_addr: Option<Spanned<String>>,
     log_format: Option<LogFormat>,
@@ -465,6 +489,7 @@ impl Settings {
             delivery_given,
             channel_given,
             outbox_wakeup: raw.outbox_wakeup.unwrap_or(Wakeup::Doorbell),
+            trigger_firing: raw.trigger_firing.unwrap_or(TriggerFiring::Origin),
             outbox_poll_max: Duration::from_millis(outbox_poll_max_ms),
             http_addr,
             log_format: overrides
@@ -562,6 +587,10 @@ mod tests {
         assert_eq!(
             Some(s.outbox_wakeup.as_str()),
             options::OUTBOX_WAKEUP.default
+        );
+        assert_eq!(
+            Some(s.trigger_firing.as_str()),
+            options::TRIGGER_FIRING.default
         );
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(options::LOG_FORMAT.default, Some("text"));

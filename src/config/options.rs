@@ -71,6 +71,12 @@ pub const OUTBOX_WAKEUP: Text = Text {
     env: None,
     doc: "NOTIFY only while no daemon drains; or \"notify\": one per commit\n(writers serialise), or \"poll\": none (~10-50 ms lag)",
 };
+pub const TRIGGER_FIRING: Text = Text {
+    name: "trigger_firing",
+    default: Some("origin"),
+    env: None,
+    doc: "or \"always\": also under session_replication_role = replica\n(restores, subscribers); applies to `migrate`",
+};
 pub const TLS_CA_FILE: Text = Text {
     name: "tls_ca_file",
     default: None,
@@ -174,7 +180,7 @@ pub const SWEEP_RATE: Number = Number {
 };
 
 /// The file's options in the order README lists them: text first, then numbers.
-pub const TEXT: [Text; 8] = [
+pub const TEXT: [Text; 9] = [
     DATABASE_URL,
     REDIS_URL,
     CHANNEL,
@@ -183,6 +189,7 @@ pub const TEXT: [Text; 8] = [
     HTTP_ADDR,
     LOG_FORMAT,
     OUTBOX_WAKEUP,
+    TRIGGER_FIRING,
 ];
 pub const NUMBERS: [Number; 12] = [
     TAGTS_TTL_SECS,

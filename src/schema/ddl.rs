@@ -17,7 +17,7 @@ use crate::config::{Delivery, Settings, Wakeup};
 use crate::core::rules::{TableName, TableRule};
 
 pub use capture::OUTBOX_EVENT_ROWS;
-use capture::{capture_function, triggers};
+use capture::{capture_function, enable_trigger, triggers};
 use check::rule_columns_check;
 pub use publication::{
     OLD_ROWS_PREFIX, PUBLICATION, SLOT_NAME_SQL, identity_columns_sql, sent_columns_sql,
@@ -150,7 +150,7 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
             ));
             sql.push_str(&old_row_function(rule, settings.wide_row_threshold));
         }
-        sql.push_str(&publication(tables));
+        sql.push_str(&publication(tables, settings.trigger_firing));
     } else {
         sql.push_str(
             "-- Only `logical` delivery publishes the tables.\nDROP PUBLICATION IF EXISTS evictd;\n\n",
@@ -168,7 +168,7 @@ CREATE TABLE IF NOT EXISTS evictd.dead_letter (
                 channel,
                 limit,
             ));
-            sql.push_str(&triggers(rule));
+            sql.push_str(&triggers(rule, settings.trigger_firing));
         }
     }
     sql.push_str(

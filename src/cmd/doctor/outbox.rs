@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use super::{Check, Status, check};
-use crate::config::Settings;
+use crate::config::{Settings, TriggerFiring};
 use crate::db;
 use crate::schema::ddl;
 
@@ -66,6 +66,19 @@ pub(super) async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<
                     Some("D") => {
                         problems.push(format!("{relation}: trigger {name} is disabled"));
                         hints.push(format!("ALTER TABLE {relation} ENABLE TRIGGER {name}"));
+                    }
+                    // Fires only while `session_replication_role = replica`: never for writers.
+                    Some("R") => {
+                        problems.push(format!(
+                            "{relation}: trigger {name} fires only under session_replication_role = replica"
+                        ));
+                        hints.push("run `evictd migrate`".to_string());
+                    }
+                    Some("O") if settings.trigger_firing == TriggerFiring::Always => {
+                        problems.push(format!(
+                            "{relation}: trigger {name} stays silent during restores and on subscribers, though trigger_firing = \"always\""
+                        ));
+                        hints.push("run `evictd migrate`".to_string());
                     }
                     Some(_) => {}
                 }

@@ -6,7 +6,7 @@ use super::{
     LOGICAL_MESSAGE_LIMIT, NOTIFY_PAYLOAD_LIMIT, OLD_ROWS_PREFIX, PINNED_SEARCH_PATH,
     SIGNING_KEY_TABLE, capture_function_name, concat, ident, qualified, ring, signed, text_of,
 };
-use crate::config::{Delivery, Wakeup};
+use crate::config::{Delivery, TriggerFiring, Wakeup};
 use crate::core::rules::TableRule;
 
 /// Rows per outbox event: a statement of more rows writes one event per this many (distinct)
@@ -273,17 +273,41 @@ REVOKE ALL ON FUNCTION evictd.{name}() FROM PUBLIC;
     )
 }
 
+/// `ALTER TABLE … ENABLE [ALWAYS] TRIGGER name` for the relation in PL/pgSQL variable
+/// `relation`, as one `EXECUTE` line: `always` makes the trigger fire under
+/// `session_replication_role = replica` too (restores, logical-replication subscribers); the
+/// default is PostgreSQL's. Set both ways, so that changing the setting and migrating again
+/// takes effect.
+pub(super) fn enable_trigger(
+    name: &str,
+    relation: &str,
+    firing: TriggerFiring,
+    indent: &str,
+) -> String {
+    let always = match firing {
+        TriggerFiring::Always => "ALWAYS ",
+        TriggerFiring::Origin => "",
+    };
+    format!(
+        "{indent}EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE {always}TRIGGER {name}', {relation});"
+    )
+}
+
 /// The four statement triggers on the table and, for a partitioned table, on each of its
 /// partitions: a statement fires only the triggers of the table it names, so one naming a
 /// partition would pass a parent's triggers by. They all run the table's capture function,
 /// which reports the table the rule names. (A partition attached later gets them at the next
 /// `evictd migrate`; `doctor` names partitions without them.)
-pub(super) fn triggers(rule: &TableRule) -> String {
+///
+/// `firing` says whether they fire under `session_replication_role = replica` as well
+/// ([`enable_trigger`]).
+pub(super) fn triggers(rule: &TableRule, firing: TriggerFiring) -> String {
     let table = qualified(&rule.table).replace('\'', "''");
     let function = format!("evictd.{}()", capture_function_name(&rule.table));
     let create = |name: &str, event: &str, transition: &str| {
         format!(
-            "        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER {name} AFTER {event} ON %s{transition} FOR EACH STATEMENT EXECUTE FUNCTION {function}', r);"
+            "        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER {name} AFTER {event} ON %s{transition} FOR EACH STATEMENT EXECUTE FUNCTION {function}', r);\n{}",
+            enable_trigger(name, "r", firing, "        ")
         )
     };
     let statements = [

@@ -4,8 +4,9 @@
 
 use super::{
     PINNED_SEARCH_PATH, SIGNATURE_HEX_LEN, SIGNING_KEY_TABLE, TRIGGER_NAMES, capture_function_name,
-    concat, fnv1a64, ident, qualified, signed, text_of,
+    concat, enable_trigger, fnv1a64, ident, qualified, signed, text_of,
 };
+use crate::config::TriggerFiring;
 use crate::core::rules::{TableName, TableRule};
 
 /// The replication slot of `logical` delivery, as an SQL expression: one per database (slot
@@ -35,8 +36,10 @@ pub use crate::core::folder::OLD_ROWS_PREFIX;
 /// is made FULL, as its UPDATEs and DELETEs could not be published otherwise.
 ///
 /// From PostgreSQL 15 each table is published with a column list (the identity and the rule
-/// columns): the walsender sends the daemon nothing else.
-pub(super) fn publication(rules: &[TableRule]) -> String {
+/// columns): the walsender sends the daemon nothing else. `firing` applies to the triggers as
+/// in the other deliveries (the WAL itself is decoded whatever the writer's
+/// `session_replication_role`).
+pub(super) fn publication(rules: &[TableRule], firing: TriggerFiring) -> String {
     let tables: Vec<String> = rules
         .iter()
         .map(|rule| {
@@ -100,6 +103,7 @@ BEGIN
             EXECUTE pg_catalog.format(
                 'CREATE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION evictd.%I()',
                 leaf, t.capture);
+{enable_truncate}
         END LOOP;
         key_columns := {key_columns};
         IF replident <> 'f' AND pg_catalog.cardinality(key_columns) = 0 THEN
@@ -138,6 +142,7 @@ BEGIN
                  FROM pg_catalog.unnest(outside) c
                  JOIN pg_catalog.pg_attribute a ON a.attrelid = t.tab AND a.attname = c),
                 t.old_row);
+{enable_old_update}
             EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS evictd_old_delete ON %s', t.tab);
             IF kind = 'p' THEN
                 -- An UPDATE moving a row to another partition deletes it from the first and
@@ -153,6 +158,7 @@ BEGIN
                     'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION evictd.%I()',
                     t.tab, t.capture);
             END IF;
+{enable_old_delete}
         END IF;
         IF replident <> 'f' AND pg_catalog.current_setting('server_version_num')::int >= 150000 THEN
             entries := entries || pg_catalog.format('%s (%s)', t.tab,
@@ -179,6 +185,9 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
         old = text_of("OLD.%1$I").replace("%s", "%%s").replace('\'', "''"),
         new = text_of("NEW.%1$I").replace("%s", "%%s").replace('\'', "''"),
         sent = sent_columns_sql("t.tab"),
+        enable_truncate = enable_trigger("evictd_truncate", "leaf", firing, "            "),
+        enable_old_update = enable_trigger("evictd_old_update", "t.tab", firing, "            "),
+        enable_old_delete = enable_trigger("evictd_old_delete", "t.tab", firing, "            "),
     )
 }
 

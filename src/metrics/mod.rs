@@ -62,6 +62,8 @@ pub struct Metrics {
     pub lag_seconds: Histogram,
     /// 1 when ready (listening, both servers answer), else 0.
     pub ready: Gauge,
+    /// 1 while standing by for a replication slot another daemon holds (`logical`), else 0.
+    pub standby: Gauge,
     /// Tag-set members removed by the hygiene sweep because their entry had expired.
     pub swept: Counter,
 }
@@ -86,6 +88,7 @@ impl Metrics {
             // 0.5 ms .. ~65 s
             lag_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             ready: Gauge::default(),
+            standby: Gauge::default(),
             swept: Counter::default(),
         };
         metrics.slot_lag_bytes.set(-1);
@@ -174,6 +177,11 @@ impl Metrics {
             metrics.lag_seconds.clone(),
         );
         registry.register("ready", "1 when ready", metrics.ready.clone());
+        registry.register(
+            "standby",
+            "1 while standing by for the replication slot another daemon holds",
+            metrics.standby.clone(),
+        );
         registry.register(
             "tag_members_swept",
             "Tag-set members removed because their entry expired",

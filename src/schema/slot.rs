@@ -118,3 +118,19 @@ pub async fn lag_bytes(
         .await?;
     Ok(row.and_then(|row| row.get(0)))
 }
+
+/// The process streaming from slot `slot`: `Some(None)` when it is free, `None` when there is no
+/// such slot.
+pub async fn holder(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<Option<i32>>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT active_pid FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+            &[&slot],
+        )
+        .await?
+        .map(|row| row.get(0)))
+}

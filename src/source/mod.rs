@@ -45,6 +45,16 @@ pub enum SourceError {
     SigningKey(tokio_postgres::Error),
 }
 
+impl SourceError {
+    /// Another connection streams from the replication slot: another daemon holds it.
+    pub fn is_slot_in_use(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Logical(walsender::WalError::SlotInUse(_))
+        )
+    }
+}
+
 /// A listening PostgreSQL session and what is installed in its database.
 pub struct Session {
     pub connection: Connection,

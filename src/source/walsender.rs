@@ -69,6 +69,9 @@ pub enum WalError {
     NoHost(String),
     #[error("{0}")]
     Attempts(String),
+    /// Another connection streams from the slot (SQLSTATE 55006): another daemon holds it.
+    #[error("server: {0}")]
+    SlotInUse(String),
 }
 
 /// Restores the socket's wake-ups when dropped ([`WalStream::quiet_until`]). It borrows the
@@ -174,6 +177,7 @@ impl WalStream {
                     .and_then(|started| started);
             match attempt {
                 Ok(stream) => return Ok(stream),
+                Err(e @ WalError::SlotInUse(_)) => return Err(e),
                 Err(e) if hosts.len() == 1 => return Err(e),
                 Err(e) => failures.push(format!("{}: {e}", describe_host(host, *port))),
             }
@@ -204,6 +208,9 @@ impl WalStream {
                     }
                     return Ok(stream);
                 }
+                // The server answered, and another daemon streams from the slot: no other
+                // way of connecting changes that.
+                Err(e @ WalError::SlotInUse(_)) => return Err(e),
                 Err(e) if attempts.len() == 1 => return Err(e),
                 Err(e) => failures.push(format!(
                     "{}: {e}",
@@ -434,7 +441,7 @@ impl WalStream {
         loop {
             if let Some(message) = self.take_message()? {
                 return match message {
-                    Taken::Whole(b'E', body) => Err(WalError::Server(error_text(&body))),
+                    Taken::Whole(b'E', body) => Err(server_error(&body)),
                     Taken::Whole(tag, body) => Ok((tag, body)),
                     Taken::Oversized { len, .. } => {
                         Err(WalError::Protocol(format!("message of {len} bytes")))
@@ -471,7 +478,7 @@ impl WalStream {
                         return Ok(Some(frame.into_frame()));
                     }
                 }
-                b'E' => return Err(WalError::Server(error_text(&body))),
+                b'E' => return Err(server_error(&body)),
                 b'c' => return Err(WalError::Closed),
                 // Notices and parameter changes: nothing for us.
                 b'N' | b'S' => {}
@@ -695,6 +702,19 @@ async fn connect(
                 false,
             ))
         }
+    }
+}
+
+/// The error an ErrorResponse body reports.
+fn server_error(body: &[u8]) -> WalError {
+    let text = error_text(body);
+    let code = body
+        .split(|&b| b == 0)
+        .find_map(|field| field.strip_prefix(b"C"));
+    if code == Some(b"55006".as_slice()) {
+        WalError::SlotInUse(text)
+    } else {
+        WalError::Server(text)
     }
 }
 

@@ -27,6 +27,10 @@ const CATCH_UP_SILENCE: u32 = 12;
 /// deliveries; a frame is a row, a message, a transaction's start or end.)
 const FRAMES_PER_BATCH: usize = 10_000;
 
+/// How often a standby looks whether the replication slot is free: the takeover comes this
+/// soon after the holder's connection closes.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
+
 /// While a batch lingers, the stream wakes the daemon only once this much has arrived (a
 /// transaction of one row is ~300 bytes, so about one linger's worth at 9,000 commits a second):
 /// otherwise every message of every commit in the linger wakes it for nothing.
@@ -68,8 +72,15 @@ impl LogicalFeed {
                 .resync(sink, "redis restarted or failed over")
                 .await?;
         }
-        let stream =
-            LogicalStream::start(&flusher.settings, &slot, source.signing_key.clone()).await?;
+        let stream = loop {
+            Self::stand_by_while_held(source, sink, flusher, &slot).await?;
+            match LogicalStream::start(&flusher.settings, &slot, source.signing_key.clone()).await {
+                Ok(stream) => break stream,
+                // Another standby took the slot first.
+                Err(e) if e.is_slot_in_use() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         let mut feed = Self {
             stream,
             slot: slot.clone(),
@@ -111,6 +122,53 @@ impl LogicalFeed {
             "caught up with the replication slot"
         );
         Ok(feed)
+    }
+
+    /// Waits, quietly, while another daemon streams from `slot`: a hot standby, ready (its
+    /// servers answer) and reported by `evictd_standby`, that looks every [`STANDBY_POLL`]
+    /// whether the slot is free. A holder that dies frees it as soon as PostgreSQL sees its
+    /// connection close (a host that vanishes: after `wal_sender_timeout`).
+    async fn stand_by_while_held(
+        source: &Session,
+        sink: &RedisSink,
+        flusher: &mut Flusher,
+        slot: &str,
+    ) -> Result<(), SessionError> {
+        let mut standing_by = false;
+        loop {
+            let holder = slot::holder(&source.connection.client, slot)
+                .await
+                .map_err(SourceError::from)?;
+            let Some(Some(pid)) = holder else {
+                break;
+            };
+            if !standing_by {
+                info!(
+                    slot,
+                    holder_pid = pid,
+                    "another daemon streams from the replication slot; standing by to take over"
+                );
+                flusher.observed.metrics.standby.set(1);
+                standing_by = true;
+            }
+            flusher.observed.liveness.beat();
+            // Ready while the servers answer, as a serving daemon is.
+            flusher
+                .redis_health(sink, flusher.settings.health_interval)
+                .await?;
+            let shutdown = flusher.shutdown().clone();
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(SessionError::Shutdown),
+                _ = tokio::time::sleep(STANDBY_POLL) => {}
+            }
+        }
+        if standing_by {
+            info!(slot, "the replication slot is free; taking over");
+            flusher.observed.metrics.standby.set(0);
+            // Not ready until caught up, as at any start.
+            flusher.set_ready(false);
+        }
+        Ok(())
     }
 
     /// Folds `first` and every event already waiting into one batch, invalidates it, then

@@ -654,3 +654,35 @@ async fn a_rule_column_renamed_or_dropped_later_fails_no_write() {
             .await;
     }
 }
+
+/// Redis URLs that cannot be what was meant are configuration errors (exit 2) naming the
+/// setting, without the password: several hosts in a single-server URL, a sentinel URL
+/// without its master's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_redis_urls_exit_2_without_their_password() {
+    let env = Env::bare(Delivery::Outbox, "").await;
+    for (url, said) in [
+        ("redis://:hunter2secret@h1:6379,h2:6379", "several hosts"),
+        (
+            "redis+sentinel://:hunter2secret@h1:26379,h2:26379",
+            "names its master",
+        ),
+        (
+            "redis+sentinel://:hunter2secret@h1/mymaster",
+            "is not host:port",
+        ),
+    ] {
+        for command in ["run", "invalidate", "stats"] {
+            let mut args = vec![command, "--redis-url", url];
+            if command == "invalidate" {
+                args.push("--all");
+            }
+            let output = run(&env, &args);
+            let message = text(&output);
+            assert_eq!(output.status.code(), Some(2), "{command} {url}: {message}");
+            assert!(message.contains("redis_url"), "{message}");
+            assert!(message.contains(said), "{message}");
+            assert!(!message.contains("hunter2secret"), "{message}");
+        }
+    }
+}

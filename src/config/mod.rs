@@ -467,6 +467,16 @@ impl Settings {
             }
         };
 
+        let redis_url = overrides
+            .redis_url
+            .clone()
+            .or(raw.redis_url.clone())
+            .unwrap_or_else(|| text_default(options::REDIS_URL).to_string());
+        // Checked here so that a malformed URL is a configuration error (exit 2), named.
+        crate::sink::RedisTarget::parse(&redis_url).map_err(|e| ConfigError::Value {
+            what: "redis_url",
+            message: e.to_string(),
+        })?;
         Ok(Self {
             database_url_given: overrides.database_url.is_some() || raw.database_url.is_some(),
             redis_url_given: overrides.redis_url.is_some() || raw.redis_url.is_some(),
@@ -475,11 +485,7 @@ impl Settings {
                 .clone()
                 .or(raw.database_url)
                 .unwrap_or_else(|| text_default(options::DATABASE_URL).to_string()),
-            redis_url: overrides
-                .redis_url
-                .clone()
-                .or(raw.redis_url)
-                .unwrap_or_else(|| text_default(options::REDIS_URL).to_string()),
+            redis_url,
             channel: channel.0,
             key_prefix: key_prefix.0,
             delivery: overrides

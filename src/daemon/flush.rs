@@ -169,6 +169,10 @@ impl Flusher {
                 Err(e) => {
                     failed = true;
                     self.set_ready(false);
+                    // A failover under Sentinel: the next attempt goes to the new master.
+                    if let Err(e) = sink.follow_master().await {
+                        debug!(error = %e, "cannot ask the sentinels for the master");
+                    }
                     self.observed.metrics.error("redis");
                     let delay = backoff.next_delay();
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "redis invalidation failed; retrying");
@@ -246,6 +250,11 @@ impl Flusher {
         sink: &RedisSink,
         limit: Duration,
     ) -> Result<(), SessionError> {
+        // Under Sentinel, a failover moves the master: follow it before pinging (the old one,
+        // demoted, would answer the ping and refuse every write).
+        if let Err(e) = sink.follow_master().await {
+            debug!(error = %e, "cannot ask the sentinels for the master");
+        }
         match tokio::time::timeout(limit, sink.ping()).await {
             Ok(Ok(())) => {
                 if self.check_redis_restart(sink).await? {

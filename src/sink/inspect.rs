@@ -55,7 +55,7 @@ pub struct CacheStats {
 
 impl RedisSink {
     pub async fn server_info(&self) -> Result<ServerInfo, SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let text: String = redis::cmd("INFO").query_async(&mut conn).await?;
         let field = |name: &str| {
             text.lines()
@@ -78,7 +78,7 @@ impl RedisSink {
     /// table, is counted twice.)
     pub async fn cache_stats(&self, progress: &dyn Fn(u64)) -> Result<CacheStats, SinkError> {
         let mut stats = CacheStats::default();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut seen = 0u64;
         let mut scan = KeyScan::new(self.keys.everything_glob());
         while let Some(page) = self.next_page(&mut scan).await? {
@@ -114,7 +114,7 @@ impl RedisSink {
         if keys.is_empty() {
             return Ok((0, 0));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut pipe = redis::pipe();
         for key in keys {
             pipe.cmd("TYPE").arg(key);
@@ -167,7 +167,7 @@ impl RedisSink {
         stride: usize,
         mut cursor: String,
     ) -> Result<(u64, u64), SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (mut members, mut missing) = (0, 0);
         loop {
             let (next, items): (String, Vec<Vec<u8>>) = redis::cmd(scan)
@@ -192,7 +192,7 @@ impl RedisSink {
 
     /// The size of tag set `key` and up to `limit` of its members (SSCAN/ZSCAN, bounded steps).
     pub async fn members(&self, key: &str, limit: usize) -> Result<(u64, Vec<String>), SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut conn).await?;
         let (size_cmd, scan_cmd, stride) = match kind.as_str() {
             "set" => ("SCARD", "SSCAN", 1),
@@ -229,7 +229,7 @@ impl RedisSink {
         examples: usize,
     ) -> Result<(u64, Vec<String>), SinkError> {
         let pattern = self.keys.tag_glob("*");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (mut count, mut names) = (0, Vec::new());
         let mut scan = KeyScan::new(pattern);
         while let Some(keys) = self.next_page(&mut scan).await? {
@@ -255,7 +255,7 @@ impl RedisSink {
 
     /// Keys that exist among `keys`, asked a pipeline of a thousand at a time.
     pub async fn existing(&self, keys: &[String]) -> Result<Vec<String>, SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut out = Vec::new();
         for chunk in keys.chunks(1_000) {
             let mut pipe = redis::pipe();

@@ -10,6 +10,7 @@ mod inspect;
 mod scan;
 mod scripts;
 mod sweep;
+mod target;
 
 pub use inspect::{CacheStats, MIN_REDIS_VERSION, ServerInfo};
 pub use scan::KeyScan;
@@ -28,6 +29,7 @@ use crate::core::glob::PatternSet;
 use crate::core::keys::Keys;
 use crate::core::rules::Targets;
 use crate::redact::redact_url;
+pub use target::{RedisTarget, TargetError};
 
 /// Tags handed to one DETACH call at most (it may stop earlier, on its member budget).
 const TAGS_PER_CALL: usize = 200;
@@ -57,6 +59,10 @@ pub enum SinkError {
     },
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("no sentinel of {url} names a master: {detail}")]
+    NoMaster { url: String, detail: String },
     #[error(
         "redis {found} is too old: evictd needs {}.{} or newer",
         MIN_REDIS_VERSION.0,
@@ -115,6 +121,29 @@ impl From<&crate::config::Settings> for SinkOptions {
     }
 }
 
+/// A client for `url`, trusting `options.tls_ca_file` besides the system's roots for TLS.
+fn client_for(url: &str, options: &SinkOptions) -> redis::RedisResult<redis::Client> {
+    match &options.tls_ca_file {
+        Some(ca_file) if url.starts_with("rediss://") => {
+            let root_cert = std::fs::read(ca_file).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "cannot read the CA file",
+                    format!("{}: {e}", ca_file.display()),
+                ))
+            })?;
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+        }
+        _ => redis::Client::open(url),
+    }
+}
+
 /// Detached tag sets not yet drained because an invalidation failed part-way (a Redis error,
 /// a dropped connection). The next invalidation through the same sink drains them before its
 /// own work, so the batch that failed, retried, counts as done only once they are empty.
@@ -131,7 +160,11 @@ struct OwedDrains {
 /// drains owed are shared).
 #[derive(Clone)]
 pub struct RedisSink {
-    conn: ConnectionManager,
+    /// Replaced when a Sentinel-managed master moves ([`RedisSink::follow_master`]).
+    conn: Arc<std::sync::RwLock<ConnectionManager>>,
+    target: Arc<RedisTarget>,
+    /// The URL `conn` is connected to (the master's, for a Sentinel target).
+    connected_to: Arc<Mutex<String>>,
     options: SinkOptions,
     keys: Keys,
     owed: Arc<Mutex<OwedDrains>>,
@@ -143,44 +176,18 @@ pub struct RedisSink {
 }
 
 impl RedisSink {
-    /// Connects to `url`. The connection manager reconnects by itself; a command in flight when
-    /// the connection drops fails, and callers retry (every operation here is idempotent).
+    /// Connects to `url`: one server, or the master its Sentinels name. The connection manager
+    /// reconnects by itself; a command in flight when the connection drops fails, and callers
+    /// retry (every operation here is idempotent).
     pub async fn connect(url: &str, options: SinkOptions) -> Result<Self, SinkError> {
         crate::tls::install_provider();
-        let open_error = |source| SinkError::Open {
-            url: redact_url(url),
-            source,
-        };
-        let client = match &options.tls_ca_file {
-            Some(ca_file) if url.starts_with("rediss://") => {
-                let root_cert = std::fs::read(ca_file).map_err(|e| {
-                    open_error(redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "cannot read the CA file",
-                        format!("{}: {e}", ca_file.display()),
-                    )))
-                })?;
-                redis::Client::build_with_tls(
-                    url,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(root_cert),
-                    },
-                )
-                .map_err(open_error)?
-            }
-            _ => redis::Client::open(url).map_err(open_error)?,
-        };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(open_error)?;
+        let target = RedisTarget::parse(url)?;
+        let server = Self::server_url(url, &target, &options).await?;
+        let conn = Self::manager(&server, &options).await?;
         Ok(Self {
-            conn,
+            conn: Arc::new(std::sync::RwLock::new(conn)),
+            target: Arc::new(target),
+            connected_to: Arc::new(Mutex::new(server)),
             keys: Keys::new(&options.key_prefix),
             options,
             owed: Arc::default(),
@@ -192,13 +199,78 @@ impl RedisSink {
         })
     }
 
+    /// The URL of the server `target` names now: itself, or the master of its Sentinels.
+    async fn server_url(
+        url: &str,
+        target: &RedisTarget,
+        options: &SinkOptions,
+    ) -> Result<String, SinkError> {
+        match target {
+            RedisTarget::Single(url) => Ok(url.clone()),
+            RedisTarget::Sentinel(sentinel) => sentinel
+                .resolve(|url| client_for(url, options))
+                .await
+                .map_err(|detail| SinkError::NoMaster {
+                    url: redact_url(url),
+                    detail,
+                }),
+        }
+    }
+
+    async fn manager(url: &str, options: &SinkOptions) -> Result<ConnectionManager, SinkError> {
+        let open_error = |source| SinkError::Open {
+            url: redact_url(url),
+            source,
+        };
+        let client = client_for(url, options).map_err(open_error)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(open_error)
+    }
+
+    /// For a Sentinel target: asks the sentinels which server is the master now and, when it
+    /// moved (a failover), connects to the new one. Whether it moved; a new master may be an
+    /// older copy of the data, which the caller's check of Redis' identity notices.
+    pub async fn follow_master(&self) -> Result<bool, SinkError> {
+        if matches!(*self.target, RedisTarget::Single(_)) {
+            return Ok(false);
+        }
+        let url = self
+            .connected_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let now = Self::server_url(&url, &self.target, &self.options).await?;
+        if now == url {
+            return Ok(false);
+        }
+        let conn = Self::manager(&now, &self.options).await?;
+        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = conn;
+        *self.connected_to.lock().unwrap_or_else(|e| e.into_inner()) = now.clone();
+        tracing::warn!(
+            master = %redact_url(&now),
+            "the sentinels name another master (a failover): following it"
+        );
+        Ok(true)
+    }
+
+    /// The current connection (cheap: a handle to the shared one).
+    fn conn(&self) -> ConnectionManager {
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn options(&self) -> &SinkOptions {
         &self.options
     }
 
     /// A raw connection handle, for read-only commands (`stats`, `doctor`, `explain`).
     pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+        self.conn()
     }
 
     /// The names of the keys under this sink's prefix.
@@ -221,7 +293,7 @@ impl RedisSink {
 
     /// Answers when Redis does.
     pub async fn ping(&self) -> Result<(), SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
@@ -241,7 +313,7 @@ impl RedisSink {
 
     /// Redis' `maxmemory-policy`, when `CONFIG GET` is allowed.
     pub async fn eviction_policy(&self) -> Result<Option<String>, SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let pair: Vec<String> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("maxmemory-policy")
@@ -305,7 +377,7 @@ impl RedisSink {
         let key_globs = PatternSet::new(targets.key_globs.iter().cloned());
         if !key_globs.is_empty() {
             let mut scan = KeyScan::new(key_globs.scan_pattern());
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             while let Some(page) = self.next_page(&mut scan).await? {
                 let found: Vec<Vec<u8>> = page
                     .into_iter()
@@ -333,7 +405,7 @@ impl RedisSink {
                 "tags": tags,
                 "tables": targets.wide_tables,
             });
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             let _: i64 = conn.publish(channel, message.to_string()).await?;
         }
         self.count(&[
@@ -355,7 +427,7 @@ impl RedisSink {
                 .arg(*n)
                 .ignore();
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
@@ -371,7 +443,7 @@ impl RedisSink {
     }
 
     async fn stamp_markers(&self, keys: &[String]) -> Result<(), SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut call = self.stamp.prepare_invoke();
         for key in keys {
             call.key(key);
@@ -383,7 +455,7 @@ impl RedisSink {
 
     /// Gives every `tagts` marker queued by a [`MarkerTtl::Deferred`] invalidation its TTL.
     pub async fn expire_pending_markers(&self) -> Result<(), SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let queue = self.keys.ttl_pending();
         loop {
             let taken: u64 = self
@@ -511,7 +583,7 @@ impl RedisSink {
         for tag in run {
             call.arg(*tag);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let out: Vec<i64> = call.invoke_async(&mut conn).await?;
         let count = |i: usize| u64::try_from(out.get(i).copied().unwrap_or(0)).unwrap_or(0);
         let processed = usize::try_from(count(0)).unwrap_or(0).min(run.len());
@@ -541,7 +613,7 @@ impl RedisSink {
 
     /// Empties one detached tag set, `drain_chunk` members per call.
     async fn drain_detached(&self, key: &str) -> Result<u64, SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut removed = 0;
         loop {
             let (n, left): (u64, u64) = self

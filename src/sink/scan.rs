@@ -31,7 +31,7 @@ impl RedisSink {
         if scan.done {
             return Ok(None);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(scan.cursor)
             .arg("MATCH")

@@ -51,7 +51,7 @@ impl RedisSink {
             let now_s = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             let (next, n): (String, u64) = self
                 .sweep
                 .key(tag_key)

@@ -9,10 +9,12 @@
 mod pgbouncer;
 mod postgres;
 mod redis;
+mod sentinel;
 
 pub use pgbouncer::PgBouncer;
 pub use postgres::{Postgres, pg_binary, pg_user};
 pub use redis::Redis;
+pub use sentinel::Sentinel;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;

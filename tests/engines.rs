@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use evictd::config::Delivery;
 use evictd::throwaway::{Redis, Sentinel};
+use evictd::sink::RedisConn;
 use redis::aio::ConnectionManager;
 use support::{DEADLINE, Env};
 
@@ -83,7 +84,7 @@ async fn sentinel_failover_is_followed() {
 
         let mut env = Env::with_config(delivery, "health_interval_ms = 200\n").await;
         env.redis_url = sentinel_url;
-        env.redis = connect(&master.url()).await;
+        env.redis = RedisConn::Single(connect(&master.url()).await);
         env.sql(&format!(
             "INSERT INTO clients (id, name) VALUES ('{C1}', 'c1');
              INSERT INTO products (id, client_id, name) VALUES ('{P1}', '{C1}', 'p1'), ('{P2}', '{C1}', 'p2');"
@@ -134,7 +135,7 @@ async fn sentinel_failover_is_followed() {
             }
         })
         .await;
-        env.redis = to_replica.clone();
+        env.redis = RedisConn::Single(to_replica.clone());
         daemon.wait_log("the sentinels name another master").await;
         daemon.wait_log("redis restarted or failed over").await;
         env.wait_gone(&[during]).await;

@@ -6,6 +6,7 @@
 //! the same names itself from the prefix it is handed: fewer bytes per call.)
 
 use super::glob::glob_escape;
+use super::slot::{hash_tag_for, slot};
 
 /// What a key under the prefix is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,11 @@ impl Keys {
         format!("{}{glob}", glob_escape(&self.tag_prefix()))
     }
 
+    /// The marker of tag `tag`'s last invalidation (Redis clock, ms).
+    pub fn tag_marker(&self, tag: &str) -> String {
+        format!("{}tagts:{tag}", self.prefix)
+    }
+
     /// The marker of a table-wide invalidation of `table`.
     pub fn table_marker(&self, table: &str) -> String {
         format!("{}tagts-table:{table}", self.prefix)
@@ -60,6 +66,22 @@ impl Keys {
     /// Where tag set `tag` waits while drained, by the invalidation with `nonce`.
     pub fn drain(&self, nonce: u64, tag: &str) -> String {
         format!("{}drain:{nonce:016x}:{tag}", self.prefix)
+    }
+
+    /// Where tag set `tag` waits while drained, in a Redis Cluster: a drain key in the tag
+    /// set's own slot (a cluster renames only within one), `{prefix}drain:{H}:{nonce}:T` with
+    /// `H` a hash tag of that slot — or the plain drain key when the prefix's own hash tag
+    /// already places both together. `None` for a prefix whose braces place neither there.
+    pub fn drain_in_slot(&self, nonce: u64, tag: &str) -> Option<String> {
+        let wanted = slot(self.tag(tag).as_bytes());
+        let tagged = format!(
+            "{}drain:{{{}}}:{nonce:016x}:{tag}",
+            self.prefix,
+            hash_tag_for(wanted)
+        );
+        [tagged, self.drain(nonce, tag)]
+            .into_iter()
+            .find(|key| slot(key.as_bytes()) == wanted)
     }
 
     /// The glob over every drain key.
@@ -115,6 +137,20 @@ mod tests {
         );
         assert_eq!(keys.drain(255, "t"), "cache:drain:00000000000000ff:t");
         assert_eq!(Keys::new("a*:").drains_glob(), "a\\*:drain:*");
+        for tag in ["products:all", "x", "{braced}", "a{b}c"] {
+            let drain = keys.drain_in_slot(7, tag).unwrap();
+            assert!(drain.starts_with("cache:drain:{"), "{drain}");
+            assert_eq!(
+                slot(drain.as_bytes()),
+                slot(keys.tag(tag).as_bytes()),
+                "{tag}"
+            );
+        }
+        let braced = Keys::new("{app}:");
+        assert_eq!(
+            braced.drain_in_slot(1, "t").unwrap(),
+            "{app}:drain:0000000000000001:t"
+        );
         for (key, kind) in [
             ("cache:tag:x", KeyKind::Tag),
             ("cache:drain:1:x", KeyKind::Drain),

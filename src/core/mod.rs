@@ -6,7 +6,8 @@
 //!   their folding into targets (`logical` delivery);
 //! - [`signature`] — the check of signed NOTIFY payloads and logical messages;
 //! - [`rules`] — a row's values → tags and key patterns; a table → everything it can make stale;
-//! - [`glob`] — Redis glob escaping and matching; [`keys`] — every Redis key name;
+//! - [`glob`] — Redis glob escaping and matching; [`keys`] — every Redis key name; [`slot`] —
+//!   Redis Cluster's key slots;
 //! - [`batch`] — many events folded into one de-duplicated set of targets.
 
 pub mod batch;
@@ -17,4 +18,5 @@ pub mod keys;
 pub mod pgoutput;
 pub mod rules;
 pub mod signature;
+pub mod slot;
 pub mod wal;

@@ -30,6 +30,29 @@ impl ServerInfo {
     }
 }
 
+/// The fields evictd reads from an `INFO` answer.
+fn parse_info(text: &str) -> ServerInfo {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    ServerInfo {
+        version: field("redis_version"),
+        run_id: field("run_id"),
+        role: field("role"),
+        keyspace_hits: field("keyspace_hits").parse().unwrap_or(0),
+        keyspace_misses: field("keyspace_misses").parse().unwrap_or(0),
+    }
+}
+
+/// Whether version `a` is at least `b` (numbers compared part by part).
+fn newer_or_equal(a: &str, b: &str) -> bool {
+    let parts = |v: &str| -> Vec<u32> { v.split('.').filter_map(|p| p.parse().ok()).collect() };
+    parts(a) >= parts(b)
+}
+
 fn supported_version(version: &str) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
     match (parts.next().flatten(), parts.next().flatten()) {
@@ -54,22 +77,30 @@ pub struct CacheStats {
 }
 
 impl RedisSink {
+    /// What `INFO` says. In a cluster, of every primary: the oldest version, the run ids of
+    /// all (a failover or a restart of any changes them), the hits and misses summed.
     pub async fn server_info(&self) -> Result<ServerInfo, SinkError> {
         let mut conn = self.conn();
-        let text: String = redis::cmd("INFO").query_async(&mut conn).await?;
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        Ok(ServerInfo {
-            version: field("redis_version"),
-            run_id: field("run_id"),
-            role: field("role"),
-            keyspace_hits: field("keyspace_hits").parse().unwrap_or(0),
-            keyspace_misses: field("keyspace_misses").parse().unwrap_or(0),
-        })
+        if !conn.is_cluster() {
+            let text: String = redis::cmd("INFO").query_async(&mut conn).await?;
+            return Ok(parse_info(&text));
+        }
+        let mut combined = ServerInfo::default();
+        let mut run_ids = Vec::new();
+        for node in conn.primaries().await? {
+            let text: String = conn.on_node(&node, &redis::cmd("INFO")).await?;
+            let info = parse_info(&text);
+            if combined.version.is_empty() || !newer_or_equal(&info.version, &combined.version) {
+                combined.version = info.version;
+            }
+            run_ids.push(info.run_id);
+            combined.role = info.role;
+            combined.keyspace_hits += info.keyspace_hits;
+            combined.keyspace_misses += info.keyspace_misses;
+        }
+        run_ids.sort();
+        combined.run_id = run_ids.join(",");
+        Ok(combined)
     }
 
     /// Walks every key under the prefix a SCAN page at a time, and each tag set an SSCAN page
@@ -115,11 +146,7 @@ impl RedisSink {
             return Ok((0, 0));
         }
         let mut conn = self.conn();
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("TYPE").arg(key);
-        }
-        let kinds: Vec<String> = pipe.query_async(&mut conn).await?;
+        let kinds: Vec<String> = conn.each(keys.iter().map(|key| one("TYPE", key)).collect()).await?;
         let sets: Vec<(&[u8], &str, usize)> = keys
             .iter()
             .zip(&kinds)
@@ -129,24 +156,32 @@ impl RedisSink {
                 _ => None,
             })
             .collect();
-        let mut pipe = redis::pipe();
-        for (key, scan, _) in &sets {
-            pipe.cmd(scan).arg(*key).arg(0).arg("COUNT").arg(FIRST_PAGE);
-        }
-        let firsts: Vec<(String, Vec<Vec<u8>>)> = pipe.query_async(&mut conn).await?;
-        let mut pipe = redis::pipe();
+        let firsts: Vec<(String, Vec<Vec<u8>>)> = conn
+            .each(
+                sets.iter()
+                    .map(|(key, scan, _)| {
+                        let mut cmd = one(scan, key);
+                        cmd.arg(0).arg("COUNT").arg(FIRST_PAGE);
+                        cmd
+                    })
+                    .collect(),
+            )
+            .await?;
+        let mut asked_each = Vec::new();
         let mut asked = 0;
         let (mut members, mut missing) = (0, 0);
         for ((_, _, stride), (_, items)) in sets.iter().zip(&firsts) {
             let page: Vec<&Vec<u8>> = items.iter().step_by(*stride).collect();
             if !page.is_empty() {
-                pipe.cmd("EXISTS").arg(page.as_slice());
+                let mut cmd = redis::cmd("EXISTS");
+                cmd.arg(page.as_slice());
+                asked_each.push(cmd);
                 members += page.len() as u64;
                 asked += page.len() as u64;
             }
         }
         if asked > 0 {
-            let present: Vec<u64> = pipe.query_async(&mut conn).await?;
+            let present: Vec<u64> = conn.each(asked_each).await?;
             missing += asked - present.iter().sum::<u64>();
         }
         for ((key, scan, stride), (cursor, _)) in sets.iter().zip(firsts) {
@@ -236,11 +271,9 @@ impl RedisSink {
             if keys.is_empty() {
                 continue;
             }
-            let mut pipe = redis::pipe();
-            for key in &keys {
-                pipe.cmd("TYPE").arg(key);
-            }
-            let types: Vec<String> = pipe.query_async(&mut conn).await?;
+            let types: Vec<String> = conn
+                .each(keys.iter().map(|key| one("TYPE", key)).collect())
+                .await?;
             for (key, kind) in keys.iter().zip(types) {
                 if kind != "set" && kind != "zset" && kind != "none" {
                     count += 1;
@@ -258,11 +291,9 @@ impl RedisSink {
         let mut conn = self.conn();
         let mut out = Vec::new();
         for chunk in keys.chunks(1_000) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.exists(key);
-            }
-            let found: Vec<u64> = pipe.query_async(&mut conn).await?;
+            let found: Vec<u64> = conn
+                .each(chunk.iter().map(|key| one("EXISTS", key)).collect())
+                .await?;
             out.extend(
                 chunk
                     .iter()
@@ -273,6 +304,13 @@ impl RedisSink {
         }
         Ok(out)
     }
+}
+
+/// `name key`: a command about one key.
+fn one(name: &str, key: impl redis::ToRedisArgs) -> redis::Cmd {
+    let mut cmd = redis::cmd(name);
+    cmd.arg(key);
+    cmd
 }
 
 #[cfg(test)]

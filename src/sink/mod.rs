@@ -6,6 +6,8 @@
 //! its drain key until emptied, also across a crash; `tagts` markers written without their TTL
 //! yet ([`MarkerTtl::Deferred`]) wait on a list ([`Keys::ttl_pending`]).
 
+mod cluster;
+mod conn;
 mod inspect;
 mod scan;
 mod scripts;
@@ -13,6 +15,7 @@ mod sweep;
 mod target;
 
 pub use inspect::{CacheStats, MIN_REDIS_VERSION, ServerInfo};
+pub use conn::{Node, RedisConn};
 pub use scan::KeyScan;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -22,6 +25,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
 use redis::{AsyncCommands, Script};
 use thiserror::Error;
 
@@ -61,6 +65,10 @@ pub enum SinkError {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error(
+        "key_prefix `{prefix}`: its braces would place a drain key outside its tag set's cluster slot; use a prefix without `{{`, or with a complete hash tag such as `{{cache}}:`"
+    )]
+    Layout { prefix: String },
     #[error("no sentinel of {url} names a master: {detail}")]
     NoMaster { url: String, detail: String },
     #[error(
@@ -161,7 +169,7 @@ struct OwedDrains {
 #[derive(Clone)]
 pub struct RedisSink {
     /// Replaced when a Sentinel-managed master moves ([`RedisSink::follow_master`]).
-    conn: Arc<std::sync::RwLock<ConnectionManager>>,
+    conn: Arc<std::sync::RwLock<RedisConn>>,
     target: Arc<RedisTarget>,
     /// The URL `conn` is connected to (the master's, for a Sentinel target).
     connected_to: Arc<Mutex<String>>,
@@ -173,6 +181,8 @@ pub struct RedisSink {
     drain: Script,
     stamp: Script,
     sweep: Script,
+    cluster_detach: Script,
+    drain_step: Script,
 }
 
 impl RedisSink {
@@ -182,8 +192,17 @@ impl RedisSink {
     pub async fn connect(url: &str, options: SinkOptions) -> Result<Self, SinkError> {
         crate::tls::install_provider();
         let target = RedisTarget::parse(url)?;
-        let server = Self::server_url(url, &target, &options).await?;
-        let conn = Self::manager(&server, &options).await?;
+        let (server, conn) = match &target {
+            RedisTarget::Cluster(seeds) => (
+                redact_url(url),
+                Self::cluster(url, seeds, &options).await?,
+            ),
+            _ => {
+                let server = Self::server_url(url, &target, &options).await?;
+                let conn = Self::manager(&server, &options).await?;
+                (server, RedisConn::Single(conn))
+            }
+        };
         Ok(Self {
             conn: Arc::new(std::sync::RwLock::new(conn)),
             target: Arc::new(target),
@@ -196,7 +215,46 @@ impl RedisSink {
             drain: Script::new(scripts::DRAIN),
             stamp: Script::new(scripts::STAMP),
             sweep: Script::new(scripts::SWEEP),
+            cluster_detach: Script::new(scripts::CLUSTER_DETACH),
+            drain_step: Script::new(scripts::DRAIN_STEP),
         })
+    }
+
+    /// A connection to the cluster `seeds` belong to. It fails when no seed answers as a
+    /// cluster node; afterwards it follows the cluster's slots by itself.
+    async fn cluster(
+        url: &str,
+        seeds: &[String],
+        options: &SinkOptions,
+    ) -> Result<RedisConn, SinkError> {
+        let open_error = |source| SinkError::Open {
+            url: redact_url(url),
+            source,
+        };
+        let mut builder = ClusterClientBuilder::new(seeds.to_vec())
+            .connection_timeout(Duration::from_secs(3))
+            .response_timeout(Duration::from_secs(10))
+            .retries(4)
+            .min_retry_wait(50)
+            .max_retry_wait(1_000);
+        if let Some(ca_file) = &options.tls_ca_file
+            && url.starts_with("rediss+cluster://")
+        {
+            let root_cert = std::fs::read(ca_file).map_err(|e| {
+                open_error(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "cannot read the CA file",
+                    format!("{}: {e}", ca_file.display()),
+                )))
+            })?;
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            });
+        }
+        let client = builder.build().map_err(open_error)?;
+        let conn = client.get_async_connection().await.map_err(open_error)?;
+        Ok(RedisConn::Cluster(conn))
     }
 
     /// The URL of the server `target` names now: itself, or the master of its Sentinels.
@@ -207,6 +265,7 @@ impl RedisSink {
     ) -> Result<String, SinkError> {
         match target {
             RedisTarget::Single(url) => Ok(url.clone()),
+            RedisTarget::Cluster(_) => Ok(redact_url(url)),
             RedisTarget::Sentinel(sentinel) => sentinel
                 .resolve(|url| client_for(url, options))
                 .await
@@ -237,7 +296,7 @@ impl RedisSink {
     /// moved (a failover), connects to the new one. Whether it moved; a new master may be an
     /// older copy of the data, which the caller's check of Redis' identity notices.
     pub async fn follow_master(&self) -> Result<bool, SinkError> {
-        if matches!(*self.target, RedisTarget::Single(_)) {
+        if !matches!(*self.target, RedisTarget::Sentinel(_)) {
             return Ok(false);
         }
         let url = self
@@ -250,7 +309,7 @@ impl RedisSink {
             return Ok(false);
         }
         let conn = Self::manager(&now, &self.options).await?;
-        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = conn;
+        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = RedisConn::Single(conn);
         *self.connected_to.lock().unwrap_or_else(|e| e.into_inner()) = now.clone();
         tracing::warn!(
             master = %redact_url(&now),
@@ -260,8 +319,13 @@ impl RedisSink {
     }
 
     /// The current connection (cheap: a handle to the shared one).
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConn {
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether this sink talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(*self.target, RedisTarget::Cluster(_))
     }
 
     pub fn options(&self) -> &SinkOptions {
@@ -269,7 +333,7 @@ impl RedisSink {
     }
 
     /// A raw connection handle, for read-only commands (`stats`, `doctor`, `explain`).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn()
     }
 
@@ -443,6 +507,9 @@ impl RedisSink {
     }
 
     async fn stamp_markers(&self, keys: &[String]) -> Result<(), SinkError> {
+        if self.is_cluster() {
+            return self.stamp_in_slots(keys).await;
+        }
         let mut conn = self.conn();
         let mut call = self.stamp.prepare_invoke();
         for key in keys {
@@ -454,7 +521,11 @@ impl RedisSink {
     }
 
     /// Gives every `tagts` marker queued by a [`MarkerTtl::Deferred`] invalidation its TTL.
+    /// (In a cluster markers are written with their TTL: nothing is queued.)
     pub async fn expire_pending_markers(&self) -> Result<(), SinkError> {
+        if self.is_cluster() {
+            return Ok(());
+        }
         let mut conn = self.conn();
         let queue = self.keys.ttl_pending();
         loop {
@@ -477,6 +548,9 @@ impl RedisSink {
         tags: &BTreeSet<String>,
         marker_ttl: MarkerTtl,
     ) -> Result<Report, SinkError> {
+        if self.is_cluster() {
+            return self.invalidate_tags_in_cluster(tags).await;
+        }
         let mut report = Report {
             tags: tags.len() as u64,
             ..Report::default()
@@ -613,6 +687,9 @@ impl RedisSink {
 
     /// Empties one detached tag set, `drain_chunk` members per call.
     async fn drain_detached(&self, key: &str) -> Result<u64, SinkError> {
+        if self.is_cluster() {
+            return self.drain_in_cluster(key, Vec::new()).await;
+        }
         let mut conn = self.conn();
         let mut removed = 0;
         loop {

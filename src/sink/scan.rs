@@ -1,7 +1,9 @@
 //! Walking the keyspace with SCAN (never KEYS): a page at a time, so memory is bounded by a
-//! page however many keys Redis holds, and a page that failed is simply asked again.
+//! page however many keys Redis holds, and a page that failed is simply asked again. In a
+//! cluster, every primary is walked in turn (the primaries as they were when the walk began: a
+//! failover's new primary holds its predecessor's keys).
 
-use super::{RedisSink, SinkError};
+use super::{Node, RedisSink, SinkError};
 
 /// Keys asked for per SCAN step (and so UNLINKed at most per command when removing by pattern).
 const SCAN_COUNT: usize = 1_000;
@@ -12,6 +14,9 @@ pub struct KeyScan {
     pattern: Vec<u8>,
     cursor: u64,
     done: bool,
+    /// In a cluster, the primaries still to walk, the one being walked first; asked of the
+    /// cluster at the first page.
+    nodes: Option<Vec<Node>>,
 }
 
 impl KeyScan {
@@ -20,6 +25,7 @@ impl KeyScan {
             pattern: pattern.into(),
             cursor: 0,
             done: false,
+            nodes: None,
         }
     }
 }
@@ -32,16 +38,36 @@ impl RedisSink {
             return Ok(None);
         }
         let mut conn = self.conn();
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(scan.cursor)
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(scan.cursor)
             .arg("MATCH")
             .arg(&scan.pattern)
             .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut conn)
-            .await?;
+            .arg(SCAN_COUNT);
+        let (next, keys): (u64, Vec<Vec<u8>>) = if conn.is_cluster() {
+            if scan.nodes.is_none() {
+                let mut primaries = conn.primaries().await?;
+                primaries.reverse();
+                scan.nodes = Some(primaries);
+            }
+            let Some(node) = scan.nodes.as_ref().and_then(|nodes| nodes.last()).cloned() else {
+                scan.done = true;
+                return Ok(Some(Vec::new()));
+            };
+            let (next, keys): (u64, Vec<Vec<u8>>) = conn.on_node(&node, &cmd).await?;
+            if next == 0
+                && let Some(nodes) = scan.nodes.as_mut()
+            {
+                nodes.pop();
+            }
+            scan.done = scan.nodes.as_ref().is_none_or(Vec::is_empty);
+            (next, keys)
+        } else {
+            let answer: (u64, Vec<Vec<u8>>) = cmd.query_async(&mut conn).await?;
+            scan.done = answer.0 == 0;
+            answer
+        };
         scan.cursor = next;
-        scan.done = next == 0;
         if let Some(heartbeat) = &self.options.heartbeat {
             heartbeat.beat();
         }

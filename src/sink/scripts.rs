@@ -4,7 +4,8 @@
 /// Invalidates a run of tags. ARGV = `[member budget, tagts ttl ms, key prefix, drain nonce,
 /// defer ttl (0/1), tag…]`; the script builds each tag's keys (`{prefix}tag:T`,
 /// `{prefix}tagts:T`, `{prefix}drain:{nonce}:T`) itself, which sends a third of the bytes a
-/// KEYS list would. (evictd targets a standalone Redis: scripts touch keys they were not handed.)
+/// KEYS list would. (One server only: a cluster refuses keys a script was not handed, and
+/// runs [`CLUSTER_DETACH`] instead.)
 ///
 /// With `defer ttl`, the `tagts` markers are written by one MSET without a TTL and their names
 /// queued on `{prefix}evictd:ttl-pending` for [`EXPIRE_PENDING`]: a third less Redis work
@@ -196,4 +197,77 @@ else
   return {'0', 0}
 end
 return {scan[1], removed}
+"#;
+
+/// [`DETACH`] for a Redis Cluster, where a script may touch only the keys it is handed and
+/// all of them in one slot. KEYS = n tag keys of one slot, then their n drain keys (in the
+/// same slot, [`crate::core::keys::Keys::drain_in_slot`]); ARGV[1] = member budget. Each
+/// non-empty tag set is RENAMEd to its drain key — entries tagged from now on land in a fresh
+/// set — and, when it fits the remaining budget, its members are returned with it: the caller
+/// UNLINKs them (in their own slots) and then empties the drain key ([`DRAIN_STEP`]); a crash
+/// in between leaves the drain key to be finished. The `tagts` markers are stamped by the
+/// caller before this runs. Stops early once the budget is spent (always processing at least
+/// one tag) and returns one `{size, members}` per tag processed, size -1 for a tag key that is
+/// neither a set nor a sorted set (left as it is).
+pub const CLUSTER_DETACH: &str = r#"
+local n = #KEYS / 2
+local chunk = tonumber(ARGV[1])
+local budget = chunk
+local out = {}
+for i = 1, n do
+  local tag = KEYS[i]
+  local kind = redis.call('TYPE', tag)['ok']
+  local size = 0
+  if kind == 'set' then
+    size = redis.call('SCARD', tag)
+  elseif kind == 'zset' then
+    size = redis.call('ZCARD', tag)
+  elseif kind ~= 'none' then
+    size = -1
+  end
+  if size > 0 and size <= chunk and size > budget and #out > 0 then
+    break
+  end
+  local members = {}
+  if size > 0 then
+    if size <= chunk then
+      if kind == 'set' then
+        members = redis.call('SMEMBERS', tag)
+      else
+        members = redis.call('ZRANGE', tag, 0, -1)
+      end
+      budget = budget - size
+    end
+    redis.call('RENAME', tag, KEYS[n + i])
+  end
+  out[#out + 1] = {size, members}
+  if budget <= 0 then
+    break
+  end
+end
+return out
+"#;
+
+/// One step of emptying the detached set KEYS[1] in a Redis Cluster, whose members live in
+/// other slots than the set: forgets ARGV[2…] (members the caller has just UNLINKed) and
+/// returns up to ARGV[1] members still to remove (none once the set is gone). A crash between
+/// steps only repeats an UNLINK.
+pub const DRAIN_STEP: &str = r#"
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)['ok']
+local remove
+if kind == 'set' then
+  remove = 'SREM'
+elseif kind == 'zset' then
+  remove = 'ZREM'
+else
+  return {}
+end
+for i = 2, #ARGV, 500 do
+  redis.call(remove, key, unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+if kind == 'set' then
+  return redis.call('SRANDMEMBER', key, ARGV[1])
+end
+return redis.call('ZRANGE', key, 0, tonumber(ARGV[1]) - 1)
 "#;

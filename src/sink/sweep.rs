@@ -51,15 +51,19 @@ impl RedisSink {
             let now_s = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let mut conn = self.conn();
-            let (next, n): (String, u64) = self
-                .sweep
-                .key(tag_key)
-                .arg(&cursor)
-                .arg(SWEEP_STEP)
-                .arg(now_s)
-                .invoke_async(&mut conn)
-                .await?;
+            let (next, n): (String, u64) = if self.is_cluster() {
+                self.sweep_step_in_cluster(tag_key, &cursor, SWEEP_STEP, now_s)
+                    .await?
+            } else {
+                let mut conn = self.conn();
+                self.sweep
+                    .key(tag_key)
+                    .arg(&cursor)
+                    .arg(SWEEP_STEP)
+                    .arg(now_s)
+                    .invoke_async(&mut conn)
+                    .await?
+            };
             removed += n;
             if n > 0 {
                 self.count(&[("swept", n)]).await?;

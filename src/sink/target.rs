@@ -1,7 +1,8 @@
-//! Which Redis a URL names: one server (`redis://`, `rediss://`), or the master a set of
+//! Which Redis a URL names: one server (`redis://`, `rediss://`), the master a set of
 //! Sentinels names (`redis+sentinel://[user:pass@]host:port[,host:port…]/MASTER_NAME[/DB]`,
-//! `rediss+sentinel://` for TLS to the sentinels and the master alike). Credentials are the
-//! master's; the sentinels are asked without them.
+//! `rediss+sentinel://` for TLS to the sentinels and the master alike; credentials are the
+//! master's, the sentinels are asked without them), or a Redis Cluster found through seed nodes
+//! (`redis+cluster://[user:pass@]host:port[,host:port…]`, `rediss+cluster://` for TLS).
 
 use std::time::Duration;
 
@@ -19,13 +20,17 @@ pub enum TargetError {
     )]
     NoMasterName { url: String },
     #[error(
-        "{url}: several hosts in a redis:// URL; name sentinels with redis+sentinel://…/MASTER_NAME"
+        "{url}: several hosts in a redis:// URL; name a cluster's seed nodes with redis+cluster://host:port,host:port… or sentinels with redis+sentinel://…/MASTER_NAME"
     )]
     SeveralHosts { url: String },
+    #[error(
+        "{url}: a Redis Cluster has one database and no master name: redis+cluster://host:port[,host:port…] without a path"
+    )]
+    ClusterPath { url: String },
     #[error("{url}: `{host}` is not host:port")]
     BadHost { url: String, host: String },
     #[error(
-        "{url}: `{scheme}` is not a Redis URL scheme (redis, rediss, redis+sentinel, rediss+sentinel)"
+        "{url}: `{scheme}` is not a Redis URL scheme (redis, rediss, redis+sentinel, rediss+sentinel, redis+cluster, rediss+cluster)"
     )]
     Scheme { url: String, scheme: String },
 }
@@ -35,6 +40,8 @@ pub enum RedisTarget {
     /// One server, by its URL as the redis crate reads it.
     Single(String),
     Sentinel(SentinelTarget),
+    /// A Redis Cluster, by the URLs of its seed nodes (credentials on each).
+    Cluster(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +62,7 @@ impl RedisTarget {
         let sentinel = match scheme {
             "redis" | "rediss" | "unix" | "redis+unix" => false,
             "redis+sentinel" | "rediss+sentinel" => true,
+            "redis+cluster" | "rediss+cluster" => return Self::parse_cluster(url),
             other => {
                 return Err(TargetError::Scheme {
                     url: redacted(),
@@ -79,27 +87,68 @@ impl RedisTarget {
             return Err(TargetError::NoMasterName { url: redacted() });
         }
         let db = parts.next().filter(|d| !d.is_empty()).map(str::to_string);
-        let mut sentinels = Vec::new();
-        for host in hosts.split(',') {
-            let bad = || TargetError::BadHost {
-                url: redacted(),
-                host: host.to_string(),
-            };
-            let (name, port) = host.rsplit_once(':').ok_or_else(bad)?;
-            let port: u16 = port.parse().map_err(|_| bad())?;
-            let name = name.trim_start_matches('[').trim_end_matches(']');
-            if name.is_empty() {
-                return Err(bad());
-            }
-            sentinels.push((name.to_string(), port));
-        }
         Ok(RedisTarget::Sentinel(SentinelTarget {
-            sentinels,
+            sentinels: host_list(url, hosts)?,
             master: master.to_string(),
             tls: scheme == "rediss+sentinel",
             userinfo,
             db,
         }))
+    }
+
+    /// A `redis+cluster://` URL: its seed nodes, each as a `redis://` (or `rediss://`) URL
+    /// with the credentials.
+    fn parse_cluster(url: &str) -> Result<Self, TargetError> {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if !matches!(path, "" | "0") {
+            return Err(TargetError::ClusterPath {
+                url: redact_url(url),
+            });
+        }
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+            None => (String::new(), authority),
+        };
+        let node_scheme = if scheme == "rediss+cluster" {
+            "rediss"
+        } else {
+            "redis"
+        };
+        Ok(RedisTarget::Cluster(
+            host_list(url, hosts)?
+                .into_iter()
+                .map(|(host, port)| format!("{node_scheme}://{userinfo}{}:{port}", bracket(&host)))
+                .collect(),
+        ))
+    }
+}
+
+/// `host:port[,host:port…]` of `url`, IPv6 hosts in brackets.
+fn host_list(url: &str, hosts: &str) -> Result<Vec<(String, u16)>, TargetError> {
+    let mut list = Vec::new();
+    for host in hosts.split(',') {
+        let bad = || TargetError::BadHost {
+            url: redact_url(url),
+            host: host.to_string(),
+        };
+        let (name, port) = host.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        if name.is_empty() || name.contains(['/', '@']) {
+            return Err(bad());
+        }
+        list.push((name.to_string(), port));
+    }
+    Ok(list)
+}
+
+/// `host`, in brackets when it is an IPv6 address.
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
     }
 }
 
@@ -108,11 +157,7 @@ impl SentinelTarget {
     /// database when `master` is set.
     fn url(&self, host: &str, port: u16, master: bool) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
+        let host = bracket(host);
         let userinfo = match (&self.userinfo, master) {
             (Some(userinfo), true) => format!("{userinfo}@"),
             _ => String::new(),
@@ -206,11 +251,23 @@ mod tests {
             ("redis+sentinel://u:secret@h/m", "is not host:port"),
             ("redis+sentinel://u:secret@h:port/m", "is not host:port"),
             ("http://u:secret@h:1", "not a Redis URL scheme"),
+            ("redis+cluster://u:secret@h:1,h:2/3", "one database"),
+            ("redis+cluster://u:secret@h:1/mymaster", "one database"),
+            ("redis+cluster://u:secret@h:1,redis://h:2", "is not host:port"),
+            ("redis+cluster://u:secret@h1", "is not host:port"),
+            ("redis+sentinel+cluster://u:secret@h:1", "not a Redis URL scheme"),
         ] {
             let error = RedisTarget::parse(url).unwrap_err().to_string();
             assert!(error.contains(wanted), "{url}: {error}");
             assert!(!error.contains("secret"), "{url}: {error}");
         }
+        assert_eq!(
+            RedisTarget::parse("rediss+cluster://u:p%40ss@h1:7000,[::1]:7001/").unwrap(),
+            RedisTarget::Cluster(vec![
+                "rediss://u:p%40ss@h1:7000".to_string(),
+                "rediss://u:p%40ss@[::1]:7001".to_string()
+            ])
+        );
         assert_eq!(
             RedisTarget::parse("redis://h:1/0").unwrap(),
             RedisTarget::Single("redis://h:1/0".to_string())

@@ -1,4 +1,4 @@
-//! Throwaway local PostgreSQL and Redis servers, started from the system binaries in temporary
+//! Throwaway local PostgreSQL and Redis servers (alone, in a cluster, or watched by Sentinels), started from the system binaries in temporary
 //! directories on free ports. Used by `evictd dev` and by the test suite — never by `run`.
 //!
 //! PostgreSQL refuses to run as root, so when we are root it runs as the `postgres` system user.
@@ -6,11 +6,13 @@
 //! it; the spawning is done by one long-lived thread because that signal fires when the
 //! *thread* that forked the child exits, and test threads come and go.
 
+mod cluster;
 mod pgbouncer;
 mod postgres;
 mod redis;
 mod sentinel;
 
+pub use cluster::Cluster;
 pub use pgbouncer::PgBouncer;
 pub use postgres::{Postgres, pg_binary, pg_user};
 pub use redis::Redis;

@@ -119,6 +119,11 @@ impl Redis {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
+    /// Whether it runs (it was not killed, or was restarted since).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn kill9(&mut self) -> Result<()> {
         kill_and_reap(&mut self.child)
     }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use evictd::config::{Delivery, Overrides, Settings};
 use evictd::throwaway::{Postgres, Redis};
 use redis::AsyncCommands;
+use evictd::sink::RedisConn;
 use redis::aio::ConnectionManager;
 
 pub const EXAMPLE_SCHEMA: &str = include_str!("../../sql/example-schema.sql");
@@ -52,8 +53,8 @@ pub struct Env {
     pub prefix: String,
     pub delivery: Delivery,
     pub pg: tokio_postgres::Client,
-    /// Reconnects by itself after a Redis restart.
-    pub redis: ConnectionManager,
+    /// Reconnects by itself after a Redis restart (a cluster's follows its slots).
+    pub redis: RedisConn,
     /// Extra TOML for the configuration file (tables, tuning).
     pub config_toml: String,
     pub config_path: PathBuf,
@@ -123,13 +124,15 @@ impl Env {
             .expect("connect to test database");
         tokio::spawn(conn);
         let redis_url = servers.redis.url();
-        let redis = ConnectionManager::new_with_config(
-            redis::Client::open(redis_url.clone()).unwrap(),
-            redis::aio::ConnectionManagerConfig::new()
-                .set_response_timeout(Some(Duration::from_secs(20))),
-        )
-        .await
-        .expect("connect to redis");
+        let redis = RedisConn::Single(
+            ConnectionManager::new_with_config(
+                redis::Client::open(redis_url.clone()).unwrap(),
+                redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(Duration::from_secs(20))),
+            )
+            .await
+            .expect("connect to redis"),
+        );
         let config_toml = toml.replace("{prefix}", &prefix);
         let config_path = std::env::temp_dir().join(format!("evictd-test-{name}.toml"));
         std::fs::write(&config_path, &config_toml).expect("write config");
@@ -205,27 +208,37 @@ impl Env {
     /// Writes a cache entry `{prefix}{key}` tagged with `tags`, as the application does.
     pub async fn cache(&self, key: &str, tags: &[&str]) -> String {
         let full = format!("{}{key}", self.prefix);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(&full)
-            .arg("cached")
-            .arg("EX")
-            .arg(600)
-            .ignore();
+        let mut cmds = vec![redis::cmd("SET")];
+        cmds[0].arg(&full).arg("cached").arg("EX").arg(600);
         for tag in tags {
-            pipe.cmd("SADD")
-                .arg(format!("{}tag:{tag}", self.prefix))
-                .arg(&full)
-                .ignore();
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(format!("{}tag:{tag}", self.prefix)).arg(&full);
+            cmds.push(sadd);
         }
-        // Retried while Redis restarts, as `exists` is (the whole transaction, so at most once).
+        // Retried while Redis restarts, as `exists` is: one server runs it as a transaction (so
+        // at most once); a cluster runs none across slots, so the entry goes first, then its
+        // memberships (idempotent).
         let start = Instant::now();
-        while let Err(e) = pipe.query_async::<()>(&mut self.redis.clone()).await {
-            assert!(start.elapsed() < DEADLINE, "write cache entry: {e}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            let mut conn = self.redis.clone();
+            let written = if conn.is_cluster() {
+                conn.each::<redis::Value>(cmds.clone()).await.map(drop)
+            } else {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for cmd in &cmds {
+                    pipe.add_command(cmd.clone()).ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await
+            };
+            match written {
+                Ok(()) => return full,
+                Err(e) => {
+                    assert!(start.elapsed() < DEADLINE, "write cache entry: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
-        full
     }
 
     /// Whether `full_key` exists. Retries while Redis restarts (the first command on a dropped

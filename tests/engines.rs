@@ -1,13 +1,16 @@
 //! The Redis engines teams grow into, the real ones, started by the test: a master with a
-//! replica and three Sentinels (`redis-server --sentinel`), failed over while the daemon runs.
+//! replica and three Sentinels (`redis-server --sentinel`), and a Redis Cluster of three
+//! primaries and three replicas (`redis-cli --cluster create`), failed over while the daemon
+//! runs.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use evictd::config::Delivery;
-use evictd::throwaway::{Redis, Sentinel};
+use evictd::throwaway::{Cluster, Redis, Sentinel};
 use evictd::sink::RedisConn;
+use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use support::{DEADLINE, Env};
 
@@ -163,6 +166,255 @@ async fn sentinel_failover_is_followed() {
         env.wait_gone(&[manual]).await;
         let stats = env.run_cli(&["stats"]);
         assert!(stats.status.success(), "{}", support::text(&stats));
+        drop(daemon);
+    }
+}
+
+/// The test's world on `cluster`: its database and prefix as usual, Redis the cluster.
+async fn cluster_env(delivery: Delivery, cluster: &Cluster, toml: &str) -> Env {
+    let mut env = Env::with_config(delivery, toml).await;
+    env.redis_url = cluster.url();
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("redis://127.0.0.1:{}", n.port))
+        .collect();
+    let client = redis::cluster::ClusterClientBuilder::new(seeds)
+        .response_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    env.redis = RedisConn::Cluster(client.get_async_connection().await.unwrap());
+    env
+}
+
+/// Keys matching `pattern` on every primary of the cluster.
+async fn cluster_keys(env: &Env, pattern: &str) -> Vec<String> {
+    let mut conn = env.redis.clone();
+    let mut found = Vec::new();
+    for node in conn.primaries().await.unwrap() {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = conn
+                .on_node(
+                    &node,
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await
+                .unwrap();
+            found.extend(keys);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+fn uuid(kind: char, i: usize) -> String {
+    format!("00000000-0000-0000-0000-{kind}{i:011}")
+}
+
+/// Against a real cluster (three primaries, three replicas), with the default key layout: a
+/// tag's members are removed in whatever slots they live (a small set at once, a large one
+/// drained in chunks), other tags' entries stay, `invalidate`, `stats`, `doctor` and `explain`
+/// work, the sweep and table-wide invalidation reach every primary, and no drain key is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_invalidates_across_slots() {
+    let cluster = Cluster::start(3, 1).unwrap_or_else(|e| panic!("{e:#}"));
+    let env = cluster_env(
+        Delivery::Outbox,
+        &cluster,
+        "health_interval_ms = 200\nsweep_interval_secs = 1\n",
+    )
+    .await;
+    let (c1, c2) = (uuid('c', 1), uuid('c', 2));
+    let (p1, p2, p3) = (uuid('a', 1), uuid('a', 2), uuid('a', 3));
+    env.sql(&format!(
+        "INSERT INTO clients (id, name) VALUES ('{c1}', 'c1'), ('{c2}', 'c2');
+         INSERT INTO products (id, client_id, name) VALUES
+           ('{p1}', '{c1}', 'p1'), ('{p2}', '{c1}', 'p2'), ('{p3}', '{c2}', 'p3');"
+    ))
+    .await;
+    let daemon = env.start_daemon().await;
+    env.barrier().await;
+    let mut small = Vec::new();
+    for i in 0..60 {
+        small.push(
+            env.cache(&format!("p1:{i}"), &[&format!("products:id:{p1}")])
+                .await,
+        );
+    }
+    let mut large = Vec::new();
+    for i in 0..1_000 {
+        large.push(
+            env.cache(&format!("c2:{i}"), &[&format!("products:client:{c2}")])
+                .await,
+        );
+    }
+    let mut kept = Vec::new();
+    for i in 0..5 {
+        kept.push(
+            env.cache(&format!("p2:{i}"), &[&format!("products:id:{p2}")])
+                .await,
+        );
+    }
+    let unrelated = env.cache("unrelated", &["unrelated:thing"]).await;
+
+    env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{p1}'"))
+        .await;
+    env.wait_gone(&small).await;
+    env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{p3}'"))
+        .await;
+    env.wait_gone(&large).await;
+    env.barrier().await;
+    env.assert_present(&kept).await;
+    env.assert_present(std::slice::from_ref(&unrelated)).await;
+    let marker: Option<String> = env
+        .redis
+        .clone()
+        .get(format!("{}tagts:products:id:{p1}", env.prefix))
+        .await
+        .unwrap();
+    assert!(marker.is_some(), "the tag's tagts marker is stamped");
+
+    let manual = env.cache("manual", &["manual:tag"]).await;
+    let invalidated = env.run_cli(&["invalidate", "manual:tag"]);
+    assert!(invalidated.status.success(), "{}", support::text(&invalidated));
+    env.wait_gone(&[manual]).await;
+
+    // The sweep reaches tag sets on every primary: members whose entry is gone go, the live
+    // one stays.
+    let live = env.cache("live", &["sweep:tag"]).await;
+    let tag_key = format!("{}tag:sweep:tag", env.prefix);
+    for i in 0..50 {
+        let () = env
+            .redis
+            .clone()
+            .sadd(&tag_key, format!("{}expired:{i}", env.prefix))
+            .await
+            .unwrap();
+    }
+    until("the sweep removes the expired members", || {
+        let mut conn = env.redis.clone();
+        let tag_key = tag_key.clone();
+        async move { conn.scard::<_, u64>(&tag_key).await.unwrap_or(0) == 1 }
+    })
+    .await;
+    env.assert_present(&[live.clone()]).await;
+
+    let stats = env.run_cli(&["stats"]);
+    assert!(stats.status.success(), "{}", support::text(&stats));
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["totalEntries"], 7, "{stats:#}");
+    assert_eq!(stats["tagSets"], 3, "{stats:#}");
+    let doctor = env.run_cli(&["doctor"]);
+    assert!(doctor.status.success(), "{}", support::text(&doctor));
+    let explain = env.run_cli(&["explain", "products", "truncate"]);
+    assert!(explain.status.success(), "{}", support::text(&explain));
+    for key in &kept {
+        assert!(support::text(&explain).contains(key.as_str()), "{}", support::text(&explain));
+    }
+
+    // Table-wide: every primary's products tags go, the rest stays.
+    env.sql("TRUNCATE products CASCADE").await;
+    env.wait_gone(&kept).await;
+    env.barrier().await;
+    env.assert_present(&[unrelated, live]).await;
+    assert_eq!(
+        cluster_keys(&env, &format!("{}drain:*", env.prefix)).await,
+        Vec::<String>::new(),
+        "drain keys left"
+    );
+    let table_marker: Option<String> = env
+        .redis
+        .clone()
+        .get(format!("{}tagts-table:public.products", env.prefix))
+        .await
+        .unwrap();
+    assert!(table_marker.is_some());
+    let log = daemon.log();
+    assert!(!log.contains("CROSSSLOT"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// A primary failover in the middle of a burst of edits loses nothing, in both of its forms:
+/// `CLUSTER FAILOVER` on a replica (a handover: redirections while slots move), and a primary
+/// killed with SIGKILL (its replica promoted after the node timeout). Every edited product's
+/// entry goes; entries of other tags stay; afterwards invalidation is precise again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_failover_during_a_burst_loses_nothing() {
+    for kill in [false, true] {
+        let mut cluster = Cluster::start(3, 1).unwrap_or_else(|e| panic!("{e:#}"));
+        let env = cluster_env(Delivery::Outbox, &cluster, "health_interval_ms = 200\n").await;
+        let c1 = uuid('c', 1);
+        let products: Vec<String> = (0..60).map(|i| uuid('a', i)).collect();
+        let mut sql = format!("INSERT INTO clients (id, name) VALUES ('{c1}', 'c1');");
+        for p in &products {
+            sql.push_str(&format!(
+                "INSERT INTO products (id, client_id, name) VALUES ('{p}', '{c1}', 'p');"
+            ));
+        }
+        env.sql(&sql).await;
+        let daemon = env.start_daemon().await;
+        env.barrier().await;
+        let mut entries = Vec::new();
+        for p in &products {
+            entries.push(env.cache(&format!("p:{p}"), &[&format!("products:id:{p}")]).await);
+        }
+        let mut unrelated = Vec::new();
+        for i in 0..30 {
+            unrelated.push(env.cache(&format!("u:{i}"), &[&format!("unrelated:{i}")]).await);
+        }
+        cluster
+            .wait_replicated(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+
+        let first = cluster.nodes[0].port;
+        let victim = cluster.primary_ports(first).unwrap()[0];
+        for (i, p) in products.iter().enumerate() {
+            if i == 20 {
+                if kill {
+                    cluster.node(victim).unwrap().kill9().unwrap();
+                } else {
+                    let replica = cluster.replica_of(victim).unwrap();
+                    let answer = cluster.cli(replica, &["cluster", "failover"]).unwrap();
+                    assert!(answer.contains("OK"), "CLUSTER FAILOVER: {answer}");
+                }
+            }
+            env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{p}'"))
+                .await;
+        }
+        env.wait_gone(&entries).await;
+        cluster
+            .wait_until_ok(Duration::from_secs(30), false)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        daemon.wait_log("redis restarted or failed over").await;
+        env.barrier().await;
+        env.assert_present(&unrelated).await;
+
+        let after = env
+            .cache("after", &[&format!("products:id:{}", products[0])])
+            .await;
+        let stays = env
+            .cache("stays", &[&format!("products:id:{}", products[1])])
+            .await;
+        env.sql(&format!(
+            "UPDATE products SET name = 'y' WHERE id = '{}'",
+            products[0]
+        ))
+        .await;
+        env.wait_gone(&[after]).await;
+        env.barrier().await;
+        env.assert_present(&[stays]).await;
+        env.assert_present(&unrelated).await;
         drop(daemon);
     }
 }

@@ -96,6 +96,62 @@ impl Cluster {
         Ok(ports)
     }
 
+    /// Waits until every primary's replicas have acknowledged all it has written (their
+    /// offsets equal its own): what was written before can survive a failover.
+    pub fn wait_replicated(&self, deadline: Duration) -> Result<()> {
+        let start = Instant::now();
+        let asked = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .map(|n| n.port)
+            .context("no node runs")?;
+        for primary in self.primary_ports(asked)? {
+            loop {
+                let info = self.cli(primary, &["info", "replication"])?;
+                let own = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("master_repl_offset:"))
+                    .map(|v| v.trim().to_string());
+                let caught_up = own.as_ref().is_some_and(|own| {
+                    let replicas: Vec<&str> =
+                        info.lines().filter(|l| l.starts_with("slave")).collect();
+                    !replicas.is_empty()
+                        && replicas
+                            .iter()
+                            .all(|l| l.contains(&format!("offset={own},")))
+                });
+                if caught_up {
+                    break;
+                }
+                if start.elapsed() > deadline {
+                    bail!("the replicas of {primary} are behind after {deadline:?}:\n{info}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// The port of a replica of the primary on `primary`.
+    pub fn replica_of(&self, primary: u16) -> Result<u16> {
+        let nodes = self.cli(primary, &["cluster", "nodes"])?;
+        let id = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .and_then(|l| l.split_whitespace().next())
+            .context("no `myself` line")?;
+        nodes
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.get(3) == Some(&id) && fields.get(2)?.contains("slave"))
+                    .then(|| fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok())
+                    .flatten()
+            })
+            .with_context(|| format!("no replica of {primary}:\n{nodes}"))
+    }
+
     /// The node on `port`.
     pub fn node(&mut self, port: u16) -> Option<&mut Redis> {
         self.nodes.iter_mut().find(|n| n.port == port)

@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 use evictd::cli::{Cli, Command};
 use evictd::config::{ConfigError, LogFormat, Settings};
 use evictd::schema::SchemaError;
+use evictd::sink::SinkError;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
@@ -98,7 +99,8 @@ impl std::fmt::Display for ProblemsFound {
 
 impl std::error::Error for ProblemsFound {}
 
-/// 2 for configuration problems (including a configured column the database lacks), else 1.
+/// 2 for configuration problems (including a configured column the database lacks, and a
+/// cluster URL none of whose seed nodes leads to a cluster), else 1.
 fn exit_code(error: &anyhow::Error) -> u8 {
     let config_problem = error.chain().any(|cause| {
         cause.downcast_ref::<ConfigError>().is_some()
@@ -106,6 +108,9 @@ fn exit_code(error: &anyhow::Error) -> u8 {
                 cause.downcast_ref::<SchemaError>(),
                 Some(SchemaError::Config { .. })
             )
+            || cause
+                .downcast_ref::<SinkError>()
+                .is_some_and(|e| e.is_config_problem() || matches!(e, SinkError::Seeds { .. }))
     });
     if config_problem { 2 } else { 1 }
 }

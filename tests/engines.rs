@@ -8,8 +8,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use evictd::config::Delivery;
-use evictd::throwaway::{Cluster, Redis, Sentinel};
 use evictd::sink::RedisConn;
+use evictd::throwaway::{Cluster, Redis, Sentinel};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use support::{DEADLINE, Env};
@@ -287,7 +287,11 @@ async fn cluster_invalidates_across_slots() {
 
     let manual = env.cache("manual", &["manual:tag"]).await;
     let invalidated = env.run_cli(&["invalidate", "manual:tag"]);
-    assert!(invalidated.status.success(), "{}", support::text(&invalidated));
+    assert!(
+        invalidated.status.success(),
+        "{}",
+        support::text(&invalidated)
+    );
     env.wait_gone(&[manual]).await;
 
     // The sweep reaches tag sets on every primary: members whose entry is gone go, the live
@@ -320,7 +324,11 @@ async fn cluster_invalidates_across_slots() {
     let explain = env.run_cli(&["explain", "products", "truncate"]);
     assert!(explain.status.success(), "{}", support::text(&explain));
     for key in &kept {
-        assert!(support::text(&explain).contains(key.as_str()), "{}", support::text(&explain));
+        assert!(
+            support::text(&explain).contains(key.as_str()),
+            "{}",
+            support::text(&explain)
+        );
     }
 
     // Table-wide: every primary's products tags go, the rest stays.
@@ -367,11 +375,17 @@ async fn cluster_failover_during_a_burst_loses_nothing() {
         env.barrier().await;
         let mut entries = Vec::new();
         for p in &products {
-            entries.push(env.cache(&format!("p:{p}"), &[&format!("products:id:{p}")]).await);
+            entries.push(
+                env.cache(&format!("p:{p}"), &[&format!("products:id:{p}")])
+                    .await,
+            );
         }
         let mut unrelated = Vec::new();
         for i in 0..30 {
-            unrelated.push(env.cache(&format!("u:{i}"), &[&format!("unrelated:{i}")]).await);
+            unrelated.push(
+                env.cache(&format!("u:{i}"), &[&format!("unrelated:{i}")])
+                    .await,
+            );
         }
         cluster
             .wait_replicated(Duration::from_secs(10))

@@ -671,10 +671,45 @@ async fn malformed_redis_urls_exit_2_without_their_password() {
             "redis+sentinel://:hunter2secret@h1/mymaster",
             "is not host:port",
         ),
+        (
+            "redis+cluster://:hunter2secret@h1:7000,redis://h2:7001",
+            "mixes URL forms",
+        ),
+        ("redis+cluster://:hunter2secret@h1:7000/3", "one database"),
     ] {
         for command in ["run", "invalidate", "stats"] {
             let mut args = vec![command, "--redis-url", url];
             if command == "invalidate" {
+                args.push("--all");
+            }
+            let output = run(&env, &args);
+            let message = text(&output);
+            assert_eq!(output.status.code(), Some(2), "{command} {url}: {message}");
+            assert!(message.contains("redis_url"), "{message}");
+            assert!(message.contains(said), "{message}");
+            assert!(!message.contains("hunter2secret"), "{message}");
+        }
+    }
+
+    // Seeds that lead to no cluster: nothing listens there, or a server that is no cluster
+    // node (the test's own Redis). The daemon waits for a cluster that is down, as for any
+    // Redis, but gives up on one that is not a cluster.
+    let nothing = format!(
+        "redis+cluster://:hunter2secret@127.0.0.1:{}",
+        evictd::throwaway::free_port().unwrap()
+    );
+    let not_cluster = env.redis_url.replace("redis://", "redis+cluster://");
+    for (url, said, commands) in [
+        (&nothing, "unreachable", &["invalidate", "stats"][..]),
+        (
+            &not_cluster,
+            "is not a cluster node",
+            &["run", "invalidate", "stats"],
+        ),
+    ] {
+        for command in commands {
+            let mut args = vec![*command, "--redis-url", url.as_str()];
+            if *command == "invalidate" {
                 args.push("--all");
             }
             let output = run(&env, &args);

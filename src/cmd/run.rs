@@ -62,7 +62,11 @@ pub async fn serve_and_run(
     };
     match finished {
         Ok(joined) => {
-            joined??;
+            match joined? {
+                Ok(()) => {}
+                Err(daemon::FatalError::Schema(e)) => return Err(e.into()),
+                Err(daemon::FatalError::Redis(e)) => return Err(e.into()),
+            }
             info!("stopped");
         }
         Err(_) => warn!(

@@ -13,7 +13,7 @@ pub(super) enum SessionError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Sink(SinkError),
     #[error("postgresql did not answer a ping within {0:?} (half-open connection?)")]
     PgTimeout(Duration),
     #[error(
@@ -25,7 +25,28 @@ pub(super) enum SessionError {
     /// The task invalidating a batch panicked (a bug) or was cancelled.
     #[error("invalidation task failed: {0}")]
     Invalidation(tokio::task::JoinError),
-    /// A problem no reconnect can fix: the configuration names what the database lacks.
+    /// A problem no reconnect can fix.
     #[error(transparent)]
-    Fatal(SchemaError),
+    Fatal(FatalError),
+}
+
+/// What `run` gives up on: the configuration names what the database lacks, or a Redis the
+/// URL cannot name (a `redis+cluster://` seed that is no cluster node, a key prefix no slot
+/// can hold).
+#[derive(Debug, Error)]
+pub enum FatalError {
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(transparent)]
+    Redis(SinkError),
+}
+
+impl From<SinkError> for SessionError {
+    fn from(e: SinkError) -> Self {
+        if e.is_config_problem() {
+            SessionError::Fatal(FatalError::Redis(e))
+        } else {
+            SessionError::Sink(e)
+        }
+    }
 }

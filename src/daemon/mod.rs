@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::schema::SchemaError;
 use crate::sink::{RedisSink, SinkOptions};
 use crate::source::{Session, SourceError};
+pub use error::FatalError;
 use error::SessionError;
 use feed::{AnyFeed, Feed as _};
 use flush::Flusher;
@@ -46,13 +47,14 @@ pub struct Observed {
     pub metrics: Metrics,
 }
 
-/// Runs until `shutdown` is cancelled. Connection problems are retried forever; the only error
-/// returned is a configuration that does not fit the database (a missing table or column).
+/// Runs until `shutdown` is cancelled. Connection problems are retried forever; the only errors
+/// returned are configurations no retry fixes (a missing table or column, a cluster URL whose
+/// seed answers as no cluster node).
 pub async fn run(
     settings: Settings,
     observed: Observed,
     shutdown: CancellationToken,
-) -> Result<(), SchemaError> {
+) -> Result<(), FatalError> {
     if let Some(interval) = settings.sweep_interval {
         tokio::spawn(sweep_forever(
             settings.clone(),
@@ -111,7 +113,7 @@ async fn session(
     sink.warn_if_evicting().await;
     let mut source = match Session::open(&settings).await {
         Err(SourceError::Schema(e @ SchemaError::Config { .. })) => {
-            return Err(SessionError::Fatal(e));
+            return Err(SessionError::Fatal(e.into()));
         }
         other => other?,
     };

@@ -221,7 +221,10 @@ impl RedisSink {
         now_s: u64,
     ) -> Result<(String, u64), SinkError> {
         let mut conn = self.conn();
-        let kind: String = redis::cmd("TYPE").arg(tag_key).query_async(&mut conn).await?;
+        let kind: String = redis::cmd("TYPE")
+            .arg(tag_key)
+            .query_async(&mut conn)
+            .await?;
         let sorted = match kind.as_str() {
             "set" => false,
             "zset" => true,

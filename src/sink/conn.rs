@@ -93,7 +93,10 @@ impl RedisConn {
 
 /// Runs `futures`, at most `limit` at once, and returns their outputs in the order given; the
 /// first error ends it.
-pub async fn in_order<T, E, F>(futures: impl IntoIterator<Item = F>, limit: usize) -> Result<Vec<T>, E>
+pub async fn in_order<T, E, F>(
+    futures: impl IntoIterator<Item = F>,
+    limit: usize,
+) -> Result<Vec<T>, E>
 where
     F: std::future::Future<Output = Result<T, E>>,
 {
@@ -133,7 +136,10 @@ fn primaries_in(text: &str) -> Vec<Node> {
             let address = fields.get(1)?.split(['@', ',']).next()?;
             let (host, port) = address.rsplit_once(':')?;
             Some(Node {
-                host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
                 port: port.parse().ok()?,
             })
         })

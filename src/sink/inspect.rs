@@ -146,7 +146,9 @@ impl RedisSink {
             return Ok((0, 0));
         }
         let mut conn = self.conn();
-        let kinds: Vec<String> = conn.each(keys.iter().map(|key| one("TYPE", key)).collect()).await?;
+        let kinds: Vec<String> = conn
+            .each(keys.iter().map(|key| one("TYPE", key)).collect())
+            .await?;
         let sets: Vec<(&[u8], &str, usize)> = keys
             .iter()
             .zip(&kinds)

@@ -14,8 +14,8 @@ mod scripts;
 mod sweep;
 mod target;
 
-pub use inspect::{CacheStats, MIN_REDIS_VERSION, ServerInfo};
 pub use conn::{Node, RedisConn};
+pub use inspect::{CacheStats, MIN_REDIS_VERSION, ServerInfo};
 pub use scan::KeyScan;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -69,6 +69,15 @@ pub enum SinkError {
         "key_prefix `{prefix}`: its braces would place a drain key outside its tag set's cluster slot; use a prefix without `{{`, or with a complete hash tag such as `{{cache}}:`"
     )]
     Layout { prefix: String },
+    /// The cluster's seed nodes were all unreachable, or one answered that it is no cluster
+    /// node: what the URL names is wrong (or down), node by node.
+    #[error("redis_url {url}: no seed node leads to a Redis Cluster: {detail}")]
+    Seeds {
+        url: String,
+        detail: String,
+        /// A seed answered but is not a cluster node: no retry will help.
+        not_a_cluster: bool,
+    },
     #[error("no sentinel of {url} names a master: {detail}")]
     NoMaster { url: String, detail: String },
     #[error(
@@ -89,6 +98,21 @@ pub struct Report {
     /// Tag keys that are neither a set nor a sorted set, left as they are (logged by name):
     /// not counted in `tags`, since nothing they index could be found.
     pub wrong_type: u64,
+}
+
+impl SinkError {
+    /// Whether the setting is wrong, not the server down: `redis_url` names no cluster node
+    /// where it says `redis+cluster://`, or a key prefix no cluster slot can hold.
+    pub fn is_config_problem(&self) -> bool {
+        matches!(
+            self,
+            SinkError::Seeds {
+                not_a_cluster: true,
+                ..
+            } | SinkError::Layout { .. }
+                | SinkError::Target(_)
+        )
+    }
 }
 
 impl Report {
@@ -193,10 +217,9 @@ impl RedisSink {
         crate::tls::install_provider();
         let target = RedisTarget::parse(url)?;
         let (server, conn) = match &target {
-            RedisTarget::Cluster(seeds) => (
-                redact_url(url),
-                Self::cluster(url, seeds, &options).await?,
-            ),
+            RedisTarget::Cluster(seeds) => {
+                (redact_url(url), Self::cluster(url, seeds, &options).await?)
+            }
             _ => {
                 let server = Self::server_url(url, &target, &options).await?;
                 let conn = Self::manager(&server, &options).await?;
@@ -253,8 +276,51 @@ impl RedisSink {
             });
         }
         let client = builder.build().map_err(open_error)?;
-        let conn = client.get_async_connection().await.map_err(open_error)?;
-        Ok(RedisConn::Cluster(conn))
+        match client.get_async_connection().await {
+            Ok(conn) => Ok(RedisConn::Cluster(conn)),
+            Err(e) => {
+                let (detail, not_a_cluster) = Self::ask_seeds(seeds, options).await;
+                Err(SinkError::Seeds {
+                    url: redact_url(url),
+                    detail: if detail.is_empty() {
+                        e.to_string()
+                    } else {
+                        detail
+                    },
+                    not_a_cluster,
+                })
+            }
+        }
+    }
+
+    /// Why no seed led to a cluster, seed by seed (its address only): unreachable, or not a
+    /// cluster node. Whether one answered as no cluster node.
+    async fn ask_seeds(seeds: &[String], options: &SinkOptions) -> (String, bool) {
+        let mut reasons = Vec::new();
+        let mut not_a_cluster = false;
+        for seed in seeds {
+            let address = redact_url(seed);
+            let asked = async {
+                let mut conn = client_for(seed, options)?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async::<String>(&mut conn)
+                    .await
+            };
+            let reason = match tokio::time::timeout(Duration::from_secs(3), asked).await {
+                Err(_) => "no answer within 3s".to_string(),
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) if e.to_string().contains("cluster support disabled") => {
+                    not_a_cluster = true;
+                    "answers, but is not a cluster node (use redis:// for one server)".to_string()
+                }
+                Ok(Err(e)) => format!("unreachable ({e})"),
+            };
+            reasons.push(format!("{address} {reason}"));
+        }
+        (reasons.join("; "), not_a_cluster)
     }
 
     /// The URL of the server `target` names now: itself, or the master of its Sentinels.

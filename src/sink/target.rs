@@ -27,6 +27,10 @@ pub enum TargetError {
         "{url}: a Redis Cluster has one database and no master name: redis+cluster://host:port[,host:port…] without a path"
     )]
     ClusterPath { url: String },
+    #[error(
+        "{url}: mixes URL forms; give one scheme for the whole list, nodes as host:port (redis+cluster://h1:7000,h2:7000)"
+    )]
+    Mixed { url: String },
     #[error("{url}: `{host}` is not host:port")]
     BadHost { url: String, host: String },
     #[error(
@@ -59,6 +63,9 @@ impl RedisTarget {
     pub fn parse(url: &str) -> Result<Self, TargetError> {
         let redacted = || redact_url(url);
         let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        if rest.contains("://") {
+            return Err(TargetError::Mixed { url: redacted() });
+        }
         let sentinel = match scheme {
             "redis" | "rediss" | "unix" | "redis+unix" => false,
             "redis+sentinel" | "rediss+sentinel" => true,
@@ -253,9 +260,19 @@ mod tests {
             ("http://u:secret@h:1", "not a Redis URL scheme"),
             ("redis+cluster://u:secret@h:1,h:2/3", "one database"),
             ("redis+cluster://u:secret@h:1/mymaster", "one database"),
-            ("redis+cluster://u:secret@h:1,redis://h:2", "is not host:port"),
+            (
+                "redis+cluster://u:secret@h:1,redis://h:2",
+                "mixes URL forms",
+            ),
+            (
+                "redis://u:secret@h:1,redis+cluster://h:2",
+                "mixes URL forms",
+            ),
             ("redis+cluster://u:secret@h1", "is not host:port"),
-            ("redis+sentinel+cluster://u:secret@h:1", "not a Redis URL scheme"),
+            (
+                "redis+sentinel+cluster://u:secret@h:1",
+                "not a Redis URL scheme",
+            ),
         ] {
             let error = RedisTarget::parse(url).unwrap_err().to_string();
             assert!(error.contains(wanted), "{url}: {error}");

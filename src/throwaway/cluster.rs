@@ -178,12 +178,13 @@ impl Cluster {
                 .filter_map(|port| self.primary_ports(*port).ok())
                 .collect();
             let agreed = views.windows(2).all(|w| w[0] == w[1]);
-            let linked = !with_replicas || views.first().is_some_and(|primaries| {
-                primaries.iter().all(|port| {
-                    self.cli(*port, &["info", "replication"])
-                        .is_ok_and(|info| !info.contains("connected_slaves:0"))
-                })
-            });
+            let linked = !with_replicas
+                || views.first().is_some_and(|primaries| {
+                    primaries.iter().all(|port| {
+                        self.cli(*port, &["info", "replication"])
+                            .is_ok_and(|info| !info.contains("connected_slaves:0"))
+                    })
+                });
             if ok && agreed && linked {
                 return Ok(());
             }

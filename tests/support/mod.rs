@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use evictd::config::{Delivery, Overrides, Settings};
+use evictd::sink::RedisConn;
 use evictd::throwaway::{Postgres, Redis};
 use redis::AsyncCommands;
-use evictd::sink::RedisConn;
 use redis::aio::ConnectionManager;
 
 pub const EXAMPLE_SCHEMA: &str = include_str!("../../sql/example-schema.sql");

@@ -312,7 +312,7 @@ async fn cluster_invalidates_across_slots() {
         async move { conn.scard::<_, u64>(&tag_key).await.unwrap_or(0) == 1 }
     })
     .await;
-    env.assert_present(&[live.clone()]).await;
+    env.assert_present(std::slice::from_ref(&live)).await;
 
     let stats = env.run_cli(&["stats"]);
     assert!(stats.status.success(), "{}", support::text(&stats));

@@ -6,6 +6,7 @@
 //!     cargo bench --bench evictd -- --quick   # shorter phases, for a smoke test
 //!     cargo bench --bench evictd -- --speed   # the machine-speed gauge alone (seconds)
 //!     cargo bench --bench evictd -- --keyspace   # stats, sweep, invalidate --all over 5 M keys
+//!     cargo bench --bench evictd -- --cluster    # backlog and big tag: one Redis, then a cluster
 //!
 //! Latency is measured end to end: the time from a writer's COMMIT returning to Redis telling
 //! (keyspace notification) that the entry tagged with the changed row was deleted.
@@ -18,6 +19,8 @@ mod backlog;
 mod big_tag;
 #[path = "evictd/bulk.rs"]
 mod bulk;
+#[path = "evictd/cluster.rs"]
+mod cluster;
 #[path = "evictd/figures.rs"]
 mod figures;
 #[path = "evictd/full.rs"]
@@ -50,6 +53,7 @@ use alone::*;
 use backlog::*;
 use big_tag::*;
 use bulk::*;
+use cluster::*;
 use figures::*;
 use full::*;
 use lab::*;
@@ -167,6 +171,10 @@ struct Mode {
     /// The outbox's backlog drain.
     #[arg(long)]
     backlog: bool,
+    /// The backlog drain and the 1,000,000-member tag on one Redis, then on a Redis Cluster of
+    /// three primaries.
+    #[arg(long)]
+    cluster: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +191,7 @@ async fn main() {
         println!("keyspace: {result}");
         return;
     }
-    let lab = Lab {
+    let mut lab = Lab {
         pg: Postgres::start_with(&[
             "fsync=on",
             "full_page_writes=on",
@@ -195,6 +203,7 @@ async fn main() {
         ])
         .unwrap_or_else(|e| panic!("{e:#}")),
         redis: Redis::start().unwrap_or_else(|e| panic!("{e:#}")),
+        cluster_url: None,
         quick: args.quick,
         products: if args.quick { 200_000 } else { PRODUCTS },
         dir: tempfile::tempdir().unwrap(),
@@ -256,6 +265,8 @@ async fn main() {
         bulk_alone(&lab, &selected, &deletions).await;
     } else if mode.backlog {
         backlog_alone(&lab, &selected).await;
+    } else if mode.cluster {
+        cluster_alone(&mut lab, &selected).await;
     } else if mode.writers {
         writers_alone(&lab, &selected).await;
     } else {

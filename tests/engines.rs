@@ -321,6 +321,11 @@ async fn cluster_invalidates_across_slots() {
     assert_eq!(stats["tagSets"], 3, "{stats:#}");
     let doctor = env.run_cli(&["doctor"]);
     assert!(doctor.status.success(), "{}", support::text(&doctor));
+    assert!(
+        support::text(&doctor).contains("a cluster of 3 primaries"),
+        "{}",
+        support::text(&doctor)
+    );
     let explain = env.run_cli(&["explain", "products", "truncate"]);
     assert!(explain.status.success(), "{}", support::text(&explain));
     for key in &kept {

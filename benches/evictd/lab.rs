@@ -6,6 +6,8 @@ use super::*;
 pub(crate) struct Lab {
     pub(crate) pg: Postgres,
     pub(crate) redis: Redis,
+    /// When set, the daemons' Redis: a cluster's `redis+cluster://` URL (`--cluster`).
+    pub(crate) cluster_url: Option<String>,
     pub(crate) quick: bool,
     /// Products seeded (every one exists, so every UPDATE writes).
     pub(crate) products: usize,
@@ -59,7 +61,10 @@ impl Lab {
         command
             .args(args)
             .env("DATABASE_URL", self.url(db))
-            .env("REDIS_URL", self.redis.url())
+            .env(
+                "REDIS_URL",
+                self.cluster_url.clone().unwrap_or_else(|| self.redis.url()),
+            )
             .env("EVICTD_CONFIG", &config)
             .env("EVICTD_DELIVERY", setting.delivery)
             .env(

@@ -79,7 +79,7 @@ impl Keys {
             self.prefix,
             hash_tag_for(wanted)
         );
-        [tagged, self.drain(nonce, tag)]
+        [self.drain(nonce, tag), tagged]
             .into_iter()
             .find(|key| slot(key.as_bytes()) == wanted)
     }

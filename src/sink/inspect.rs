@@ -20,6 +20,8 @@ pub struct ServerInfo {
     pub role: String,
     pub keyspace_hits: u64,
     pub keyspace_misses: u64,
+    /// The primaries of a cluster; 0 for one server.
+    pub primaries: usize,
 }
 
 impl ServerInfo {
@@ -44,6 +46,7 @@ fn parse_info(text: &str) -> ServerInfo {
         role: field("role"),
         keyspace_hits: field("keyspace_hits").parse().unwrap_or(0),
         keyspace_misses: field("keyspace_misses").parse().unwrap_or(0),
+        primaries: 0,
     }
 }
 
@@ -94,6 +97,7 @@ impl RedisSink {
                 combined.version = info.version;
             }
             run_ids.push(info.run_id);
+            combined.primaries += 1;
             combined.role = info.role;
             combined.keyspace_hits += info.keyspace_hits;
             combined.keyspace_misses += info.keyspace_misses;

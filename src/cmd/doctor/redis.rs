@@ -52,12 +52,19 @@ pub(super) async fn redis_checks(settings: &Settings) -> Vec<Check> {
         Ok(info) => checks.push(check(
             "redis",
             Status::Ok,
-            format!(
-                "Redis {} ({}) at {}",
-                info.version,
-                info.role,
-                redact_url(&settings.redis_url)
-            ),
+            match info.primaries {
+                0 => format!(
+                    "Redis {} ({}) at {}",
+                    info.version,
+                    info.role,
+                    redact_url(&settings.redis_url)
+                ),
+                n => format!(
+                    "Redis {} (a cluster of {n} primaries) at {}",
+                    info.version,
+                    redact_url(&settings.redis_url)
+                ),
+            },
             None,
         )),
         Err(e) => {

@@ -1,14 +1,16 @@
 //! TLS to both servers, against local PostgreSQL and Redis serving certificates of a CA the
 //! test creates: `sslmode=verify-full` with `sslrootcert`, `rediss://` with `--tls-ca-file`, and
 //! refusal when the CA is not trusted; libpq's `prefer` when the URL names no `sslmode` (TLS
-//! where the server offers it, plain text where it does not, said in the log and by `doctor`).
+//! where the server offers it, plain text where it does not, said in the log and by `doctor`);
+//! `rediss+cluster://` to a cluster speaking TLS only.
 
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use evictd::throwaway::{Postgres, Redis, pg_user};
+use evictd::throwaway::{Cluster, Postgres, Redis, pg_user};
+use redis::AsyncCommands as _;
 use support::{Daemon, EXAMPLE_SCHEMA, finish, text};
 
 /// A CA and a server certificate for 127.0.0.1/localhost, made with the openssl CLI.
@@ -75,7 +77,7 @@ fn make_certs() -> Certs {
     std::fs::write(
         path.join("ext.cnf"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n",
     )
     .unwrap();
     openssl(
@@ -469,4 +471,91 @@ fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
         libc::freeifaddrs(list);
     }
     found
+}
+
+/// `rediss+cluster://` against a cluster whose nodes speak TLS only (to clients, to each other
+/// and to their replicas), with the test CA: the daemon reaches every primary encrypted and
+/// invalidates there; without the CA, `doctor` fails Redis (the chain is verified).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_cluster_with_a_test_ca() {
+    evictd::tls::install_provider();
+    let certs = make_certs();
+    let cluster = Cluster::start_tls(3, 0, &certs.cert, &certs.key, &certs.ca)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let pg = Postgres::start().unwrap_or_else(|e| panic!("{e:#}"));
+    pg.psql("postgres", &["-c", EXAMPLE_SCHEMA]).unwrap();
+    let db_url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let evictd = |args: &[&str]| {
+        let mut command = evictd_against(&db_url, &cluster.url());
+        command.args(args).env("EVICTD_TLS_CA_FILE", &certs.ca);
+        command
+    };
+    let migrated = finish(evictd(&["migrate"]));
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    let mut daemon_command = evictd(&["run", "--http-addr", "127.0.0.1:0"]);
+    daemon_command.stderr(std::process::Stdio::piped());
+    let daemon = Daemon::spawn(daemon_command);
+    daemon.wait_ready().await;
+
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("rediss://127.0.0.1:{}", n.port))
+        .collect();
+    let client = redis::cluster::ClusterClientBuilder::new(seeds)
+        .certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&certs.ca).unwrap()),
+        })
+        .build()
+        .unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    // Entries in many slots, on every primary, under one tag.
+    let entries: Vec<String> = (0..30).map(|i| format!("cache:entry:{i}")).collect();
+    for entry in &entries {
+        let () = conn.set(entry, "v").await.unwrap();
+        let () = conn
+            .sadd("cache:tag:client_configs:all", entry)
+            .await
+            .unwrap();
+    }
+    pg.psql(
+        "postgres",
+        &["-c", "INSERT INTO clients (name) VALUES ('tls')"],
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let left: u64 = conn.exists(&entries).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "{left} entries not invalidated over TLS: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(daemon);
+
+    let trusted = finish(evictd(&["doctor"]));
+    assert!(
+        text(&trusted)
+            .lines()
+            .any(|l| l.starts_with("OK") && l.contains("a cluster of 3 primaries")),
+        "{}",
+        text(&trusted)
+    );
+    let untrusted = finish({
+        let mut c = evictd(&["doctor"]);
+        c.env_remove("EVICTD_TLS_CA_FILE");
+        c
+    });
+    assert_eq!(untrusted.status.code(), Some(1), "{}", text(&untrusted));
+    assert!(
+        text(&untrusted).contains("FAIL redis"),
+        "{}",
+        text(&untrusted)
+    );
 }

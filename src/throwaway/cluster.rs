@@ -2,6 +2,7 @@
 //! `redis-cli --cluster create`, each primary with its replicas, and a short node timeout so a
 //! killed primary is failed over within seconds.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,18 +17,35 @@ const NODE_TIMEOUT_MS: u32 = 1_000;
 /// removed on drop.
 pub struct Cluster {
     pub nodes: Vec<Redis>,
+    /// The CA file, when the nodes speak TLS only (to clients, to each other and to replicas).
+    ca: Option<PathBuf>,
 }
 
 impl Cluster {
     pub fn start(primaries: usize, replicas: usize) -> Result<Self> {
-        let cli = which("redis-cli").map_err(|_| {
+        Self::launch(primaries, replicas, None)
+    }
+
+    /// A cluster whose nodes speak TLS only, with this certificate, key and CA.
+    pub fn start_tls(
+        primaries: usize,
+        replicas: usize,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+    ) -> Result<Self> {
+        Self::launch(primaries, replicas, Some([cert, key, ca]))
+    }
+
+    fn launch(primaries: usize, replicas: usize, tls: Option<[&Path; 3]>) -> Result<Self> {
+        which("redis-cli").map_err(|_| {
             anyhow!("`redis-cli` not found in PATH; install it with `apt-get install redis-tools`")
         })?;
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
             let bus = free_port()?.to_string();
             let timeout = NODE_TIMEOUT_MS.to_string();
-            nodes.push(Redis::start_with(&[
+            let mut args = vec![
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -36,11 +54,23 @@ impl Cluster {
                 &bus,
                 "--cluster-node-timeout",
                 &timeout,
-            ])?);
+            ];
+            nodes.push(match tls {
+                None => Redis::start_with(&args)?,
+                Some([cert, key, ca]) => {
+                    args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+                    Redis::start_tls_with(cert, key, ca, &args)?
+                }
+            });
         }
-        let mut create = Command::new(cli);
+        let cluster = Self {
+            nodes,
+            ca: tls.map(|[_, _, ca]| ca.to_path_buf()),
+        };
+        let mut create = cluster.cli_command()?;
         create.args(["--cluster", "create"]);
-        for node in &nodes {
+        let nodes = &cluster.nodes;
+        for node in nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
         }
         let output = create
@@ -54,24 +84,38 @@ impl Cluster {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let cluster = Self { nodes };
-        cluster.wait_until_ok(Duration::from_secs(60), true)?;
+        cluster.wait_until_ok(Duration::from_secs(60), replicas > 0)?;
         Ok(cluster)
     }
 
-    /// `redis+cluster://` with every node as a seed.
+    /// `redis+cluster://` (`rediss+cluster://` for TLS) with every node as a seed.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self
             .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        let scheme = if self.ca.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://{}", seeds.join(","))
+    }
+
+    /// `redis-cli`, with TLS and the CA when the nodes speak TLS.
+    fn cli_command(&self) -> Result<Command> {
+        let mut command = Command::new(which("redis-cli")?);
+        if let Some(ca) = &self.ca {
+            command.arg("--tls").arg("--cacert").arg(ca);
+        }
+        Ok(command)
     }
 
     /// `redis-cli -p PORT args…`'s answer.
     pub fn cli(&self, port: u16, args: &[&str]) -> Result<String> {
-        let output = Command::new(which("redis-cli")?)
+        let output = self
+            .cli_command()?
             .args(["-p", &port.to_string()])
             .args(args)
             .output()

@@ -40,11 +40,16 @@ impl Redis {
 
     /// A Redis that accepts TLS connections only, with this certificate, key and CA.
     pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Result<Self> {
+        Self::start_tls_with(cert, key, ca, &[])
+    }
+
+    /// Like [`Redis::start_tls`] with extra `redis-server` arguments.
+    pub fn start_tls_with(cert: &Path, key: &Path, ca: &Path, extra: &[&str]) -> Result<Self> {
         let mut redis = Self {
             port: free_port()?,
             dir: scratch_dir("redis")?,
             child: None,
-            extra: Vec::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             tls: Some([cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf()]),
         };
         redis.launch()?;

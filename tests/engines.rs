@@ -218,6 +218,15 @@ async fn cluster_keys(env: &Env, pattern: &str) -> Vec<String> {
     found
 }
 
+/// Caches an entry per (key, tag); their full keys.
+async fn cache_all(env: &Env, entries: impl Iterator<Item = (String, String)>) -> Vec<String> {
+    let mut keys = Vec::new();
+    for (key, tag) in entries {
+        keys.push(env.cache(&key, &[&tag]).await);
+    }
+    keys
+}
+
 fn uuid(kind: char, i: usize) -> String {
     format!("00000000-0000-0000-0000-{kind}{i:011}")
 }
@@ -245,27 +254,21 @@ async fn cluster_invalidates_across_slots() {
     .await;
     let daemon = env.start_daemon().await;
     env.barrier().await;
-    let mut small = Vec::new();
-    for i in 0..60 {
-        small.push(
-            env.cache(&format!("p1:{i}"), &[&format!("products:id:{p1}")])
-                .await,
-        );
-    }
-    let mut large = Vec::new();
-    for i in 0..1_000 {
-        large.push(
-            env.cache(&format!("c2:{i}"), &[&format!("products:client:{c2}")])
-                .await,
-        );
-    }
-    let mut kept = Vec::new();
-    for i in 0..5 {
-        kept.push(
-            env.cache(&format!("p2:{i}"), &[&format!("products:id:{p2}")])
-                .await,
-        );
-    }
+    let small = cache_all(
+        &env,
+        (0..60).map(|i| (format!("p1:{i}"), format!("products:id:{p1}"))),
+    )
+    .await;
+    let large = cache_all(
+        &env,
+        (0..1_000).map(|i| (format!("c2:{i}"), format!("products:client:{c2}"))),
+    )
+    .await;
+    let kept = cache_all(
+        &env,
+        (0..5).map(|i| (format!("p2:{i}"), format!("products:id:{p2}"))),
+    )
+    .await;
     let unrelated = env.cache("unrelated", &["unrelated:thing"]).await;
 
     env.sql(&format!("UPDATE products SET name = 'x' WHERE id = '{p1}'"))
@@ -378,20 +381,18 @@ async fn cluster_failover_during_a_burst_loses_nothing() {
         env.sql(&sql).await;
         let daemon = env.start_daemon().await;
         env.barrier().await;
-        let mut entries = Vec::new();
-        for p in &products {
-            entries.push(
-                env.cache(&format!("p:{p}"), &[&format!("products:id:{p}")])
-                    .await,
-            );
-        }
-        let mut unrelated = Vec::new();
-        for i in 0..30 {
-            unrelated.push(
-                env.cache(&format!("u:{i}"), &[&format!("unrelated:{i}")])
-                    .await,
-            );
-        }
+        let entries = cache_all(
+            &env,
+            products
+                .iter()
+                .map(|p| (format!("p:{p}"), format!("products:id:{p}"))),
+        )
+        .await;
+        let unrelated = cache_all(
+            &env,
+            (0..30).map(|i| (format!("u:{i}"), format!("unrelated:{i}"))),
+        )
+        .await;
         cluster
             .wait_replicated(Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("{e:#}"));

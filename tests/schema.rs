@@ -657,40 +657,12 @@ async fn a_rule_column_renamed_or_dropped_later_fails_no_write() {
 
 /// Redis URLs that cannot be what was meant are configuration errors (exit 2) naming the
 /// setting, without the password: several hosts in a single-server URL, a sentinel URL
-/// without its master's name.
+/// without its master's name, cluster URLs mixing forms or naming a database, cluster seeds
+/// that lead nowhere or to a server that is no cluster node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_redis_urls_exit_2_without_their_password() {
     let env = Env::bare(Delivery::Outbox, "").await;
-    for (url, said) in [
-        ("redis://:hunter2secret@h1:6379,h2:6379", "several hosts"),
-        (
-            "redis+sentinel://:hunter2secret@h1:26379,h2:26379",
-            "names its master",
-        ),
-        (
-            "redis+sentinel://:hunter2secret@h1/mymaster",
-            "is not host:port",
-        ),
-        (
-            "redis+cluster://:hunter2secret@h1:7000,redis://h2:7001",
-            "mixes URL forms",
-        ),
-        ("redis+cluster://:hunter2secret@h1:7000/3", "one database"),
-    ] {
-        for command in ["run", "invalidate", "stats"] {
-            let mut args = vec![command, "--redis-url", url];
-            if command == "invalidate" {
-                args.push("--all");
-            }
-            let output = run(&env, &args);
-            let message = text(&output);
-            assert_eq!(output.status.code(), Some(2), "{command} {url}: {message}");
-            assert!(message.contains("redis_url"), "{message}");
-            assert!(message.contains(said), "{message}");
-            assert!(!message.contains("hunter2secret"), "{message}");
-        }
-    }
-
+    let every: &[&str] = &["run", "invalidate", "stats"];
     // Seeds that lead to no cluster: nothing listens there, or a server that is no cluster
     // node (the test's own Redis). The daemon waits for a cluster that is down, as for any
     // Redis, but gives up on one that is not a cluster.
@@ -699,16 +671,38 @@ async fn malformed_redis_urls_exit_2_without_their_password() {
         evictd::throwaway::free_port().unwrap()
     );
     let not_cluster = env.redis_url.replace("redis://", "redis+cluster://");
-    for (url, said, commands) in [
-        (&nothing, "unreachable", &["invalidate", "stats"][..]),
+    let cases: Vec<(&str, &str, &[&str])> = vec![
         (
-            &not_cluster,
-            "is not a cluster node",
-            &["run", "invalidate", "stats"],
+            "redis://:hunter2secret@h1:6379,h2:6379",
+            "several hosts",
+            every,
         ),
-    ] {
+        (
+            "redis+sentinel://:hunter2secret@h1:26379,h2:26379",
+            "names its master",
+            every,
+        ),
+        (
+            "redis+sentinel://:hunter2secret@h1/mymaster",
+            "is not host:port",
+            every,
+        ),
+        (
+            "redis+cluster://:hunter2secret@h1:7000,redis://h2:7001",
+            "mixes URL forms",
+            every,
+        ),
+        (
+            "redis+cluster://:hunter2secret@h1:7000/3",
+            "one database",
+            every,
+        ),
+        (&nothing, "unreachable", &["invalidate", "stats"]),
+        (&not_cluster, "is not a cluster node", every),
+    ];
+    for (url, said, commands) in cases {
         for command in commands {
-            let mut args = vec![*command, "--redis-url", url.as_str()];
+            let mut args = vec![*command, "--redis-url", url];
             if *command == "invalidate" {
                 args.push("--all");
             }

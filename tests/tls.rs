@@ -175,7 +175,7 @@ async fn verify_full_postgres_and_rediss_with_a_test_ca() {
     )
     .unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    insert_and_wait_gone(&pg, &mut conn).await;
+    insert_and_wait_gone(&pg, &mut conn, &["cache:entry"]).await;
     drop(daemon);
 
     // `logical` delivery: the replication connection is verified and encrypted too.
@@ -191,7 +191,7 @@ async fn verify_full_postgres_and_rediss_with_a_test_ca() {
         "evictd-logical",
     )
     .await;
-    insert_and_wait_gone(&pg, &mut conn).await;
+    insert_and_wait_gone(&pg, &mut conn, &["cache:entry"]).await;
     drop(daemon);
 
     // Without the test CA, both servers are refused: the chain is verified.
@@ -254,20 +254,20 @@ async fn run_encrypted(mut command: Command, pg: &Postgres, application_name: &s
     daemon
 }
 
-/// Caches an entry under `client_configs:all`, inserts a client, and waits for the entry to go.
-async fn insert_and_wait_gone(pg: &Postgres, conn: &mut redis::aio::MultiplexedConnection) {
-    let () = redis::pipe()
-        .cmd("SET")
-        .arg("cache:entry")
-        .arg("v")
-        .ignore()
-        .cmd("SADD")
-        .arg("cache:tag:client_configs:all")
-        .arg("cache:entry")
-        .ignore()
-        .query_async(conn)
-        .await
-        .unwrap();
+/// Caches `entries` under `client_configs:all` (each entry, then its membership), inserts a
+/// client, and waits for every entry to go.
+async fn insert_and_wait_gone(
+    pg: &Postgres,
+    conn: &mut (impl redis::aio::ConnectionLike + Send + Sync),
+    entries: &[&str],
+) {
+    for entry in entries {
+        let () = conn.set(*entry, "v").await.unwrap();
+        let () = conn
+            .sadd("cache:tag:client_configs:all", *entry)
+            .await
+            .unwrap();
+    }
     pg.psql(
         "postgres",
         &["-c", "INSERT INTO clients (name) VALUES ('tls')"],
@@ -275,17 +275,13 @@ async fn insert_and_wait_gone(pg: &Postgres, conn: &mut redis::aio::MultiplexedC
     .unwrap();
     let start = std::time::Instant::now();
     loop {
-        let exists: u64 = redis::cmd("EXISTS")
-            .arg("cache:entry")
-            .query_async(conn)
-            .await
-            .unwrap();
-        if exists == 0 {
+        let left: u64 = conn.exists(entries).await.unwrap();
+        if left == 0 {
             break;
         }
         assert!(
             start.elapsed() < support::DEADLINE,
-            "entry not invalidated over TLS"
+            "{left} entries not invalidated over TLS"
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
@@ -512,31 +508,8 @@ async fn rediss_cluster_with_a_test_ca() {
     let mut conn = client.get_async_connection().await.unwrap();
     // Entries in many slots, on every primary, under one tag.
     let entries: Vec<String> = (0..30).map(|i| format!("cache:entry:{i}")).collect();
-    for entry in &entries {
-        let () = conn.set(entry, "v").await.unwrap();
-        let () = conn
-            .sadd("cache:tag:client_configs:all", entry)
-            .await
-            .unwrap();
-    }
-    pg.psql(
-        "postgres",
-        &["-c", "INSERT INTO clients (name) VALUES ('tls')"],
-    )
-    .unwrap();
-    let start = std::time::Instant::now();
-    loop {
-        let left: u64 = conn.exists(&entries).await.unwrap();
-        if left == 0 {
-            break;
-        }
-        assert!(
-            start.elapsed() < support::DEADLINE,
-            "{left} entries not invalidated over TLS: {}",
-            daemon.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+    insert_and_wait_gone(&pg, &mut conn, &entries).await;
     drop(daemon);
 
     let trusted = finish(evictd(&["doctor"]));

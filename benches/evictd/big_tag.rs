@@ -90,14 +90,8 @@ pub(crate) async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
         .query_async(&mut conn)
         .await
         .unwrap();
-    // Each entry is [id, time, microseconds, command…]: sorted longest first, once.
-    let micros = |entry: &redis::Value| match entry {
-        redis::Value::Array(fields) => match fields.get(2) {
-            Some(redis::Value::Int(us)) => *us,
-            _ => 0,
-        },
-        _ => 0,
-    };
+    // Sorted longest first, once.
+    let micros = slow_entry_micros;
     // The bench's own SLOWLOG RESET is logged too (and freeing the previous phase's 100,000
     // entries took 12–19 ms): only the daemon's commands count.
     let is_slowlog = |entry: &redis::Value| match entry {
@@ -137,6 +131,17 @@ pub(crate) async fn big_tag(lab: &Lab, db: &str, members: usize) -> Value {
         "median_of_those_ms": round(median_slow_us as f64 / 1000.0),
         "pings": pings,
     })
+}
+
+/// How long a SLOWLOG entry's command ran, µs (an entry is [id, time, µs, command…]).
+pub(crate) fn slow_entry_micros(entry: &redis::Value) -> i64 {
+    match entry {
+        redis::Value::Array(fields) => match fields.get(2) {
+            Some(redis::Value::Int(us)) => *us,
+            _ => 0,
+        },
+        _ => 0,
+    }
 }
 
 /// A SLOWLOG entry's command as text, script hashes shortened, cut at 100 characters.

@@ -193,13 +193,7 @@ async fn big_tag_in_cluster(lab: &Lab, cluster: &Cluster, db: &str, members: usi
             .query_async(conn)
             .await
             .unwrap();
-        let micros = |entry: &redis::Value| match entry {
-            redis::Value::Array(fields) => match fields.get(2) {
-                Some(redis::Value::Int(us)) => *us,
-                _ => 0,
-            },
-            _ => 0,
-        };
+        let micros = slow_entry_micros;
         let daemons: Vec<&redis::Value> = slow
             .iter()
             .filter(|e| {

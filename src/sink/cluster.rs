@@ -105,14 +105,7 @@ impl RedisSink {
                 pending.push_front(&run[processed..]);
             }
         }
-        if !wrong_type.is_empty() {
-            report.tags -= wrong_type.len() as u64;
-            report.wrong_type += wrong_type.len() as u64;
-            tracing::warn!(
-                tags = %wrong_type.join(", "),
-                "tag keys that are neither a set nor a sorted set were left alone: the entries they should index cannot be invalidated"
-            );
-        }
+        report.left_alone(&wrong_type);
         // Boxed: the futures borrow `self`, which an iterator adapter's closure cannot promise
         // for every lifetime the spawned task's `Send` bound asks about.
         let drains: Vec<BoxFuture<'_, Result<u64, SinkError>>> = to_drain

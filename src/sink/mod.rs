@@ -116,6 +116,20 @@ impl SinkError {
 }
 
 impl Report {
+    /// Counts `tags`, whose keys are neither a set nor a sorted set, as left alone (and says
+    /// so): they were counted among the tags invalidated.
+    fn left_alone(&mut self, tags: &[String]) {
+        if tags.is_empty() {
+            return;
+        }
+        self.tags -= tags.len() as u64;
+        self.wrong_type += tags.len() as u64;
+        tracing::warn!(
+            tags = %tags.join(", "),
+            "tag keys that are neither a set nor a sorted set were left alone: the entries they should index cannot be invalidated"
+        );
+    }
+
     pub fn add(&mut self, other: Report) {
         self.tags += other.tags;
         self.keys += other.keys;
@@ -648,14 +662,7 @@ impl RedisSink {
             };
             report.keys += keys;
             self.owe(|owed| owed.keys.extend(drains));
-            if !wrong_type.is_empty() {
-                report.tags -= wrong_type.len() as u64;
-                report.wrong_type += wrong_type.len() as u64;
-                tracing::warn!(
-                    tags = %wrong_type.join(", "),
-                    "tag keys that are neither a set nor a sorted set were left alone: the entries they should index cannot be invalidated"
-                );
-            }
+            report.left_alone(&wrong_type);
             // A script stops early when its member budget is spent; it always processes at
             // least one tag, so this terminates.
             if processed < run.len() {

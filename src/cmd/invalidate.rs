@@ -117,33 +117,38 @@ pub fn targets(settings: &Settings, args: &InvalidateArgs) -> Result<Targets, Co
     };
     match args.cache_type {
         None => {}
-        Some(CacheType::Products) => by(
-            &args.client_id,
-            &["products:client:{}", "products:all"],
-            "products",
-            &mut targets,
-        )?,
-        Some(CacheType::ExpertSessions) => by(
-            &args.product_id,
-            &["expert_sessions:product:{}", "expert_sessions:all"],
-            "job_readiness_expert_sessions",
-            &mut targets,
-        )?,
-        Some(CacheType::ModuleContent) => by(
-            &args.module_id,
-            &["module_content:id:{}"],
-            "modules",
-            &mut targets,
-        )?,
-        Some(CacheType::ClientConfigs) => by(
-            &args.client_id,
-            &["client_configs:id:{}", "client_configs:all"],
-            "clients",
-            &mut targets,
-        )?,
         Some(CacheType::AllPhase2) => targets.merge(settings.rules.all_table_wide()),
+        Some(kind) => {
+            if let Some((tags, table)) = clear_type(kind) {
+                let id = match kind {
+                    CacheType::Products | CacheType::ClientConfigs => &args.client_id,
+                    CacheType::ExpertSessions => &args.product_id,
+                    CacheType::ModuleContent => &args.module_id,
+                    CacheType::AllPhase2 => &None,
+                };
+                by(id, tags, table, &mut targets)?;
+            }
+        }
     }
     Ok(targets)
+}
+
+/// What a clear type of the application removes: the tags of one row (`{}` standing for its
+/// id), and the table cleared whole when no id is given. `None` for `all_phase2`, which clears
+/// every table. The TypeScript package's `rules.json` holds the same table (a test says so).
+pub fn clear_type(kind: CacheType) -> Option<(&'static [&'static str], &'static str)> {
+    match kind {
+        CacheType::Products => Some((&["products:client:{}", "products:all"], "products")),
+        CacheType::ExpertSessions => Some((
+            &["expert_sessions:product:{}", "expert_sessions:all"],
+            "job_readiness_expert_sessions",
+        )),
+        CacheType::ModuleContent => Some((&["module_content:id:{}"], "modules")),
+        CacheType::ClientConfigs => {
+            Some((&["client_configs:id:{}", "client_configs:all"], "clients"))
+        }
+        CacheType::AllPhase2 => None,
+    }
 }
 
 /// Progress on stderr, only when it is a terminal (quiet when piped or logged).

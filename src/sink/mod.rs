@@ -10,7 +10,7 @@ mod cluster;
 mod conn;
 mod inspect;
 mod scan;
-mod scripts;
+pub mod scripts;
 mod sweep;
 mod target;
 

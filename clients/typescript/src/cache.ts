@@ -109,6 +109,9 @@ export class EvictdCache {
     this.tagtsTtlMs = (options.tagtsTtlSeconds ?? 86_400) * 1000;
     this.rules = options.rules ?? DEFAULT_RULES;
     this.warn = options.warn ?? ((m) => console.warn(m));
+    // ioredis prints every connection error of a client without an `error` listener, at each
+    // reconnect attempt; the failed calls already say it, once per outage.
+    if (redis.listenerCount("error") === 0) redis.on("error", () => {});
     redis.defineCommand("evictdWrite", { lua: WRITE });
     redis.defineCommand("evictdNow", { numberOfKeys: 0, lua: NOW });
     redis.defineCommand("evictdDetach", { numberOfKeys: 0, lua: lua("detach") });

@@ -6,3 +6,5 @@ export { cacheStats, hitRate } from "./stats.js";
 export type { CacheStats } from "./stats.js";
 export { createCacheInvalidation } from "./service.js";
 export type { CacheInvalidation, CacheInvalidationUtils, RelatedCaches } from "./service.js";
+export { createCacheHandler } from "./next.js";
+export type { CacheEntry, CacheHandler, CacheHandlerOptions } from "./next.js";

@@ -202,6 +202,10 @@ pub struct Settings {
     pub notify_buffer: usize,
     /// Optional Redis channel on which every invalidated tag is published as JSON.
     pub publish_channel: Option<String>,
+    /// Optional hash in which every invalidated tag is also recorded with the time (ms), the
+    /// layout of `@fortedigital/nextjs-cache-handler`'s Redis handler, so that an application
+    /// using it sees database edits.
+    pub revalidated_tags_key: Option<String>,
     /// How often both servers are pinged; a ping slower than this fails, so a frozen
     /// (half-open) PostgreSQL connection is noticed within two intervals.
     pub health_interval: Duration,
@@ -292,6 +296,7 @@ struct FileConfig {
     wide_row_threshold: Option<Spanned<u64>>,
     notify_buffer: Option<Spanned<u64>>,
     publish_channel: Option<String>,
+    revalidated_tags_key: Option<String>,
     health_interval_ms: Option<Spanned<u64>>,
     liveness_timeout_secs: Option<Spanned<u64>>,
     second_pass_ms: Option<Spanned<u64>>,
@@ -509,6 +514,7 @@ impl Settings {
             wide_row_threshold,
             notify_buffer: size(notify_buffer),
             publish_channel: raw.publish_channel.filter(|c| !c.is_empty()),
+            revalidated_tags_key: raw.revalidated_tags_key.filter(|k| !k.is_empty()),
             health_interval: Duration::from_millis(health_interval_ms),
             liveness_timeout: Duration::from_secs(liveness_timeout_secs),
             stall_on_tag: std::env::var(STALL_ON_TAG_ENV)
@@ -633,8 +639,13 @@ mod tests {
         );
         let uncommented = reference.replace("# tls_ca_file", "tls_ca_file");
         let uncommented = uncommented.replace("# publish_channel", "publish_channel");
+        let uncommented = uncommented.replace("# revalidated_tags_key", "revalidated_tags_key");
         let s = load(&uncommented).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.publish_channel.as_deref(), Some("cache_invalidated"));
+        assert_eq!(
+            s.revalidated_tags_key.as_deref(),
+            Some("__revalidated_tags__")
+        );
         assert_eq!(
             s.batch_linger.as_millis() as u64,
             options::BATCH_LINGER_MS.default

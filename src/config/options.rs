@@ -90,6 +90,13 @@ pub const PUBLISH_CHANNEL: Text = Text {
     doc: "PUBLISH each batch's tags as JSON",
 };
 
+pub const REVALIDATED_TAGS_KEY: Text = Text {
+    name: "revalidated_tags_key",
+    default: None,
+    env: None,
+    doc: "also record invalidated tags in @fortedigital/nextjs-cache-handler's hash (KEYPREFIX__revalidated_tags__)",
+};
+
 pub const TAGTS_TTL_SECS: Number = Number {
     name: "tagts_ttl_secs",
     default: 86_400,
@@ -206,7 +213,7 @@ pub const NUMBERS: [Number; 12] = [
     SWEEP_RATE,
 ];
 /// Options that are off unless set, listed commented out.
-pub const OPTIONAL: [Text; 2] = [TLS_CA_FILE, PUBLISH_CHANNEL];
+pub const OPTIONAL: [Text; 3] = [TLS_CA_FILE, PUBLISH_CHANNEL, REVALIDATED_TAGS_KEY];
 
 impl Number {
     /// What a value out of bounds is told.
@@ -265,6 +272,7 @@ pub fn reference() -> String {
     for text in OPTIONAL {
         let example = match text.name {
             "tls_ca_file" => "/etc/evictd/ca.pem",
+            "revalidated_tags_key" => "__revalidated_tags__",
             _ => "cache_invalidated",
         };
         line(

@@ -9,6 +9,7 @@
 mod cluster;
 mod conn;
 mod inspect;
+mod revalidated;
 mod scan;
 pub mod scripts;
 mod sweep;
@@ -144,6 +145,8 @@ pub struct SinkOptions {
     pub drain_chunk: usize,
     pub tagts_ttl: Duration,
     pub publish_channel: Option<String>,
+    /// `@fortedigital/nextjs-cache-handler`'s revalidated-tags hash, also told every tag.
+    pub revalidated_tags_key: Option<String>,
     /// Extra CA certificates for `rediss://` URLs.
     pub tls_ca_file: Option<std::path::PathBuf>,
     /// Beaten at each page of a keyspace walk, so that a long one counts as progress.
@@ -160,6 +163,7 @@ impl From<&crate::config::Settings> for SinkOptions {
             drain_chunk: settings.drain_chunk,
             tagts_ttl: settings.tagts_ttl,
             publish_channel: settings.publish_channel.clone(),
+            revalidated_tags_key: settings.revalidated_tags_key.clone(),
             tls_ca_file: settings.tls_ca_file.clone(),
             heartbeat: None,
             stall_on_tag: settings.stall_on_tag.clone(),
@@ -221,6 +225,7 @@ pub struct RedisSink {
     sweep: Script,
     cluster_detach: Script,
     drain_step: Script,
+    record_revalidated: Script,
 }
 
 impl RedisSink {
@@ -254,6 +259,7 @@ impl RedisSink {
             sweep: Script::new(scripts::SWEEP),
             cluster_detach: Script::new(scripts::CLUSTER_DETACH),
             drain_step: Script::new(scripts::DRAIN_STEP),
+            record_revalidated: Script::new(scripts::RECORD_REVALIDATED),
         })
     }
 
@@ -501,6 +507,7 @@ impl RedisSink {
         let mut report = self.finish_owed_drains().await?;
         let tags = &targets.tags;
         report.add(self.invalidate_tags(tags, marker_ttl).await?);
+        self.record_revalidated(tags).await?;
         progress(report);
         let prefix = self.keys.tag_prefix();
         let tag_globs = PatternSet::new(targets.tag_globs.iter().map(|g| self.keys.tag_glob(g)));
@@ -515,8 +522,11 @@ impl RedisSink {
                     .filter(|tag| !tags.contains(tag))
                     .collect();
                 report.add(self.invalidate_tags(&found, marker_ttl).await?);
+                self.record_revalidated(&found).await?;
                 progress(report);
             }
+            self.record_revalidated_globs(&PatternSet::new(targets.tag_globs.iter().cloned()))
+                .await?;
         }
         let key_globs = PatternSet::new(targets.key_globs.iter().cloned());
         if !key_globs.is_empty() {

@@ -271,3 +271,20 @@ if kind == 'set' then
 end
 return redis.call('ZRANGE', key, 0, tonumber(ARGV[1]) - 1)
 "#;
+
+/// Records tags ARGV in the hash KEYS[1] with the Redis clock (ms): the revalidated-tags hash of
+/// `@fortedigital/nextjs-cache-handler`'s Redis handler, whose reads treat an entry older than
+/// any of its tags' time as stale. Returns how many tags it recorded.
+pub const RECORD_REVALIDATED: &str = r#"
+local clock = redis.call('TIME')
+local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
+local fields = {}
+for i = 1, #ARGV do
+  fields[2 * i - 1] = ARGV[i]
+  fields[2 * i] = now
+end
+for j = 1, #fields, 1000 do
+  redis.call('HSET', KEYS[1], unpack(fields, j, math.min(j + 999, #fields)))
+end
+return #ARGV
+"#;

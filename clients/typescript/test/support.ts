@@ -2,7 +2,7 @@
 // daemon with its own throwaway PostgreSQL and Redis) built by `cargo build`.
 
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -94,10 +94,17 @@ export class EvictdDev {
     );
   }
 
-  static async start(): Promise<EvictdDev> {
+  /** Starts `evictd dev`, with `config` (TOML) as its configuration file when given. */
+  static async start(config?: string): Promise<EvictdDev> {
+    const env: NodeJS.ProcessEnv = { ...cleanEnv(), EVICTD_LOG: "info" };
+    if (config !== undefined) {
+      const dir = mkdtempSync(join(tmpdir(), "evictd-ts-config-"));
+      env.EVICTD_CONFIG = join(dir, "evictd.toml");
+      writeFileSync(env.EVICTD_CONFIG, config);
+    }
     const child = spawn(EvictdDev.binary(), ["dev", "--http-addr", "127.0.0.1:0"], {
       stdio: ["ignore", "ignore", "pipe"],
-      env: { ...cleanEnv(), EVICTD_LOG: "info" },
+      env,
     });
     let log = "";
     child.stderr?.on("data", (d: Buffer) => (log += d.toString()));

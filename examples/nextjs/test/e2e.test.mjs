@@ -200,3 +200,10 @@ test("a loader that reads before an edit and finishes after it leaves nothing st
     FRESH_WITHIN_MS,
   );
 });
+
+test("with Redis gone, pages are still served, from the database", async () => {
+  redisCli(["SHUTDOWN", "NOSAVE"]);
+  psql(`UPDATE products SET name = 'Interview prep III' WHERE id = '${A1}'`);
+  assert.match(await page(`/products/${A1}`), /Interview prep III/);
+  assert.equal((await json(`/api/clients/${C1}/products`)).products[0].name, "Interview prep III");
+});

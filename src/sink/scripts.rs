@@ -1,5 +1,7 @@
 //! The Lua scripts evictd runs in Redis. Each does a bounded amount of work per call, so no
-//! command of ours blocks other Redis clients for long, whatever the size of a tag.
+//! command of ours blocks other Redis clients for long, whatever the size of a tag. Those the
+//! application's package runs too (`clients/typescript`: detach, drain, stamp) live in `lua/`
+//! at the root of the repository, one source for both.
 
 /// Invalidates a run of tags. ARGV = `[member budget, tagts ttl ms, key prefix, drain nonce,
 /// defer ttl (0/1), tag…]`; the script builds each tag's keys (`{prefix}tag:T`,
@@ -26,123 +28,11 @@
 /// Written for Redis' sake: per tag it makes one call (SCARD) and builds two strings; members,
 /// sets and markers go out in a few multi-key calls, and nothing is copied between Lua tables
 /// (copying them, and a flag per tag in the answer, cost ~15 % more Redis time per tag).
-pub const DETACH: &str = r#"
-local clock = redis.call('TIME')
-local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
-local chunk = tonumber(ARGV[1])
-local budget = chunk
-local ttl = ARGV[2]
-local prefix = ARGV[3]
-local nonce = ARGV[4]
-local defer = ARGV[5] == '1'
-local processed, removed = 0, 0
-local detached = {}
-local sets, nsets = {}, 0
-local sorted_sets, nsorted = {}, 0
-local assignments, nstamps = {}, 0
-for i = 6, #ARGV do
-  local name = ARGV[i]
-  local tag = prefix .. 'tag:' .. name
-  local size = redis.pcall('SCARD', tag)
-  local sorted = false
-  local wrong_type = false
-  if type(size) ~= 'number' then
-    size = redis.pcall('ZCARD', tag)
-    if type(size) ~= 'number' then
-      size = 0
-      wrong_type = true
-    end
-    sorted = true
-  end
-  if size <= chunk and size > budget and processed > 0 then
-    break
-  end
-  processed = processed + 1
-  if wrong_type then
-    detached[#detached + 1] = -processed
-  elseif size > chunk then
-    redis.call('RENAME', tag, prefix .. 'drain:' .. nonce .. ':' .. name)
-    detached[#detached + 1] = processed
-  elseif size > 0 then
-    if sorted then
-      nsorted = nsorted + 1
-      sorted_sets[nsorted] = tag
-    else
-      nsets = nsets + 1
-      sets[nsets] = tag
-    end
-    budget = budget - size
-  end
-  local stamp = prefix .. 'tagts:' .. name
-  if defer then
-    nstamps = nstamps + 2
-    assignments[nstamps - 1] = stamp
-    assignments[nstamps] = now
-  else
-    redis.call('SET', stamp, now, 'PX', ttl)
-  end
-  if budget <= 0 then
-    break
-  end
-end
-local function unlink_all(list)
-  for j = 1, #list, 500 do
-    removed = removed + redis.call('UNLINK', unpack(list, j, math.min(j + 499, #list)))
-  end
-end
-if nsets > 0 then
-  unlink_all(redis.call('SUNION', unpack(sets)))
-  unlink_all(sets)
-  removed = removed - nsets
-end
-for k = 1, nsorted do
-  unlink_all(redis.call('ZRANGE', sorted_sets[k], 0, -1))
-  redis.call('UNLINK', sorted_sets[k])
-end
-if nstamps > 0 then
-  redis.call('MSET', unpack(assignments))
-  local names = {}
-  for k = 1, nstamps / 2 do
-    names[k] = assignments[2 * k - 1]
-  end
-  redis.call('RPUSH', prefix .. 'evictd:ttl-pending', unpack(names))
-end
-local out = {processed, removed}
-for _, d in ipairs(detached) do
-  out[#out + 1] = d
-end
-return out
-"#;
+pub const DETACH: &str = include_str!("../../lua/detach.lua");
 
 /// Removes up to ARGV[1] members of the detached set KEYS[1] and UNLINKs them, atomically, so a
 /// crash between two calls loses nothing. Returns `{keys removed, members left}`.
-pub const DRAIN: &str = r#"
-local key = KEYS[1]
-local count = tonumber(ARGV[1])
-local kind = redis.call('TYPE', key)['ok']
-local members = {}
-if kind == 'set' then
-  members = redis.call('SPOP', key, count)
-elseif kind == 'zset' then
-  local popped = redis.call('ZPOPMIN', key, count)
-  for i = 1, #popped, 2 do
-    members[#members + 1] = popped[i]
-  end
-else
-  return {0, 0}
-end
-local removed = 0
-for i = 1, #members, 500 do
-  removed = removed + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
-end
-local left
-if kind == 'set' then
-  left = redis.call('SCARD', key)
-else
-  left = redis.call('ZCARD', key)
-end
-return {removed, left}
-"#;
+pub const DRAIN: &str = include_str!("../../lua/drain.lua");
 
 /// Gives up to ARGV[1] of the `tagts` markers queued on KEYS[1] (by a deferring [`DETACH`])
 /// their TTL, ARGV[2] ms. Returns how many it took off the queue (0 once it is empty).
@@ -158,14 +48,7 @@ return #names
 "#;
 
 /// Sets every key in KEYS to the Redis clock in ms with TTL ARGV[1] ms (table-wide markers).
-pub const STAMP: &str = r#"
-local clock = redis.call('TIME')
-local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], now, 'PX', ARGV[1])
-end
-return now
-"#;
+pub const STAMP: &str = include_str!("../../lua/stamp.lua");
 
 /// One step of the tag-set hygiene sweep over KEYS[1]: scans ARGV[2] members from cursor
 /// ARGV[1] and removes those whose entry no longer exists (expired); for a sorted set it first

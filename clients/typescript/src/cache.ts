@@ -18,6 +18,7 @@ import { readFileSync } from "node:fs";
 import type { Redis } from "ioredis";
 
 import { tablesOfTag, tableWide, type TableRule, DEFAULT_RULES } from "./rules.js";
+import { cacheStats, type CacheStats } from "./stats.js";
 
 const lua = (name: string) => readFileSync(new URL(`../../lua/${name}.lua`, import.meta.url), "utf8");
 
@@ -263,6 +264,12 @@ export class EvictdCache {
     const rule = this.rules.find((r) => r.table === table || r.table === `public.${table}`);
     await this.call("evictdStamp", 1, `${this.prefix}tagts-table:${rule?.table ?? table}`, this.tagtsTtlMs);
     return report;
+  }
+
+  /** What `evictd stats` reports of this cache (same fields and `recommendations`; the outbox,
+   * which needs the database, aside). */
+  stats(): Promise<CacheStats> {
+    return cacheStats(this.redis, this.prefix);
   }
 
   private async drain(key: string): Promise<number> {

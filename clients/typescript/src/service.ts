@@ -4,7 +4,7 @@
 
 import type { EvictdCache } from "./cache.js";
 import { CLEAR_TYPES, DEFAULT_RULES, type ClearType } from "./rules.js";
-import { cacheStats, type CacheStats } from "./stats.js";
+import type { CacheStats } from "./stats.js";
 
 export interface RelatedCaches {
   products?: boolean;
@@ -78,7 +78,7 @@ export function createCacheInvalidation(cache: EvictdCache): {
       }
       return keys;
     },
-    getCacheInvalidationStats: () => cacheStats(cache.redis, cache.prefix),
+    getCacheInvalidationStats: () => cache.stats(),
   };
   const CacheInvalidationUtils: CacheInvalidationUtils = {
     async onProductCreated(productId, clientId) {

@@ -46,7 +46,8 @@ async function until(what, check, deadlineMs = 60_000) {
 
 /** Starts `command`, keeps its output, and waits for `ready` in it. */
 async function startProcess(command, args, options, ready) {
-  const child = spawn(command, args, { ...options, stdio: ["ignore", "pipe", "pipe"] });
+  // A process group of its own, so that stopping it stops what it started (npx → next-server).
+  const child = spawn(command, args, { ...options, stdio: ["ignore", "pipe", "pipe"], detached: true });
   children.push(child);
   let log = "";
   child.stdout.on("data", (d) => (log += d));
@@ -107,15 +108,23 @@ before(async () => {
   const port = await freePort();
   base = `http://127.0.0.1:${port}`;
   await startProcess(
-    "npx",
-    ["next", "start", "-p", String(port), "-H", "127.0.0.1"],
+    fileURLToPath(new URL("../node_modules/.bin/next", import.meta.url)),
+    ["start", "-p", String(port), "-H", "127.0.0.1"],
     { cwd: APP, env: { ...clean, DATABASE_URL: databaseUrl, REDIS_URL: redisUrl, NODE_ENV: "production" } },
     /Ready in|started server/i,
   );
 });
 
 after(() => {
-  for (const child of children.reverse()) child.kill("SIGTERM");
+  for (const child of children.reverse()) {
+    try {
+      process.kill(-child.pid, "SIGTERM");
+    } catch {
+      // Already gone.
+    }
+    child.stdout.destroy();
+    child.stderr.destroy();
+  }
 });
 
 test("pages are cached: a second request runs no loader", async () => {

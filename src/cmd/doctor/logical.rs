@@ -259,30 +259,43 @@ pub(super) async fn partition_checks(settings: &Settings, client: &Client) -> Ve
 
 /// `logical` delivery: who may write logical decoding messages into the WAL. Every role may by
 /// default; the daemon refuses forged events and skips large messages unread, but each one
-/// still costs the walsender its decoding. OK either way, with the way to restrict it.
+/// still costs the walsender its decoding. OK either way, with the way to restrict it. The
+/// function's signatures differ between versions (PostgreSQL 17 added a `flush` argument), so
+/// they are found by name and the advice names the server's own.
 pub(super) async fn emit_message_check(client: &Client) -> Check {
     let open = client
         .query_one(
-            "SELECT has_function_privilege('public', 'pg_catalog.pg_logical_emit_message(boolean,text,text)', 'EXECUTE') \
-                 OR has_function_privilege('public', 'pg_catalog.pg_logical_emit_message(boolean,text,bytea)', 'EXECUTE')",
+            "SELECT coalesce(bool_or(pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE')), false), \
+                    coalesce(string_agg(p.oid::pg_catalog.regprocedure::text, ', ' ORDER BY p.oid), '') \
+             FROM pg_catalog.pg_proc p \
+             WHERE p.proname = 'pg_logical_emit_message' \
+               AND p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace",
             &[],
         )
         .await;
     match open {
-        Ok(row) if row.get::<_, bool>(0) => check(
-            "logical-messages",
-            Status::Ok,
-            "every role may call pg_logical_emit_message: forged events are refused (unsigned) and large messages skipped unread, but each is still decoded by the walsender".to_string(),
-            Some(
-                "to restrict it, as a superuser: REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC; then GRANT EXECUTE on both to the owner of schema evictd and to the daemon's role",
-            ),
-        ),
+        Ok(row) if row.get::<_, bool>(0) => {
+            let signatures: String = row.get(1);
+            check(
+                "logical-messages",
+                Status::Ok,
+                "every role may call pg_logical_emit_message: forged events are refused (unsigned) and large messages skipped unread, but each is still decoded by the walsender".to_string(),
+                Some(&format!(
+                    "to restrict it, as a superuser: REVOKE EXECUTE ON FUNCTION {signatures} FROM PUBLIC; then GRANT EXECUTE on them to the owner of schema evictd and to the daemon's role"
+                )),
+            )
+        }
         Ok(_) => check(
             "logical-messages",
             Status::Ok,
             "pg_logical_emit_message is not open to every role".to_string(),
             None,
         ),
-        Err(e) => check("logical-messages", Status::Warn, e.to_string(), None),
+        Err(e) => check(
+            "logical-messages",
+            Status::Warn,
+            crate::db::describe(&e),
+            None,
+        ),
     }
 }

@@ -156,18 +156,23 @@ async fn sentinel_failover_is_followed() {
         env.barrier().await;
         env.assert_present(&[stays, unrelated]).await;
         // The one-shot commands find the master through the sentinels too.
-        let manual = env.cache("manual", &["manual:tag"]).await;
-        let invalidated = env.run_cli(&["invalidate", "manual:tag"]);
-        assert!(
-            invalidated.status.success(),
-            "{}",
-            support::text(&invalidated)
-        );
-        env.wait_gone(&[manual]).await;
+        invalidate_by_hand(&env).await;
         let stats = env.run_cli(&["stats"]);
         assert!(stats.status.success(), "{}", support::text(&stats));
         drop(daemon);
     }
+}
+
+/// `evictd invalidate` of a tag, as an operator runs it: the entry goes.
+async fn invalidate_by_hand(env: &Env) {
+    let manual = env.cache("manual", &["manual:tag"]).await;
+    let invalidated = env.run_cli(&["invalidate", "manual:tag"]);
+    assert!(
+        invalidated.status.success(),
+        "{}",
+        support::text(&invalidated)
+    );
+    env.wait_gone(&[manual]).await;
 }
 
 /// The test's world on `cluster`: its database and prefix as usual, Redis the cluster.
@@ -288,14 +293,7 @@ async fn cluster_invalidates_across_slots() {
         .unwrap();
     assert!(marker.is_some(), "the tag's tagts marker is stamped");
 
-    let manual = env.cache("manual", &["manual:tag"]).await;
-    let invalidated = env.run_cli(&["invalidate", "manual:tag"]);
-    assert!(
-        invalidated.status.success(),
-        "{}",
-        support::text(&invalidated)
-    );
-    env.wait_gone(&[manual]).await;
+    invalidate_by_hand(&env).await;
 
     // The sweep reaches tag sets on every primary: members whose entry is gone go, the live
     // one stays.

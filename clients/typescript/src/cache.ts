@@ -17,7 +17,7 @@ import { readFileSync } from "node:fs";
 
 import type { Redis } from "ioredis";
 
-import { tablesOfTag, tableWide, type TableRule, DEFAULT_RULES } from "./rules.js";
+import { escapeGlob, tablesOfTag, tableWide, type TableRule, DEFAULT_RULES } from "./rules.js";
 import { cacheStats, type CacheStats } from "./stats.js";
 
 const lua = (name: string) => readFileSync(new URL(`../../lua/${name}.lua`, import.meta.url), "utf8");
@@ -255,7 +255,7 @@ export class EvictdCache {
       const tagPrefix = `${this.prefix}tag:`;
       let cursor = "0";
       do {
-        const [next, keys] = await this.redis.scan(cursor, "MATCH", `${escapeForScan(tagPrefix)}${glob}`, "COUNT", 1000);
+        const [next, keys] = await this.redis.scan(cursor, "MATCH", `${escapeGlob(tagPrefix)}${glob}`, "COUNT", 1000);
         for (const key of keys) found.add(key.slice(tagPrefix.length));
         cursor = next;
       } while (cursor !== "0");
@@ -332,6 +332,3 @@ function splitEntry(raw: string): [string, string | undefined, string | undefine
   return [raw.slice(0, first), raw.slice(first + 1, second), raw.slice(second + 1)];
 }
 
-function escapeForScan(text: string): string {
-  return text.replace(/[*?[\]\\]/g, (c) => `\\${c}`);
-}

@@ -4,6 +4,8 @@
 
 import type { Redis } from "ioredis";
 
+import { escapeGlob } from "./rules.js";
+
 export interface CacheStats {
   totalEntries: number;
   expiredEntries: number;
@@ -40,7 +42,7 @@ export async function cacheStats(redis: Redis, prefix: string): Promise<CacheSta
   let tagMembers = 0;
   let expiredEntries = 0;
   let draining = 0;
-  const pattern = `${prefix.replace(/[*?[\]\\]/g, (c) => `\\${c}`)}*`;
+  const pattern = `${escapeGlob(prefix)}*`;
   let cursor = "0";
   do {
     const [next, keys] = await redis.scan(cursor, "MATCH", pattern, "COUNT", 1000);

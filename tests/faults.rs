@@ -790,3 +790,169 @@ async fn frozen_stream_during_catch_up_is_noticed() {
     )
     .await;
 }
+
+/// The primary dies mid-burst and its standby is promoted (`logical` delivery, the daemon on a
+/// URL naming both, `target_session_attrs=read-write`). From PostgreSQL 17 the slot is a
+/// failover slot the standby keeps (synchronised here with `pg_sync_replication_slots()`,
+/// `synchronized_standby_slots` on the primary): the daemon streams on from its position there,
+/// so an entry goes exactly when its row's edit survived the failover and every other entry
+/// stays. Before 17 the promoted standby has no slot: the daemon makes it there and invalidates
+/// every table once, so nothing is stale either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_keeps_the_slot_position() {
+    const STANDBY_SLOT: &str = "evictd_test_standby";
+    let mut env = Env::isolated(Delivery::Logical, "", &[]).await;
+    seed_products(&env).await;
+    let major = evictd::schema::slot::server_major(&env.pg).await.unwrap();
+    let failover_slots = major >= evictd::schema::slot::FAILOVER_SLOTS_SINCE;
+    eprintln!(
+        "PostgreSQL {major}: {}",
+        if failover_slots {
+            "failover slots: the position must survive"
+        } else {
+            "no failover slots: a new slot and a table-wide resync"
+        }
+    );
+    let standby = evictd::throwaway::Postgres::start_standby(&mut env.own().pg, STANDBY_SLOT)
+        .unwrap_or_else(|e| panic!("cannot start a standby: {e:#}"));
+    env.reconnect_pg().await;
+    if failover_slots {
+        env.sql(&format!(
+            "ALTER SYSTEM SET synchronized_standby_slots = '{STANDBY_SLOT}'"
+        ))
+        .await;
+        env.sql("SELECT pg_reload_conf()").await;
+    }
+    let both = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?target_session_attrs=read-write",
+        env.pg_server().port,
+        standby.port,
+        env.name
+    );
+    let daemon = env.spawn_daemon(&["--database-url", &both]);
+    daemon.wait_ready().await;
+    let (entries, unrelated) = cache_products(&env).await;
+    let update = |i: usize| {
+        format!(
+            "UPDATE products SET name = 'edited' WHERE id = '{}'",
+            product_id(i)
+        )
+    };
+
+    for i in 0..30 {
+        env.sql(&update(i)).await;
+    }
+    env.wait_gone(&entries[..30]).await;
+    let slot = evictd::schema::slot::name(&env.pg).await.unwrap();
+    if failover_slots {
+        // The standby's copy of the slot, once it is persistent (its first copies are
+        // temporary until the standby has the WAL the slot needs).
+        let (standby_pg, conn) =
+            tokio_postgres::connect(&standby.url(&env.name), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let start = Instant::now();
+        let mut last_error = None;
+        loop {
+            // The copy stays temporary until the standby has the WAL the slot needs, whose
+            // start moves with the primary's running-transactions records (every 15 s by
+            // itself): one now.
+            env.sql("SELECT pg_log_standby_snapshot()").await;
+            if let Err(e) = standby_pg
+                .batch_execute("SELECT pg_sync_replication_slots()")
+                .await
+            {
+                last_error = Some(e);
+            }
+            let synced = standby_pg
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND synced \
+                     AND NOT temporary AND confirmed_flush_lsn IS NOT NULL",
+                    &[&slot],
+                )
+                .await
+                .unwrap();
+            if synced.is_some() {
+                break;
+            }
+            if start.elapsed() > DEADLINE {
+                let slots: Vec<String> = standby_pg
+                    .query(
+                        "SELECT row(slot_name, synced, temporary, confirmed_flush_lsn)::text \
+                         FROM pg_replication_slots",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                panic!("the slot never reached the standby: {slots:?}, {last_error:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // The burst, and the primary's death in its middle: the daemon may not have read the last
+    // edits, the standby may not have received them.
+    for i in 30..60 {
+        env.sql(&update(i)).await;
+    }
+    env.own().pg.kill9().unwrap();
+    standby.promote().unwrap();
+    env.db_url = both.clone();
+    env.reconnect_pg().await;
+    for i in 60..90 {
+        env.sql(&update(i)).await;
+    }
+    env.barrier().await;
+
+    let edited: Vec<String> = env
+        .pg
+        .query("SELECT id::text FROM products WHERE name = 'edited'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        edited.len() >= 60,
+        "edits before the burst and after the promotion"
+    );
+    let (gone, kept): (Vec<usize>, Vec<usize>) = {
+        let mut gone = Vec::new();
+        let mut kept = Vec::new();
+        for i in 0..PRODUCTS {
+            if edited.contains(&product_id(i)) {
+                gone.push(i);
+            } else {
+                kept.push(i);
+            }
+        }
+        (gone, kept)
+    };
+    let gone: Vec<String> = gone.iter().map(|&i| entries[i].clone()).collect();
+    env.wait_gone(&gone).await;
+    let kept: Vec<String> = kept.iter().map(|&i| entries[i].clone()).collect();
+    if failover_slots {
+        env.assert_present(&kept).await;
+        assert!(
+            !daemon.log().contains("new replication slot"),
+            "the slot was made again: {}",
+            daemon.log()
+        );
+    } else {
+        assert_eq!(
+            env.count_existing(&kept).await,
+            0,
+            "the resync left entries"
+        );
+        assert!(
+            daemon.log().contains("new replication slot"),
+            "{}",
+            daemon.log()
+        );
+    }
+    env.assert_present(&unrelated).await;
+}

@@ -823,3 +823,79 @@ async fn multi_host_urls_stream_from_the_host_that_answers() {
     .await;
     env.wait_gone(&[entry]).await;
 }
+
+/// What `doctor` says of the publication's rows and of the slot's fate in a failover, and the
+/// daemon turning a slot made without failover (by PostgreSQL 16 before an upgrade, or by hand)
+/// into a failover slot where the server has them (17+).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_row_filters_and_failover_slots() {
+    let env = seeded("").await;
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(0), "{report}");
+    assert!(
+        report.contains("every row, partitions through their root"),
+        "{report}"
+    );
+
+    // A row filter someone added hides changes: a FAIL until `migrate` publishes every row.
+    env.sql(
+        "ALTER PUBLICATION evictd DROP TABLE products;
+         ALTER PUBLICATION evictd ADD TABLE products WHERE (id IS NOT NULL);",
+    )
+    .await;
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(1), "{report}");
+    assert!(
+        report.contains("publication evictd has a row filter on public.products"),
+        "{report}"
+    );
+    env.migrate().await;
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(0), "{report}");
+
+    let major = evictd::schema::slot::server_major(&env.pg).await.unwrap();
+    let slot = evictd::schema::slot::name(&env.pg).await.unwrap();
+    if major < evictd::schema::slot::FAILOVER_SLOTS_SINCE {
+        eprintln!(
+            "PostgreSQL {major} has no failover slots: doctor must say what a failover costs"
+        );
+        assert!(
+            report.contains(&format!("PostgreSQL {major} has no failover slots")),
+            "{report}"
+        );
+        return;
+    }
+    eprintln!("PostgreSQL {major}: failover slots");
+    assert!(
+        report.contains(&format!("slot {slot} is a failover slot")),
+        "{report}"
+    );
+    env.sql(&format!(
+        "SELECT pg_drop_replication_slot('{slot}');
+         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+    ))
+    .await;
+    let (status, report) = doctor(&env);
+    assert_eq!(status, Some(0), "{report}");
+    assert!(
+        report.contains(&format!("slot {slot} is not a failover slot")),
+        "{report}"
+    );
+    let daemon = env.start_daemon().await;
+    assert!(
+        daemon.log().contains("now a failover slot"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        evictd::schema::slot::failover(&env.pg, &slot)
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    let (_, report) = doctor(&env);
+    assert!(
+        report.contains(&format!("slot {slot} is a failover slot")),
+        "{report}"
+    );
+}

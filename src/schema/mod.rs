@@ -149,6 +149,27 @@ pub async fn check_columns(
     }
 }
 
+/// Whether publication `evictd` is no longer what `migrate` made of it for `tables` tables:
+/// one dropped from it, a row filter added (changes to the rows it leaves out would never
+/// arrive), or partitions no longer published through their root.
+async fn publication_drifted(
+    client: &impl GenericClient,
+    tables: usize,
+) -> Result<bool, SchemaError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT pg_catalog.count(*) FROM pg_catalog.pg_publication_tables \
+                     WHERE pubname OPERATOR(pg_catalog.=) 'evictd' AND rowfilter IS NULL), \
+                    coalesce((SELECT pubviaroot FROM pg_catalog.pg_publication \
+                              WHERE pubname OPERATOR(pg_catalog.=) 'evictd'), false)",
+            &[],
+        )
+        .await?;
+    let unfiltered: i64 = row.get(0);
+    let via_root: bool = row.get(1);
+    Ok(usize::try_from(unfiltered).unwrap_or(0) != tables || !via_root)
+}
+
 /// The partitions of `table` (at any depth) that lack evictd's triggers, by qualified name:
 /// attached or created since `migrate` last ran. Every delivery gives each partition a
 /// `evictd_truncate` trigger, so that one stands for them all.
@@ -212,6 +233,9 @@ pub async fn migrate(client: &mut Client, settings: &Settings) -> Result<Migrate
             up_to_date = partitions_without_triggers(&tx, &rule.table)
                 .await?
                 .is_empty();
+        }
+        if up_to_date && settings.delivery == Delivery::Logical {
+            up_to_date = !publication_drifted(&tx, settings.rules.tables().len()).await?;
         }
         tx.commit().await?;
         if up_to_date {

@@ -39,20 +39,63 @@ pub async fn default_name(client: &impl GenericClient) -> Result<String, tokio_p
         .get(0))
 }
 
+/// The first PostgreSQL major version with failover slots: a slot created with
+/// `failover = true` is copied to standbys that synchronise slots (`sync_replication_slots`),
+/// so a promoted standby has it, at the position the daemon confirmed.
+pub const FAILOVER_SLOTS_SINCE: u32 = 17;
+
+/// The server's major version (`server_version_num` / 10000: 15, 16, 17, 18…).
+pub async fn server_major(client: &impl GenericClient) -> Result<u32, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.current_setting('server_version_num')::pg_catalog.int4",
+            &[],
+        )
+        .await?;
+    Ok(u32::try_from(row.get::<_, i32>(0)).unwrap_or(0) / 10_000)
+}
+
 /// Creates slot `slot` unless it exists (as it is, even if it lost its WAL); whether it did.
+/// From PostgreSQL 17 it is a failover slot ([`FAILOVER_SLOTS_SINCE`]).
 pub async fn create_if_missing(
     client: &impl GenericClient,
     slot: &str,
 ) -> Result<bool, tokio_postgres::Error> {
+    // Earlier servers have no five-argument form: the call must not even be parsed there.
+    let create = if server_major(client).await? >= FAILOVER_SLOTS_SINCE {
+        "pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
     let created = client
         .execute(
-            "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput') \
-             WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots \
-             WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name)",
+            &format!(
+                "SELECT {create} WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots \
+                 WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name)"
+            ),
             &[&slot],
         )
         .await?;
     Ok(created > 0)
+}
+
+/// Whether slot `slot` is a failover slot: `None` before PostgreSQL 17 (no such thing) or
+/// when there is no such slot.
+pub async fn failover(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<bool>, tokio_postgres::Error> {
+    if server_major(client).await? < FAILOVER_SLOTS_SINCE {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt(
+            "SELECT failover FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+            &[&slot],
+        )
+        .await?
+        .map(|row| row.get(0)))
 }
 
 /// Makes sure slot `slot` exists and still has its WAL: one that lost it is dropped and made

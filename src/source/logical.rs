@@ -49,11 +49,13 @@ impl LogicalStream {
     }
 
     /// Starts streaming from the slot's confirmed position, over the same host, credentials
-    /// and TLS as `settings.database_url`.
+    /// and TLS as `settings.database_url`; with `make_failover`, the slot becomes a failover
+    /// slot first (PostgreSQL 17+).
     pub async fn start(
         settings: &Settings,
         slot: &str,
         key: Option<SigningKey>,
+        make_failover: bool,
     ) -> Result<Self, SourceError> {
         let tls = crate::tls::pg_tls(&settings.database_url);
         let mut config = crate::db::parse_config(&tls.url)?;
@@ -69,6 +71,7 @@ impl LogicalStream {
             tls: client_config,
             slot,
             publication: PUBLICATION,
+            make_failover,
         })
         .await?;
         Ok(Self {

@@ -128,6 +128,21 @@ pub struct Target<'a> {
     pub tls: Option<rustls::ClientConfig>,
     pub slot: &'a str,
     pub publication: &'a str,
+    /// Turn the slot into a failover slot before streaming (it is not one, and the server
+    /// has them: see [`crate::schema::slot::FAILOVER_SLOTS_SINCE`]).
+    pub make_failover: bool,
+}
+
+/// The pgoutput protocol version asked for. Every supported server (PostgreSQL 15–18) speaks
+/// 1 to 4 (the server refuses a version it lacks, it never picks one); 2 and up differ only
+/// when in-progress transactions are streamed (`streaming`), which the daemon does not ask
+/// for: the folder reads each transaction whole, as the server sends it at its commit.
+const PGOUTPUT_VERSION: u32 = 1;
+
+/// The major version in a `server_version` such as `17.10` or `18.4 (Debian 18.4-1)`.
+fn server_major(version: &str) -> u32 {
+    let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or(0)
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -251,12 +266,29 @@ impl WalStream {
         )?;
         stream.flush_out().await?;
         stream.authenticate(user, config.get_password()).await?;
-        stream.until_ready().await?;
-
+        let major = stream
+            .until_ready()
+            .await?
+            .as_deref()
+            .map_or(0, server_major);
         // The slot name is an identifier the server quotes for us nowhere else: quote it here.
+        let slot = crate::db::quote_ident(target.slot);
+        if target.make_failover && major >= crate::schema::slot::FAILOVER_SLOTS_SINCE {
+            // No SQL function alters a slot: only this replication command does.
+            frontend::query(
+                &format!("ALTER_REPLICATION_SLOT {slot} ( FAILOVER true )"),
+                &mut stream.write,
+            )?;
+            stream.flush_out().await?;
+            stream.until_ready().await?;
+            tracing::info!(
+                slot = target.slot,
+                "the replication slot is now a failover slot: standbys that synchronise slots keep it"
+            );
+        }
         let command = format!(
-            "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')",
-            crate::db::quote_ident(target.slot),
+            "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '{}', publication_names {}, messages 'true')",
+            PGOUTPUT_VERSION,
             quote_literal(&crate::db::quote_ident(target.publication)),
         );
         frontend::query(&command, &mut stream.write)?;
@@ -554,11 +586,22 @@ impl WalStream {
         Ok(body)
     }
 
-    async fn until_ready(&mut self) -> Result<(), WalError> {
+    /// Reads up to ReadyForQuery; the `server_version` the server reported on the way, if it
+    /// did (it does at start-up).
+    async fn until_ready(&mut self) -> Result<Option<String>, WalError> {
+        let mut version = None;
         loop {
             match self.next_message().await? {
-                (b'Z', _) => return Ok(()),
-                (b'S' | b'K' | b'N', _) => {}
+                (b'Z', _) => return Ok(version),
+                (b'S', body) => {
+                    let mut fields = body.split(|&b| b == 0);
+                    if fields.next() == Some(b"server_version".as_slice()) {
+                        version = fields
+                            .next()
+                            .map(|v| String::from_utf8_lossy(v).into_owned());
+                    }
+                }
+                (b'K' | b'N' | b'T' | b'D' | b'C', _) => {}
                 (tag, body) => return Err(unexpected(tag, &body)),
             }
         }

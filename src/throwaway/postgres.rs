@@ -118,6 +118,73 @@ impl Postgres {
         Ok(pg)
     }
 
+    /// A hot standby of `primary`, streaming its WAL through physical slot `slot` (made here),
+    /// with `hot_standby_feedback` and a `dbname` in `primary_conninfo`, as slot
+    /// synchronisation needs. Its base is a copy of the primary's data directory taken while
+    /// the primary is stopped for a moment (the packaged servers of `scripts/fetch-postgres`
+    /// ship no `pg_basebackup`), without the primary's replication slots, as `pg_basebackup`
+    /// would leave them out.
+    pub fn start_standby(primary: &mut Postgres, slot: &str) -> Result<Self> {
+        primary.psql(
+            "postgres",
+            &[
+                "-c",
+                &format!("SELECT pg_create_physical_replication_slot('{slot}')"),
+            ],
+        )?;
+        primary.stop_fast()?;
+        let dir = scratch_dir("pg")?;
+        if let Some((uid, gid)) = primary.user {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .with_context(|| format!("cannot give {} to the postgres user", dir.display()))?;
+        }
+        let data = dir.join("data");
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(primary.dir.join("data"))
+            .arg(&data)
+            .status()
+            .context("cannot run cp")?;
+        primary.restart()?;
+        if !copied.success() {
+            bail!("cannot copy the primary's data directory");
+        }
+        for entry in std::fs::read_dir(data.join("pg_replslot"))?.flatten() {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+        std::fs::remove_file(data.join("postmaster.pid")).ok();
+        let signal = data.join("standby.signal");
+        std::fs::write(&signal, "")?;
+        if let Some((uid, gid)) = primary.user {
+            std::os::unix::fs::chown(&signal, Some(uid), Some(gid))?;
+        }
+        let mut standby = Self {
+            port: free_port()?,
+            dir,
+            child: None,
+            user: primary.user,
+            settings: vec![
+                format!(
+                    "primary_conninfo=host=127.0.0.1 port={} user=postgres dbname=postgres",
+                    primary.port
+                ),
+                format!("primary_slot_name={slot}"),
+                "hot_standby_feedback=on".to_string(),
+            ],
+        };
+        standby.launch()?;
+        Ok(standby)
+    }
+
+    /// Promotes this standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) -> Result<()> {
+        let promoted = self.psql("postgres", &["-At", "-c", "SELECT pg_promote()"])?;
+        if promoted.trim() != "t" {
+            bail!("the standby was not promoted: {promoted}");
+        }
+        Ok(())
+    }
+
     fn launch(&mut self) -> Result<()> {
         let log = self.dir.join(format!(
             "server-{}.log",
@@ -164,9 +231,10 @@ impl Postgres {
             command.uid(uid).gid(gid);
         }
         let mut child = spawn_guarded(command).context("cannot start postgres")?;
+        // A primary is "ready to accept connections", a standby "… read-only connections".
         wait_for_text(
             &log,
-            "database system is ready to accept connections",
+            "database system is ready to accept",
             Duration::from_secs(60),
             &mut child,
         )?;

@@ -5,41 +5,47 @@ use tokio_postgres::Client;
 
 use super::{Check, Status, check};
 use crate::config::Settings;
-use crate::schema::ddl;
+use crate::schema::{ddl, slot};
 
 /// `logical` delivery: every configured table is in publication `evictd` (a table added to the
-/// configuration without `evictd migrate` would otherwise be silently ignored).
+/// configuration without `evictd migrate` would otherwise be silently ignored), with every row
+/// (a row filter someone added would hide changes), partitions published as their root (the
+/// table a rule names).
 pub(super) async fn publication_check(settings: &Settings, client: &Client) -> Check {
     let rows = client
         .query(
-            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables \
-             WHERE pubname = 'evictd'",
+            "SELECT t.schemaname::text || '.' || t.tablename::text, t.rowfilter IS NOT NULL, \
+             p.pubviaroot, t.attnames IS NOT NULL \
+             FROM pg_publication p JOIN pg_publication_tables t ON t.pubname = p.pubname \
+             WHERE p.pubname = 'evictd'",
             &[],
         )
         .await;
-    let published: Vec<String> = match rows {
-        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+    let rows = match rows {
+        Ok(rows) => rows,
         Err(e) => return check("publication", Status::Fail, e.to_string(), None),
     };
-    let missing: Vec<String> = settings
+    let published: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let configured: Vec<String> = settings
         .rules
         .tables()
         .iter()
         .map(|r| r.table.to_string())
+        .collect();
+    let missing: Vec<&String> = configured
+        .iter()
         .filter(|t| !published.contains(t))
         .collect();
-    if missing.is_empty() {
-        check(
-            "publication",
-            Status::Ok,
-            format!(
-                "publication evictd covers the {} configured tables",
-                published.len()
-            ),
-            None,
-        )
-    } else {
-        check(
+    let filtered: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(1) && configured.contains(&r.get(0)))
+        .map(|r| r.get(0))
+        .collect();
+    let via_root = rows.iter().all(|r| r.get::<_, bool>(2));
+    let column_lists = rows.iter().filter(|r| r.get::<_, bool>(3)).count();
+    if !missing.is_empty() {
+        let missing: Vec<&str> = missing.iter().map(|t| t.as_str()).collect();
+        return check(
             "publication",
             Status::Fail,
             format!(
@@ -47,7 +53,119 @@ pub(super) async fn publication_check(settings: &Settings, client: &Client) -> C
                 missing.join(", ")
             ),
             Some("run `evictd migrate`"),
+        );
+    }
+    if !filtered.is_empty() {
+        return check(
+            "publication",
+            Status::Fail,
+            format!(
+                "publication evictd has a row filter on {}: changes to rows it leaves out never reach evictd",
+                filtered.join(", ")
+            ),
+            Some("run `evictd migrate` (it publishes every row again)"),
+        );
+    }
+    if !via_root {
+        return check(
+            "publication",
+            Status::Fail,
+            "publication evictd does not publish partitions' changes as their root's: rules name the root".to_string(),
+            Some("run `evictd migrate`"),
+        );
+    }
+    check(
+        "publication",
+        Status::Ok,
+        format!(
+            "publication evictd covers the {} configured tables, every row, partitions through their root; \
+             {column_lists} with a column list (the replica identity and the rules' columns)",
+            published.len()
+        ),
+        None,
+    )
+}
+
+/// `logical` delivery: whether the slot would survive a failover. From PostgreSQL 17 evictd's
+/// slot is a failover slot, which standbys with `sync_replication_slots = on` keep a copy of;
+/// `synchronized_standby_slots` on the primary holds the daemon back until those standbys have
+/// the WAL it reads, so the copy is never ahead of them. Before 17 a promoted standby lacks the
+/// slot: the daemon makes it again there and invalidates every configured table once.
+pub(super) async fn failover_check(client: &Client) -> Check {
+    let slot = match slot::name(client).await {
+        Ok(slot) => slot,
+        Err(e) => return check("failover", Status::Fail, e.to_string(), None),
+    };
+    let major = match slot::server_major(client).await {
+        Ok(major) => major,
+        Err(e) => return check("failover", Status::Fail, e.to_string(), None),
+    };
+    if major < slot::FAILOVER_SLOTS_SINCE {
+        return check(
+            "failover",
+            Status::Ok,
+            format!(
+                "PostgreSQL {major} has no failover slots: a standby promoted in a failover lacks slot {slot}; \
+                 the daemon makes it again there and invalidates every configured table once (nothing stale, a cold cache)"
+            ),
+            Some("PostgreSQL 17 keeps the slot on standbys (evictd makes it a failover slot)"),
+        );
+    }
+    let row = client
+        .query_one(
+            "SELECT (SELECT failover FROM pg_replication_slots WHERE slot_name = $1), \
+             current_setting('synchronized_standby_slots'), \
+             (SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'physical')",
+            &[&slot],
         )
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => return check("failover", Status::Fail, e.to_string(), None),
+    };
+    let failover: Option<bool> = row.get(0);
+    let synchronized: String = row.get(1);
+    let physical: i64 = row.get(2);
+    match failover {
+        None => check(
+            "failover",
+            Status::Ok,
+            format!("slot {slot} does not exist yet; it is made a failover slot"),
+            None,
+        ),
+        Some(false) => check(
+            "failover",
+            Status::Warn,
+            format!(
+                "slot {slot} is not a failover slot: a standby promoted in a failover would lack it"
+            ),
+            Some("restart `evictd run`: it makes the slot a failover slot before it streams"),
+        ),
+        Some(true) if physical > 0 && synchronized.is_empty() => check(
+            "failover",
+            Status::Warn,
+            format!(
+                "slot {slot} is a failover slot, but synchronized_standby_slots is empty: evictd may read \
+                 changes a standby has not received, and a promoted standby's copy of the slot would be past its WAL"
+            ),
+            Some(
+                "on the primary set synchronized_standby_slots to the standbys' physical slots; on each standby \
+                 sync_replication_slots = on, hot_standby_feedback = on, and a dbname in primary_conninfo",
+            ),
+        ),
+        Some(true) => check(
+            "failover",
+            Status::Ok,
+            format!(
+                "slot {slot} is a failover slot: standbys with sync_replication_slots = on keep it{}",
+                if synchronized.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (synchronized_standby_slots = {synchronized})")
+                }
+            ),
+            None,
+        ),
     }
 }
 

@@ -20,7 +20,8 @@ use crate::redact::redact_url;
 use crate::schema::{self, ddl};
 
 use logical::{
-    emit_message_check, old_row_trigger_checks, partition_checks, publication_check, slot_check,
+    emit_message_check, failover_check, old_row_trigger_checks, partition_checks,
+    publication_check, slot_check,
 };
 use outbox::{doorbell_check, listen_round_trip, outbox_check, trigger_checks};
 use redis::redis_checks;
@@ -271,6 +272,7 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
         .is_some_and(|i| i.delivery == Delivery::Logical)
     {
         checks.push(slot_check(client).await);
+        checks.push(failover_check(client).await);
         checks.push(publication_check(settings, client).await);
         checks.extend(old_row_trigger_checks(settings, client).await);
         checks.extend(partition_checks(settings, client).await);

@@ -72,9 +72,22 @@ impl LogicalFeed {
                 .resync(sink, "redis restarted or failed over")
                 .await?;
         }
+        // A slot made before PostgreSQL 17 (or by an older evictd) is not a failover slot:
+        // a standby promoted in a failover would not have it.
+        let make_failover = slot::failover(client, &slot)
+            .await
+            .map_err(SourceError::from)?
+            == Some(false);
         let stream = loop {
             Self::stand_by_while_held(source, sink, flusher, &slot).await?;
-            match LogicalStream::start(&flusher.settings, &slot, source.signing_key.clone()).await {
+            match LogicalStream::start(
+                &flusher.settings,
+                &slot,
+                source.signing_key.clone(),
+                make_failover,
+            )
+            .await
+            {
                 Ok(stream) => break stream,
                 // Another standby took the slot first.
                 Err(e) if e.is_slot_in_use() => continue,

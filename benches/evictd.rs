@@ -7,6 +7,7 @@
 //!     cargo bench --bench evictd -- --speed   # the machine-speed gauge alone (seconds)
 //!     cargo bench --bench evictd -- --keyspace   # stats, sweep, invalidate --all over 5 M keys
 //!     cargo bench --bench evictd -- --cluster    # backlog and big tag: one Redis, then a cluster
+//!     cargo bench --bench evictd -- --versions   # writers and latency on PostgreSQL 15, then 17
 //!
 //! Latency is measured end to end: the time from a writer's COMMIT returning to Redis telling
 //! (keyspace notification) that the entry tagged with the changed row was deleted.
@@ -35,6 +36,8 @@ mod latency;
 mod report;
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "evictd/versions.rs"]
+mod versions;
 #[path = "evictd/writers.rs"]
 mod writers;
 
@@ -59,6 +62,7 @@ use full::*;
 use lab::*;
 use latency::*;
 use report::*;
+use versions::*;
 use writers::*;
 
 const PRODUCTS: usize = 1_000_000;
@@ -86,7 +90,7 @@ struct Setting {
     what: &'static str,
 }
 
-const SETTINGS: [Setting; 5] = [
+const SETTINGS: [Setting; 6] = [
     Setting {
         name: "outbox-doorbell",
         delivery: "outbox",
@@ -117,7 +121,16 @@ const SETTINGS: [Setting; 5] = [
         wakeup: "notify",
         what: "logical replication slot (lowest writer cost)",
     },
+    Setting {
+        name: "peer",
+        delivery: PEER,
+        wakeup: "-",
+        what: "not evictd: the listener a team would write (row trigger NOTIFY, Node.js awaiting each tag)",
+    },
 ];
+
+/// The `delivery` of the peer: `benches/peer/`, installed and run instead of evictd.
+const PEER: &str = "peer";
 
 fn product_id(i: usize) -> String {
     format!("00000000-0000-0000-0000-{i:012}")
@@ -175,6 +188,13 @@ struct Mode {
     /// three primaries.
     #[arg(long)]
     cluster: bool,
+    /// The writers' cost and the latency at 500 and 2,000 commits/s on PostgreSQL 15 and 17
+    /// (fetched by `scripts/fetch-postgres`), side by side.
+    #[arg(long)]
+    versions: bool,
+    /// One version's part of `--versions` (on the server `EVICTD_PG_BIN` names).
+    #[arg(long, hide = true)]
+    versions_child: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -184,6 +204,10 @@ async fn main() {
         let server = Redis::start().unwrap_or_else(|e| panic!("{e:#}"));
         let us = redis_lookup_us(&server).await;
         println!("machine speed: {us:.2} µs per Redis lookup of a cold key");
+        return;
+    }
+    if args.mode.versions {
+        versions_side_by_side(args.quick, args.setting.as_deref());
         return;
     }
     if args.mode.keyspace {
@@ -269,6 +293,8 @@ async fn main() {
         cluster_alone(&mut lab, &selected).await;
     } else if mode.writers {
         writers_alone(&lab, &selected).await;
+    } else if mode.versions_child {
+        versions_child(&lab, &selected, &deletions).await;
     } else {
         let before = Before {
             lab: &lab,

@@ -78,13 +78,42 @@ impl Lab {
     }
 
     pub(crate) async fn start_daemon(&self, db: &str, setting: &Setting) -> Daemon {
+        if setting.delivery == PEER {
+            let peer = Daemon::spawn(self.peer(db));
+            peer.wait_log("peer is ready").await;
+            return peer;
+        }
         let daemon =
             Daemon::spawn(self.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
         daemon.wait_ready().await;
         daemon
     }
 
-    /// A database with the example schema and PRODUCTS products, evictd installed per `setting`.
+    /// The peer's listener (`benches/peer/listener.mjs`) on database `db`, its packages
+    /// installed by `npm ci` the first time.
+    fn peer(&self, db: &str) -> std::process::Command {
+        let folder = support::repo_file("benches/peer");
+        if !folder.join("node_modules").exists() {
+            let installed = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--silent"])
+                .current_dir(&folder)
+                .status()
+                .expect("npm (apt-get install npm) for the peer listener");
+            assert!(installed.success(), "npm ci in benches/peer failed");
+        }
+        let mut command = std::process::Command::new("node");
+        command
+            .arg(folder.join("listener.mjs"))
+            .env("DATABASE_URL", self.url(db))
+            .env("REDIS_URL", self.redis.url())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command
+    }
+
+    /// A database with the example schema and PRODUCTS products, evictd (or the peer) installed
+    /// per `setting`.
     pub(crate) async fn database(&self, name: &str, setting: Option<&Setting>) {
         let admin = self.client("postgres").await;
         admin
@@ -95,9 +124,20 @@ impl Lab {
             .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE bench_template"))
             .await
             .unwrap();
-        if let Some(setting) = setting {
-            let output = support::finish(self.evictd(name, setting, &["migrate"]));
-            assert!(output.status.success(), "{}", support::text(&output));
+        match setting {
+            Some(setting) if setting.delivery == PEER => {
+                self.pg
+                    .psql(
+                        name,
+                        &["-f", &support::repo_file("benches/peer/peer.sql").display().to_string()],
+                    )
+                    .unwrap();
+            }
+            Some(setting) => {
+                let output = support::finish(self.evictd(name, setting, &["migrate"]));
+                assert!(output.status.success(), "{}", support::text(&output));
+            }
+            None => {}
         }
     }
 }

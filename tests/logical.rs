@@ -716,10 +716,10 @@ async fn a_standby_takes_over_the_slot_within_ten_seconds() {
     // up (the other stands by again).
     let start = std::time::Instant::now();
     let taken_over = loop {
-        if let Some(standby) = standbys.iter().find(|d| {
-            d.log()
-                .contains("caught up with the replication slot")
-        }) {
+        if let Some(standby) = standbys
+            .iter()
+            .find(|d| d.log().contains("caught up with the replication slot"))
+        {
             break standby;
         }
         assert!(
@@ -900,4 +900,88 @@ async fn doctor_reports_row_filters_and_failover_slots() {
         report.contains(&format!("slot {slot} is a failover slot")),
         "{report}"
     );
+}
+
+/// PostgreSQL streams a transaction that outgrows `logical_decoding_work_mem` while it is still
+/// in progress (pgoutput protocol 2, `streaming 'on'`): the daemon holds its targets and
+/// invalidates them at its commit, not before (a reader could otherwise cache again a value the
+/// transaction is about to change), and a rolled-back one invalidates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_streamed_in_progress_invalidate_at_their_commit() {
+    let env = seeded("wide_row_threshold = 100000\n").await;
+    // The smallest memory a walsender of this database decodes in: 3,000 rows outgrow it.
+    env.sql(&format!(
+        "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+        env.name
+    ))
+    .await;
+    insert_products(&env, "0002", 3_000, C1).await;
+    let daemon = env.start_daemon().await;
+    assert!(daemon.log().contains("pgoutput=2"), "{}", daemon.log());
+    let ids: Vec<String> = [1, 1_500, 3_000]
+        .iter()
+        .map(|i| format!("00000000-0000-0000-0002-{i:012}"))
+        .collect();
+    let cache_all = || async {
+        let mut keys = Vec::new();
+        for id in &ids {
+            keys.push(
+                env.cache(&format!("p{id}"), &[&format!("products:id:{id}")])
+                    .await,
+            );
+        }
+        keys
+    };
+    let touched = cache_all().await;
+    let untouched = env.cache("p2", &[&format!("products:id:{P2}")]).await;
+    let (writer, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let edit = "UPDATE products SET name = name || '!' \
+                WHERE id::text LIKE '00000000-0000-0000-0002-%'";
+
+    writer
+        .batch_execute(&format!("BEGIN; {edit}"))
+        .await
+        .unwrap();
+    // Everything committed after the UPDATE's WAL has been delivered, so its streamed blocks
+    // have too: its entries must still be there.
+    env.barrier().await;
+    env.assert_present(&touched).await;
+    writer.batch_execute("COMMIT").await.unwrap();
+    env.wait_gone(&touched).await;
+    daemon
+        .wait_log("transactions streamed while in progress committed")
+        .await;
+
+    let touched = cache_all().await;
+    writer
+        .batch_execute(&format!("BEGIN; {edit}"))
+        .await
+        .unwrap();
+    env.barrier().await;
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    env.barrier().await;
+    env.assert_present(&touched).await;
+
+    // The daemon killed while it holds a streamed transaction, after it confirmed a position
+    // past that transaction's blocks (the barrier's commit): the server sends the transaction
+    // again, whole (changes before the confirmed position are not streamed), to the next
+    // daemon, which invalidates it at its commit.
+    let mut daemon = daemon;
+    writer
+        .batch_execute(&format!("BEGIN; {edit}"))
+        .await
+        .unwrap();
+    env.barrier().await;
+    daemon.kill9();
+    let daemon = env.start_daemon().await;
+    env.barrier().await;
+    env.assert_present(&touched).await;
+    writer.batch_execute("COMMIT").await.unwrap();
+    env.wait_gone(&touched).await;
+    env.barrier().await;
+    env.assert_present(&[untouched]).await;
+    drop(daemon);
 }

@@ -129,7 +129,12 @@ impl Lab {
                 self.pg
                     .psql(
                         name,
-                        &["-f", &support::repo_file("benches/peer/peer.sql").display().to_string()],
+                        &[
+                            "-f",
+                            &support::repo_file("benches/peer/peer.sql")
+                                .display()
+                                .to_string(),
+                        ],
                     )
                     .unwrap();
             }

@@ -37,7 +37,10 @@ pub(crate) fn versions_side_by_side(quick: bool, setting: Option<&str>) {
             .stderr(std::process::Stdio::inherit())
             .output()
             .unwrap_or_else(|e| panic!("cannot run the benchmark for PostgreSQL {major}: {e}"));
-        assert!(output.status.success(), "the run on PostgreSQL {major} failed");
+        assert!(
+            output.status.success(),
+            "the run on PostgreSQL {major} failed"
+        );
         let lines = String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter_map(|l| l.strip_prefix(LINE))
@@ -47,7 +50,11 @@ pub(crate) fn versions_side_by_side(quick: bool, setting: Option<&str>) {
     }
     println!(
         "\n{:<16} {:>7} | {:>22} | {:>22} | {:>22}",
-        "setting", "server", "writers (vs no trigger)", "500/s p50 / p99 ms", "2,000/s p50 / p99 ms"
+        "setting",
+        "server",
+        "writers (vs no trigger)",
+        "500/s p50 / p99 ms",
+        "2,000/s p50 / p99 ms"
     );
     let settings: Vec<String> = figures[0]
         .1
@@ -59,7 +66,8 @@ pub(crate) fn versions_side_by_side(quick: bool, setting: Option<&str>) {
             let Some(f) = lines.iter().find(|f| f["setting"] == name.as_str()) else {
                 continue;
             };
-            let lag = |rate: &str, p: &str| f["latency"][rate]["lag"][p].as_f64().unwrap_or(f64::NAN);
+            let lag =
+                |rate: &str, p: &str| f["latency"][rate]["lag"][p].as_f64().unwrap_or(f64::NAN);
             println!(
                 "{:<16} {:>7} | {:>5.0} % ({:>5.0} vs {:>5.0}/s) | {:>9.2} / {:>9.2} | {:>9.2} / {:>9.2}",
                 name,

@@ -30,6 +30,19 @@ impl Batch {
         self.events.values().sum()
     }
 
+    /// Takes in everything `other` holds (a streamed transaction's targets, at its commit).
+    pub fn absorb(&mut self, other: Batch) {
+        self.targets.merge(other.targets);
+        for (key, count) in other.events {
+            *self.events.entry(key).or_default() += count;
+        }
+        self.oldest_ts_ms = match (self.oldest_ts_ms, other.oldest_ts_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.widened += other.widened;
+    }
+
     /// Folds one event in. An event of a table without a rule is skipped, and says why.
     pub fn add(&mut self, rules: &Rules, event: &ChangeEvent) -> Result<(), UnknownTable> {
         self.add_part(rules, event, 0..usize::MAX, true)

@@ -44,6 +44,25 @@ pub struct Folder {
     /// Published tables seen without a rule, and whether one is new since the last look.
     unruled: Vec<String>,
     unruled_news: bool,
+    /// Transactions the server streams while they are in progress (`streaming`): what each
+    /// changed so far, held until its commit (its abort drops it). Invalidating earlier would
+    /// let a reader cache a value the transaction is about to change.
+    streamed: HashMap<u32, Held>,
+    /// The transaction whose stream block is being read, and the targets of that block (its
+    /// counts are in `rows_in_tx`, `wide_in_tx` and `counted_in_tx` meanwhile).
+    streaming: Option<u32>,
+    block: Batch,
+    /// Streamed transactions committed since the last [`Folder::take_streamed_commits`].
+    streamed_commits: u64,
+}
+
+/// What a streamed transaction changed so far, between its blocks.
+#[derive(Default)]
+struct Held {
+    batch: Batch,
+    rows: HashMap<u32, u64>,
+    wide: HashSet<u32>,
+    counted: HashSet<(u32, Op)>,
 }
 
 /// Prefix of the logical decoding messages that carry old rows the WAL lacks (`logical`
@@ -130,6 +149,37 @@ impl Folder {
         wide_threshold: u64,
         batch: &mut Batch,
     ) -> Result<(), Refused> {
+        if self.streaming.is_some() {
+            // A block of a transaction in progress: its targets wait in `block`.
+            let mut block = std::mem::take(&mut self.block);
+            let folded = self.fold_one(frame, rules, wide_threshold, &mut block, true);
+            if self.streaming.is_some() {
+                self.block = block;
+            }
+            return folded;
+        }
+        self.fold_one(frame, rules, wide_threshold, batch, false)
+    }
+
+    /// How many transactions the server is streaming while in progress.
+    pub fn streamed_in_progress(&self) -> usize {
+        self.streamed.len() + usize::from(self.streaming.is_some())
+    }
+
+    /// Streamed transactions committed since the last call.
+    pub fn take_streamed_commits(&mut self) -> u64 {
+        std::mem::take(&mut self.streamed_commits)
+    }
+
+    /// [`Folder::fold`] of one frame into `batch`; `streamed`: inside a stream block.
+    fn fold_one(
+        &mut self,
+        frame: &Frame,
+        rules: &Rules,
+        wide_threshold: u64,
+        batch: &mut Batch,
+        streamed: bool,
+    ) -> Result<(), Refused> {
         let data = match frame {
             // Between transactions a keepalive's position is complete too: confirming it lets
             // the slot release WAL while only other tables are written.
@@ -139,28 +189,74 @@ impl Folder {
                 }
                 return Ok(());
             }
-            Frame::Oversized { head, len } => return self.fold_oversized(head, *len, rules, batch),
+            Frame::Oversized { head, len } => {
+                return self.fold_oversized(head, *len, rules, batch, streamed);
+            }
             Frame::XLogData(data) => data,
         };
         // Rows of a table this transaction already invalidated table-wide need no decoding: a
         // 1,000,000-row UPDATE costs a byte check per row after the first `wide_row_threshold`.
-        if let Some((relation, op)) = change_head(data)
+        if let Some((relation, op)) = change_head(data, streamed)
             && self.wide_in_tx.contains(&relation)
         {
             self.count(relation, op, batch);
             return Ok(());
         }
-        let message = match pgoutput::decode(data) {
+        let decoded = if streamed {
+            pgoutput::decode_streamed(data)
+        } else {
+            pgoutput::decode(data)
+        };
+        let message = match decoded {
             Ok(message) => message,
             Err(e) => {
                 if data.first() == Some(&b'M') {
                     return Err(e.into());
                 }
-                self.widen_unreadable(data, rules, batch);
+                self.widen_unreadable(data, rules, batch, streamed);
                 return Ok(());
             }
         };
         match message {
+            Message::StreamStart { xid } => {
+                let held = self.streamed.remove(&xid).unwrap_or_default();
+                self.rows_in_tx = held.rows;
+                self.wide_in_tx = held.wide;
+                self.counted_in_tx = held.counted;
+                self.block = held.batch;
+                self.streaming = Some(xid);
+            }
+            Message::StreamStop => {
+                if let Some(xid) = self.streaming.take() {
+                    let held = Held {
+                        batch: std::mem::take(batch),
+                        rows: std::mem::take(&mut self.rows_in_tx),
+                        wide: std::mem::take(&mut self.wide_in_tx),
+                        counted: std::mem::take(&mut self.counted_in_tx),
+                    };
+                    self.streamed.insert(xid, held);
+                }
+            }
+            Message::StreamCommit {
+                xid,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                if let Some(held) = self.streamed.remove(&xid) {
+                    batch.absorb(held.batch);
+                }
+                self.streamed_commits += 1;
+                let ts = (commit_time_micros / 1_000).saturating_add(PG_EPOCH_UNIX_MS);
+                batch.oldest_ts_ms = Some(batch.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
+                self.advance(Lsn(end_lsn));
+            }
+            // A subtransaction's rollback keeps the rest: what it changed is invalidated with
+            // the transaction (more than needed, never less).
+            Message::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    self.streamed.remove(&xid);
+                }
+            }
             Message::Begin { commit_time_micros } => {
                 self.in_transaction = true;
                 self.rows_in_tx.clear();
@@ -224,26 +320,29 @@ impl Folder {
         len: usize,
         rules: &Rules,
         batch: &mut Batch,
+        streamed: bool,
     ) -> Result<(), Refused> {
         if head.first() == Some(&b'M') {
+            // Tag, (transaction id,) flags and position, then the prefix.
+            let at = pgoutput::relation_offset(streamed) + 9;
             let prefix = head
-                .get(10..)
+                .get(at..)
                 .and_then(|rest| rest.split(|&b| b == 0).next())
-                .filter(|p| p.len() < head.len().saturating_sub(10))
+                .filter(|p| p.len() < head.len().saturating_sub(at))
                 .unwrap_or_default();
             if prefix == EVENTS_PREFIX.as_bytes() || prefix == OLD_ROWS_PREFIX.as_bytes() {
                 return Err(Refused::Oversized(len));
             }
             return Ok(());
         }
-        self.widen_unreadable(head, rules, batch);
+        self.widen_unreadable(head, rules, batch, streamed);
         Ok(())
     }
 
     /// A change that cannot be decoded: its table goes table-wide, or, when not even the
     /// relation can be read, every configured table.
-    fn widen_unreadable(&mut self, data: &[u8], rules: &Rules, batch: &mut Batch) {
-        match change_head(data) {
+    fn widen_unreadable(&mut self, data: &[u8], rules: &Rules, batch: &mut Batch, streamed: bool) {
+        match change_head(data, streamed) {
             Some((relation, op)) => {
                 self.count(relation, op, batch);
                 self.widen(relation, rules, batch);
@@ -286,6 +385,10 @@ impl Folder {
             Message::Begin { .. }
             | Message::Commit { .. }
             | Message::Logical { .. }
+            | Message::StreamStart { .. }
+            | Message::StreamStop
+            | Message::StreamCommit { .. }
+            | Message::StreamAbort { .. }
             | Message::Other => return,
         };
         self.count(relation, op, batch);
@@ -365,17 +468,18 @@ impl Folder {
     }
 }
 
-/// The relation and operation of an Insert, Update or Delete message, from its first bytes.
-fn change_head(data: &[u8]) -> Option<(u32, Op)> {
-    let [tag @ (b'I' | b'U' | b'D'), a, b, c, d, ..] = data else {
-        return None;
-    };
-    let op = match tag {
+/// The relation and operation of an Insert, Update or Delete message, from its first bytes
+/// (`streamed`: sent in a stream block, with the transaction id before the relation).
+fn change_head(data: &[u8], streamed: bool) -> Option<(u32, Op)> {
+    let op = match data.first()? {
         b'I' => Op::Insert,
         b'U' => Op::Update,
-        _ => Op::Delete,
+        b'D' => Op::Delete,
+        _ => return None,
     };
-    Some((u32::from_be_bytes([*a, *b, *c, *d]), op))
+    let at = pgoutput::relation_offset(streamed);
+    let id = data.get(at..at + 4)?;
+    Some((u32::from_be_bytes([id[0], id[1], id[2], id[3]]), op))
 }
 
 /// A relation the stream described, with where each of its rule's columns sits in its rows.
@@ -470,6 +574,127 @@ mod tests {
         m.extend((content.len() as u32).to_be_bytes());
         m.extend(content);
         xlog(m)
+    }
+
+    /// `frame`'s message as sent inside a stream block: transaction `xid` after the tag.
+    fn in_block(xid: u32, frame: Frame) -> Frame {
+        let Frame::XLogData(data) = frame else {
+            unreachable!()
+        };
+        let mut m = vec![data[0]];
+        m.extend(xid.to_be_bytes());
+        m.extend(&data[1..]);
+        xlog(m)
+    }
+
+    fn stream_start(xid: u32) -> Frame {
+        let mut m = b"S".to_vec();
+        m.extend(xid.to_be_bytes());
+        m.push(1);
+        xlog(m)
+    }
+
+    fn stream_stop() -> Frame {
+        xlog(b"E".to_vec())
+    }
+
+    fn stream_commit(xid: u32, end: u64) -> Frame {
+        let mut m = b"c".to_vec();
+        m.extend(xid.to_be_bytes());
+        m.push(0);
+        m.extend((end - 1).to_be_bytes());
+        m.extend(end.to_be_bytes());
+        m.extend(2_000_000i64.to_be_bytes());
+        xlog(m)
+    }
+
+    fn stream_abort(xid: u32, subxid: u32) -> Frame {
+        let mut m = b"A".to_vec();
+        m.extend(xid.to_be_bytes());
+        m.extend(subxid.to_be_bytes());
+        xlog(m)
+    }
+
+    fn product_update(id: &str, client: &str) -> Frame {
+        update(
+            &[Some(id), Some(client), None],
+            &[Some(id), Some(client), None],
+        )
+    }
+
+    /// Transactions streamed while in progress (protocol 2): their blocks interleave with
+    /// each other and with whole transactions, and nothing of theirs is in the batch before
+    /// their commit; a rollback drops them, a subtransaction's rollback drops nothing.
+    #[test]
+    fn streamed_transactions_count_at_their_commit_only() {
+        let rules = Rules::defaults();
+        let mut folder = Folder::default();
+        let mut batch = Batch::default();
+        let fold = |folder: &mut Folder, batch: &mut Batch, frames: Vec<Frame>| {
+            for frame in frames {
+                folder.fold(&frame, &rules, 3, batch).unwrap();
+            }
+        };
+        fold(
+            &mut folder,
+            &mut batch,
+            vec![
+                stream_start(7),
+                in_block(7, relation()),
+                in_block(7, product_update("s1", "c1")),
+                stream_stop(),
+                stream_start(8),
+                in_block(8, product_update("r1", "c2")),
+                stream_stop(),
+                begin(),
+                product_update("w1", "c3"),
+                commit(50),
+                stream_start(7),
+                in_block(7, product_update("s2", "c1")),
+                stream_stop(),
+            ],
+        );
+        assert_eq!(
+            tags_of(&batch),
+            ["products:all", "products:client:c3", "products:id:w1"]
+        );
+        assert_eq!(folder.streamed_in_progress(), 2);
+        assert_eq!(folder.confirmable, Some(Lsn(50)));
+
+        let mut batch = Batch::default();
+        fold(
+            &mut folder,
+            &mut batch,
+            vec![stream_abort(8, 9), stream_abort(8, 8), stream_commit(7, 90)],
+        );
+        assert_eq!(
+            tags_of(&batch),
+            [
+                "products:all",
+                "products:client:c1",
+                "products:id:s1",
+                "products:id:s2"
+            ]
+        );
+        assert_eq!(batch.event_count(), 1);
+        assert_eq!(batch.oldest_ts_ms, Some(2_000 + PG_EPOCH_UNIX_MS));
+        assert_eq!(folder.confirmable, Some(Lsn(90)));
+        assert_eq!(folder.streamed_in_progress(), 0);
+        assert_eq!(folder.take_streamed_commits(), 1);
+    }
+
+    /// A streamed transaction past the threshold goes table-wide at its commit, its later rows
+    /// skipped unread as in a whole transaction.
+    #[test]
+    fn a_streamed_transaction_past_the_threshold_goes_table_wide() {
+        let mut frames = vec![stream_start(7), in_block(7, relation())];
+        for i in 0..5 {
+            frames.push(in_block(7, product_update(&format!("p{i}"), "c1")));
+        }
+        frames.extend([stream_stop(), stream_commit(7, 60)]);
+        let (_, batch) = fold_all(&frames, 3);
+        assert!(batch.targets.wide_tables.contains("public.products"));
+        assert!(!batch.targets.tags.contains("products:id:p4"));
     }
 
     fn fold_all(events: &[Frame], threshold: u64) -> (Folder, Batch) {

@@ -83,6 +83,26 @@ pub enum Message<'a> {
         prefix: Cow<'a, str>,
         content: &'a [u8],
     },
+    /// A block of a transaction still in progress begins (`streaming`, protocol version 2):
+    /// the changes up to [`Message::StreamStop`] are that transaction's, decoded with
+    /// [`decode_streamed`].
+    StreamStart {
+        xid: u32,
+    },
+    StreamStop,
+    /// A streamed transaction committed: its changes, sent in blocks before, now count.
+    StreamCommit {
+        xid: u32,
+        /// Where the transaction's WAL ends, as in [`Message::Commit`].
+        end_lsn: u64,
+        /// Microseconds since 2000-01-01.
+        commit_time_micros: i64,
+    },
+    /// A streamed transaction (`xid == subxid`) or one of its subtransactions rolled back.
+    StreamAbort {
+        xid: u32,
+        subxid: u32,
+    },
     /// Anything else (Origin, Type): nothing for us here.
     Other,
 }
@@ -150,13 +170,32 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes one message.
+/// Decodes one message sent outside a stream block.
 pub fn decode(data: &[u8]) -> Result<Message<'_>, PgOutputError> {
+    decode_in(data, false)
+}
+
+/// Decodes one message sent inside a stream block (between Stream Start and Stream Stop),
+/// where every message of the transaction carries its id after the tag.
+pub fn decode_streamed(data: &[u8]) -> Result<Message<'_>, PgOutputError> {
+    decode_in(data, true)
+}
+
+/// Where the relation id of an Insert, Update or Delete starts: after the tag, and in a stream
+/// block after the transaction id too.
+pub fn relation_offset(streamed: bool) -> usize {
+    if streamed { 5 } else { 1 }
+}
+
+fn decode_in(data: &[u8], streamed: bool) -> Result<Message<'_>, PgOutputError> {
     let mut r = Reader { data };
     let Some(&tag) = data.first() else {
         return Ok(Message::Other);
     };
     r.take(1, "tag")?;
+    if streamed && matches!(tag, b'R' | b'I' | b'U' | b'D' | b'T' | b'M' | b'Y') {
+        r.u32("transaction id")?;
+    }
     Ok(match tag {
         b'R' => {
             let id = r.u32("relation id")?;
@@ -248,6 +287,28 @@ pub fn decode(data: &[u8]) -> Result<Message<'_>, PgOutputError> {
                 content: r.take(len, "message content")?,
             }
         }
+        b'S' => {
+            let xid = r.u32("transaction id")?;
+            r.u8("first segment")?;
+            Message::StreamStart { xid }
+        }
+        b'E' => Message::StreamStop,
+        b'c' => {
+            let xid = r.u32("transaction id")?;
+            r.u8("commit flags")?;
+            r.u64("commit position")?;
+            let end_lsn = r.u64("end position")?;
+            let commit_time_micros = r.u64("commit time")? as i64;
+            Message::StreamCommit {
+                xid,
+                end_lsn,
+                commit_time_micros,
+            }
+        }
+        b'A' => Message::StreamAbort {
+            xid: r.u32("transaction id")?,
+            subxid: r.u32("subtransaction id")?,
+        },
         _ => Message::Other,
     })
 }

@@ -86,6 +86,11 @@ impl LogicalStream {
         self.wal.encrypted
     }
 
+    /// The pgoutput protocol version streamed (2: transactions in progress streamed too).
+    pub fn protocol(&self) -> u32 {
+        self.wal.protocol
+    }
+
     /// The next frame; `Err` when the stream ended (connection loss included). Cancel-safe.
     pub async fn recv(&mut self) -> Result<Frame, SourceError> {
         Ok(self.wal.recv().await?)

@@ -133,11 +133,17 @@ pub struct Target<'a> {
     pub make_failover: bool,
 }
 
-/// The pgoutput protocol version asked for. Every supported server (PostgreSQL 15–18) speaks
-/// 1 to 4 (the server refuses a version it lacks, it never picks one); 2 and up differ only
-/// when in-progress transactions are streamed (`streaming`), which the daemon does not ask
-/// for: the folder reads each transaction whole, as the server sends it at its commit.
-const PGOUTPUT_VERSION: u32 = 1;
+/// The pgoutput protocol version to ask a server of major version `major` for (the server
+/// refuses a version it lacks; it never picks one): 2, with transactions still in progress
+/// streamed (`streaming 'on'`), from PostgreSQL 14, which every supported server is; 1 (each
+/// transaction sent whole at its commit) before, or when the version is unknown. Streaming
+/// spares the server holding a huge transaction until its commit (past
+/// `logical_decoding_work_mem` it spills it to disk and reads it back at the commit); the
+/// daemon holds only its targets (`core::folder`), and invalidates them at the commit.
+/// Versions 3 (two-phase) and 4 (parallel apply) add nothing the daemon uses.
+fn pgoutput_version(major: u32) -> u32 {
+    if major >= 14 { 2 } else { 1 }
+}
 
 /// The major version in a `server_version` such as `17.10` or `18.4 (Debian 18.4-1)`.
 fn server_major(version: &str) -> u32 {
@@ -170,6 +176,8 @@ pub struct WalStream {
     streaming: bool,
     /// Whether the connection is encrypted (see [`crate::tls`] for when it is not).
     pub encrypted: bool,
+    /// The pgoutput protocol version streamed ([`pgoutput_version`]).
+    pub protocol: u32,
 }
 
 impl WalStream {
@@ -286,11 +294,17 @@ impl WalStream {
                 "the replication slot is now a failover slot: standbys that synchronise slots keep it"
             );
         }
+        let protocol = pgoutput_version(major);
+        let streaming = if protocol >= 2 {
+            ", streaming 'on'"
+        } else {
+            ""
+        };
         let command = format!(
-            "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '{}', publication_names {}, messages 'true')",
-            PGOUTPUT_VERSION,
+            "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '{protocol}', publication_names {}, messages 'true'{streaming})",
             quote_literal(&crate::db::quote_ident(target.publication)),
         );
+        stream.protocol = protocol;
         frontend::query(&command, &mut stream.write)?;
         stream.flush_out().await?;
         loop {
@@ -320,6 +334,7 @@ impl WalStream {
             unflushed: false,
             skipping: 0,
             streaming: false,
+            protocol: 1,
             encrypted: false,
         }
     }

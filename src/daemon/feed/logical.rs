@@ -132,6 +132,8 @@ impl LogicalFeed {
         info!(
             slot,
             tls = feed.stream.encrypted(),
+            pgoutput = feed.stream.protocol(),
+            streaming = feed.stream.protocol() >= 2,
             "caught up with the replication slot"
         );
         Ok(feed)
@@ -265,6 +267,13 @@ impl LogicalFeed {
         }
         if let Some(lsn) = stream.state.confirmable {
             stream.confirm(lsn);
+        }
+        let streamed = stream.state.take_streamed_commits();
+        if streamed > 0 {
+            tracing::debug!(
+                transactions = streamed,
+                "transactions streamed while in progress committed and were invalidated"
+            );
         }
         if let Some(tables) = stream.state.take_unruled() {
             warn!(

@@ -838,6 +838,23 @@ async fn doctor_reports_row_filters_and_failover_slots() {
         report.contains("every row, partitions through their root"),
         "{report}"
     );
+    let migrated = support::finish(env.command(&["migrate"]));
+    let migrated = support::text(&migrated);
+    let major = evictd::schema::slot::server_major(&env.pg).await.unwrap();
+    assert!(
+        migrated.contains(&format!(
+            "PostgreSQL {major}: publication evictd with column lists"
+        )),
+        "{migrated}"
+    );
+    assert!(
+        migrated.contains(if major >= evictd::schema::slot::FAILOVER_SLOTS_SINCE {
+            ": a failover slot"
+        } else {
+            ": no failover slots before PostgreSQL 17"
+        }),
+        "{migrated}"
+    );
 
     // A row filter someone added hides changes: a FAIL until `migrate` publishes every row.
     env.sql(
@@ -855,7 +872,6 @@ async fn doctor_reports_row_filters_and_failover_slots() {
     let (status, report) = doctor(&env);
     assert_eq!(status, Some(0), "{report}");
 
-    let major = evictd::schema::slot::server_major(&env.pg).await.unwrap();
     let slot = evictd::schema::slot::name(&env.pg).await.unwrap();
     if major < evictd::schema::slot::FAILOVER_SLOTS_SINCE {
         eprintln!(

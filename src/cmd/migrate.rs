@@ -2,9 +2,9 @@
 
 use anyhow::Context as _;
 
-use crate::config::Settings;
+use crate::config::{Delivery, Settings};
 use crate::db;
-use crate::schema::{self, Migrated};
+use crate::schema::{self, Migrated, slot};
 
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let mut conn = db::connect(
@@ -14,6 +14,10 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     )
     .await?;
     let outcome = schema::migrate(&mut conn.client, settings).await?;
+    let chose = match settings.delivery {
+        Delivery::Logical => Some(logical_choices(&conn.client).await?),
+        _ => None,
+    };
     match outcome {
         Migrated::UpToDate => println!(
             "evictd schema is up to date (version {}, delivery {})",
@@ -27,7 +31,29 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
             settings.rules.tables().len()
         ),
     }
+    if let Some(chose) = chose {
+        println!("{chose}");
+    }
     Ok(())
+}
+
+/// What `logical` delivery got on this server's version: the publication's shape and whether
+/// the slot survives a failover.
+async fn logical_choices(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    let major = slot::server_major(client).await?;
+    let name = slot::name(client).await?;
+    let failover = match slot::failover(client, &name).await? {
+        Some(true) => "a failover slot (standbys that synchronise slots keep it)".to_string(),
+        Some(false) => "not a failover slot: the daemon makes it one when it starts".to_string(),
+        None => format!(
+            "no failover slots before PostgreSQL {}: a promoted standby lacks it",
+            slot::FAILOVER_SLOTS_SINCE
+        ),
+    };
+    Ok(format!(
+        "PostgreSQL {major}: publication evictd with column lists, every row, partitions through their root; \
+         slot {name}: {failover}; the daemon streams pgoutput protocol 2 (transactions in progress too)"
+    ))
 }
 
 pub async fn uninstall(settings: &Settings) -> anyhow::Result<()> {

@@ -918,13 +918,14 @@ async fn doctor_reports_row_filters_and_failover_slots() {
     );
 }
 
-/// PostgreSQL streams a transaction that outgrows `logical_decoding_work_mem` while it is still
-/// in progress (pgoutput protocol 2, `streaming 'on'`): the daemon holds its targets and
+/// With `logical_streaming = "on"`, PostgreSQL streams a transaction that outgrows
+/// `logical_decoding_work_mem` while it is still in progress (pgoutput protocol 2): the daemon
+/// holds its targets and
 /// invalidates them at its commit, not before (a reader could otherwise cache again a value the
 /// transaction is about to change), and a rolled-back one invalidates nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_streamed_in_progress_invalidate_at_their_commit() {
-    let env = seeded("wide_row_threshold = 100000\n").await;
+    let env = seeded("wide_row_threshold = 100000\nlogical_streaming = \"on\"\n").await;
     // The smallest memory a walsender of this database decodes in: 3,000 rows outgrow it.
     env.sql(&format!(
         "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 
-use crate::config::{Delivery, Settings};
+use crate::config::{Delivery, LogicalStreaming, Settings};
 use crate::db;
 use crate::schema::{self, Migrated, slot};
 
@@ -15,7 +15,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     .await?;
     let outcome = schema::migrate(&mut conn.client, settings).await?;
     let chose = match settings.delivery {
-        Delivery::Logical => Some(logical_choices(&conn.client).await?),
+        Delivery::Logical => Some(logical_choices(settings, &conn.client).await?),
         _ => None,
     };
     match outcome {
@@ -39,7 +39,10 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 
 /// What `logical` delivery got on this server's version: the publication's shape and whether
 /// the slot survives a failover.
-async fn logical_choices(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+async fn logical_choices(
+    settings: &Settings,
+    client: &tokio_postgres::Client,
+) -> anyhow::Result<String> {
     let major = slot::server_major(client).await?;
     let name = slot::name(client).await?;
     let failover = match slot::failover(client, &name).await? {
@@ -50,9 +53,13 @@ async fn logical_choices(client: &tokio_postgres::Client) -> anyhow::Result<Stri
             slot::FAILOVER_SLOTS_SINCE
         ),
     };
+    let protocol = match settings.logical_streaming {
+        LogicalStreaming::On => "2 (logical_streaming: transactions in progress too)",
+        LogicalStreaming::Off => "1 (each transaction whole, at its commit)",
+    };
     Ok(format!(
         "PostgreSQL {major}: publication evictd with column lists, every row, partitions through their root; \
-         slot {name}: {failover}; the daemon streams pgoutput protocol 2 (transactions in progress too)"
+         slot {name}: {failover}; the daemon streams pgoutput protocol {protocol}"
     ))
 }
 

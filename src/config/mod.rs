@@ -121,6 +121,28 @@ impl TriggerFiring {
     }
 }
 
+/// Whether `logical` delivery asks the server to stream transactions still in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogicalStreaming {
+    /// Each transaction arrives whole at its commit (a huge one spilled to the server's disk
+    /// past `logical_decoding_work_mem` meanwhile): a table it touches past
+    /// `wide_row_threshold` rows is invalidated table-wide as soon as that many arrive.
+    Off,
+    /// Past `logical_decoding_work_mem` the server sends it while in progress (pgoutput
+    /// protocol 2); the daemon holds its targets until its commit.
+    On,
+}
+
+impl LogicalStreaming {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogicalStreaming::Off => "off",
+            LogicalStreaming::On => "on",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -179,6 +201,8 @@ pub struct Settings {
     pub outbox_wakeup: Wakeup,
     /// When the triggers `migrate` installs fire.
     pub trigger_firing: TriggerFiring,
+    /// Whether `logical` delivery has transactions streamed while in progress.
+    pub logical_streaming: LogicalStreaming,
     /// The longest pause between two polls of the outbox in `poll` wake-up mode.
     pub outbox_poll_max: Duration,
     pub http_addr: SocketAddr,
@@ -286,6 +310,7 @@ struct FileConfig {
     delivery: Option<Delivery>,
     outbox_wakeup: Option<Wakeup>,
     trigger_firing: Option<TriggerFiring>,
+    logical_streaming: Option<LogicalStreaming>,
     outbox_poll_max_ms: Option<Spanned<u64>>,
     http_addr: Option<Spanned<String>>,
     log_format: Option<LogFormat>,
@@ -501,6 +526,7 @@ impl Settings {
             channel_given,
             outbox_wakeup: raw.outbox_wakeup.unwrap_or(Wakeup::Doorbell),
             trigger_firing: raw.trigger_firing.unwrap_or(TriggerFiring::Origin),
+            logical_streaming: raw.logical_streaming.unwrap_or(LogicalStreaming::Off),
             outbox_poll_max: Duration::from_millis(outbox_poll_max_ms),
             http_addr,
             log_format: overrides
@@ -603,6 +629,10 @@ mod tests {
         assert_eq!(
             Some(s.trigger_firing.as_str()),
             options::TRIGGER_FIRING.default
+        );
+        assert_eq!(
+            Some(s.logical_streaming.as_str()),
+            options::LOGICAL_STREAMING.default
         );
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(options::LOG_FORMAT.default, Some("text"));

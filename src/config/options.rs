@@ -77,6 +77,12 @@ pub const TRIGGER_FIRING: Text = Text {
     env: None,
     doc: "or \"always\": also under session_replication_role = replica\n(restores, subscribers); applies to `migrate`",
 };
+pub const LOGICAL_STREAMING: Text = Text {
+    name: "logical_streaming",
+    default: Some("off"),
+    env: None,
+    doc: "logical: or \"on\": transactions outgrowing logical_decoding_work_mem\nare streamed in progress, not spilled to the server's disk (their\ninvalidation then starts at their commit: slower for huge ones)",
+};
 pub const TLS_CA_FILE: Text = Text {
     name: "tls_ca_file",
     default: None,
@@ -187,7 +193,7 @@ pub const SWEEP_RATE: Number = Number {
 };
 
 /// The file's options in the order README lists them: text first, then numbers.
-pub const TEXT: [Text; 9] = [
+pub const TEXT: [Text; 10] = [
     DATABASE_URL,
     REDIS_URL,
     CHANNEL,
@@ -197,6 +203,7 @@ pub const TEXT: [Text; 9] = [
     LOG_FORMAT,
     OUTBOX_WAKEUP,
     TRIGGER_FIRING,
+    LOGICAL_STREAMING,
 ];
 pub const NUMBERS: [Number; 12] = [
     TAGTS_TTL_SECS,

@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use super::SourceError;
 use super::walsender::{Quiet, Target, WalStream};
-use crate::config::Settings;
+use crate::config::{LogicalStreaming, Settings};
 use crate::core::batch::Batch;
 use crate::core::folder::{Folder, MARKER_PREFIX};
 use crate::core::signature::SigningKey;
@@ -72,6 +72,7 @@ impl LogicalStream {
             slot,
             publication: PUBLICATION,
             make_failover,
+            streaming: settings.logical_streaming == LogicalStreaming::On,
         })
         .await?;
         Ok(Self {

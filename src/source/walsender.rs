@@ -131,18 +131,22 @@ pub struct Target<'a> {
     /// Turn the slot into a failover slot before streaming (it is not one, and the server
     /// has them: see [`crate::schema::slot::FAILOVER_SLOTS_SINCE`]).
     pub make_failover: bool,
+    /// Ask for transactions in progress too ([`pgoutput_version`]).
+    pub streaming: bool,
 }
 
 /// The pgoutput protocol version to ask a server of major version `major` for (the server
-/// refuses a version it lacks; it never picks one): 2, with transactions still in progress
-/// streamed (`streaming 'on'`), from PostgreSQL 14, which every supported server is; 1 (each
-/// transaction sent whole at its commit) before, or when the version is unknown. Streaming
-/// spares the server holding a huge transaction until its commit (past
-/// `logical_decoding_work_mem` it spills it to disk and reads it back at the commit); the
-/// daemon holds only its targets (`core::folder`), and invalidates them at the commit.
-/// Versions 3 (two-phase) and 4 (parallel apply) add nothing the daemon uses.
-fn pgoutput_version(major: u32) -> u32 {
-    if major >= 14 { 2 } else { 1 }
+/// refuses a version it lacks; it never picks one): with `streaming` wanted, 2, with
+/// transactions still in progress streamed (`streaming 'on'`), from PostgreSQL 14, which every
+/// supported server is; otherwise, or when the version is unknown, 1: each transaction sent
+/// whole at its commit. Streaming spares the server holding a huge transaction until its
+/// commit (past `logical_decoding_work_mem` it spills it to disk and reads it back then); the
+/// daemon holds only its targets (`core::folder`) and invalidates them at the commit — later
+/// than a whole transaction's table-wide invalidation, which starts as soon as
+/// `wide_row_threshold` rows of it arrived (BENCHMARKS.md). Versions 3 (two-phase) and 4
+/// (parallel apply) add nothing the daemon uses.
+fn pgoutput_version(major: u32, streaming: bool) -> u32 {
+    if streaming && major >= 14 { 2 } else { 1 }
 }
 
 /// The major version in a `server_version` such as `17.10` or `18.4 (Debian 18.4-1)`.
@@ -294,7 +298,7 @@ impl WalStream {
                 "the replication slot is now a failover slot: standbys that synchronise slots keep it"
             );
         }
-        let protocol = pgoutput_version(major);
+        let protocol = pgoutput_version(major, target.streaming);
         let streaming = if protocol >= 2 {
             ", streaming 'on'"
         } else {

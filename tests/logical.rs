@@ -848,6 +848,10 @@ async fn doctor_reports_row_filters_and_failover_slots() {
         "{migrated}"
     );
     assert!(
+        migrated.contains("pgoutput protocol 1 (each transaction whole"),
+        "{migrated}"
+    );
+    assert!(
         migrated.contains(if major >= evictd::schema::slot::FAILOVER_SLOTS_SINCE {
             ": a failover slot"
         } else {

@@ -8,6 +8,7 @@
 //!     cargo bench --bench evictd -- --keyspace   # stats, sweep, invalidate --all over 5 M keys
 //!     cargo bench --bench evictd -- --cluster    # backlog and big tag: one Redis, then a cluster
 //!     cargo bench --bench evictd -- --versions   # writers and latency on PostgreSQL 15, then 17
+//!     cargo bench --bench evictd -- --versus-peer   # the default and the peer listener, interleaved
 //!
 //! Latency is measured end to end: the time from a writer's COMMIT returning to Redis telling
 //! (keyspace notification) that the entry tagged with the changed row was deleted.
@@ -192,6 +193,10 @@ struct Mode {
     /// (fetched by `scripts/fetch-postgres`), side by side.
     #[arg(long)]
     versions: bool,
+    /// The full run of the default setting and of the peer listener, interleaved (default,
+    /// peer, default, peer), then each figure as evictd / peer.
+    #[arg(long)]
+    versus_peer: bool,
     /// One version's part of `--versions` (on the server `EVICTD_PG_BIN` names).
     #[arg(long, hide = true)]
     versions_child: bool,
@@ -295,6 +300,18 @@ async fn main() {
         writers_alone(&lab, &selected).await;
     } else if mode.versions_child {
         versions_child(&lab, &selected, &deletions).await;
+    } else if mode.versus_peer {
+        let ours = args.setting.as_deref().unwrap_or(SETTINGS[0].name);
+        let ours = SETTINGS.iter().find(|s| s.name == ours).unwrap();
+        let peer = SETTINGS.iter().find(|s| s.delivery == PEER).unwrap();
+        let before = Before {
+            lab: &lab,
+            deletions: &deletions,
+            commit,
+            bare_sync_off,
+        };
+        let report = full_run(before, &[ours, peer, ours, peer]).await;
+        print_versus_peer(&report, ours.name);
     } else {
         let before = Before {
             lab: &lab,
@@ -302,6 +319,6 @@ async fn main() {
             commit,
             bare_sync_off,
         };
-        full_run(before, &selected).await;
+        let _ = full_run(before, &selected).await;
     }
 }

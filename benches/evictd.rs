@@ -9,6 +9,7 @@
 //!     cargo bench --bench evictd -- --cluster    # backlog and big tag: one Redis, then a cluster
 //!     cargo bench --bench evictd -- --versions   # writers and latency on PostgreSQL 15, then 17
 //!     cargo bench --bench evictd -- --versus-peer   # the default and the peer listener, interleaved
+//!     cargo bench --bench evictd -- --floor      # a NOTIFY answered by one DEL: the latency floor
 //!
 //! Latency is measured end to end: the time from a writer's COMMIT returning to Redis telling
 //! (keyspace notification) that the entry tagged with the changed row was deleted.
@@ -25,6 +26,8 @@ mod bulk;
 mod cluster;
 #[path = "evictd/figures.rs"]
 mod figures;
+#[path = "evictd/floor.rs"]
+mod floor;
 #[path = "evictd/full.rs"]
 mod full;
 #[path = "evictd/keyspace.rs"]
@@ -59,6 +62,7 @@ use big_tag::*;
 use bulk::*;
 use cluster::*;
 use figures::*;
+use floor::*;
 use full::*;
 use lab::*;
 use latency::*;
@@ -197,6 +201,9 @@ struct Mode {
     /// peer, default, peer), then each figure as evictd / peer.
     #[arg(long)]
     versus_peer: bool,
+    /// The floor of any NOTIFY-based listener: a row trigger NOTIFY answered with one DEL.
+    #[arg(long)]
+    floor: bool,
     /// One version's part of `--versions` (on the server `EVICTD_PG_BIN` names).
     #[arg(long, hide = true)]
     versions_child: bool,
@@ -300,6 +307,8 @@ async fn main() {
         writers_alone(&lab, &selected).await;
     } else if mode.versions_child {
         versions_child(&lab, &selected, &deletions).await;
+    } else if mode.floor {
+        floor_alone(&lab, &deletions).await;
     } else if mode.versus_peer {
         let ours = args.setting.as_deref().unwrap_or(SETTINGS[0].name);
         let ours = SETTINGS.iter().find(|s| s.name == ours).unwrap();

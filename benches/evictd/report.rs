@@ -196,7 +196,7 @@ pub(crate) fn print_versus_peer(report: &Value, setting: &str) {
     };
     let list = |v: &[f64]| {
         v.iter()
-            .map(|x| format!("{x}"))
+            .map(|x| format!("{}", (x * 1000.0).round() / 1000.0))
             .collect::<Vec<_>>()
             .join(", ")
     };

@@ -62,6 +62,13 @@ pub struct Env {
     pub own: Option<Servers>,
 }
 
+/// The test's configuration file goes with it (its database goes with the shared server).
+impl Drop for Env {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.config_path).ok();
+    }
+}
+
 impl Env {
     /// A fresh database with the example schema and evictd installed with `delivery`.
     pub async fn new(delivery: Delivery) -> Env {

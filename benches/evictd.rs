@@ -36,6 +36,8 @@ mod keyspace;
 mod lab;
 #[path = "evictd/latency.rs"]
 mod latency;
+#[path = "evictd/placement.rs"]
+mod placement;
 #[path = "evictd/report.rs"]
 mod report;
 #[path = "../tests/support/mod.rs"]
@@ -66,6 +68,7 @@ use floor::*;
 use full::*;
 use lab::*;
 use latency::*;
+use placement::*;
 use report::*;
 use versions::*;
 use writers::*;
@@ -156,6 +159,10 @@ struct Args {
     setting: Option<String>,
     #[command(flatten)]
     mode: Mode,
+    /// PostgreSQL on CPUs of its own (half of them), the load, Redis and the daemon on the
+    /// others: the production topology, on any machine with two CPUs or more.
+    #[arg(long)]
+    placement: bool,
     /// With `--lag`: an open loop at this many commits/s instead of a closed one.
     #[arg(long, value_name = "N", requires = "lag")]
     rate: Option<f64>,
@@ -219,7 +226,7 @@ async fn main() {
         return;
     }
     if args.mode.versions {
-        versions_side_by_side(args.quick, args.setting.as_deref());
+        versions_side_by_side(args.quick, args.placement, args.setting.as_deref());
         return;
     }
     if args.mode.keyspace {
@@ -227,8 +234,18 @@ async fn main() {
         println!("keyspace: {result}");
         return;
     }
-    let mut lab = Lab {
-        pg: Postgres::start_with(&[
+    let placement = if args.placement {
+        let placement = Placement::for_cpus(&allowed_cpus());
+        match &placement {
+            Some(p) => eprintln!("placement: {}", p.describe()),
+            None => eprintln!("--placement needs two CPUs or more: everything shares this one"),
+        }
+        placement
+    } else {
+        None
+    };
+    let pg = started_on(placement.as_ref().map(|p| &p.postgres[..]), || {
+        Postgres::start_with(&[
             "fsync=on",
             "full_page_writes=on",
             "max_wal_size=4GB",
@@ -237,8 +254,17 @@ async fn main() {
             // are decoded only once flushed, and the WAL writer flushes every this often.
             "wal_writer_delay=10ms",
         ])
-        .unwrap_or_else(|e| panic!("{e:#}")),
-        redis: Redis::start().unwrap_or_else(|e| panic!("{e:#}")),
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let redis = started_on(placement.as_ref().map(|p| &p.redis[..]), Redis::start)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    if let Some(p) = &placement {
+        pin_this_process(&p.load);
+    }
+    let mut lab = Lab {
+        pg,
+        redis,
+        placement,
         cluster_url: None,
         quick: args.quick,
         products: if args.quick { 200_000 } else { PRODUCTS },

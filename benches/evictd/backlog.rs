@@ -19,7 +19,7 @@ pub(crate) async fn backlog(lab: &Lab, db: &str, setting: &Setting, events: usiz
     // here they came at once, so vacuum them now rather than in the middle of the drain.
     settle(lab, db).await;
     let t = Instant::now();
-    let daemon = Daemon::spawn(lab.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
+    let daemon = lab.spawn(lab.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
     // Ready once the backlog is drained: however long that takes on a slow day.
     daemon
         .wait_log_within("evictd is ready", 1, Duration::from_secs(600))

@@ -9,6 +9,8 @@ pub(crate) struct Lab {
     /// When set, the daemons' Redis: a cluster's `redis+cluster://` URL (`--cluster`).
     pub(crate) cluster_url: Option<String>,
     pub(crate) quick: bool,
+    /// `--placement`'s CPU sets (`None`: everything shares every CPU).
+    pub(crate) placement: Option<Placement>,
     /// Products seeded (every one exists, so every UPDATE writes).
     pub(crate) products: usize,
     pub(crate) dir: tempfile::TempDir,
@@ -79,14 +81,20 @@ impl Lab {
 
     pub(crate) async fn start_daemon(&self, db: &str, setting: &Setting) -> Daemon {
         if setting.delivery == PEER {
-            let peer = Daemon::spawn(self.peer(db));
+            let peer = self.spawn(self.peer(db));
             peer.wait_log("peer is ready").await;
             return peer;
         }
-        let daemon =
-            Daemon::spawn(self.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
+        let daemon = self.spawn(self.evictd(db, setting, &["run", "--http-addr", "127.0.0.1:0"]));
         daemon.wait_ready().await;
         daemon
+    }
+
+    /// Starts `command`, on the daemon's CPUs under `--placement`.
+    pub(crate) fn spawn(&self, command: std::process::Command) -> Daemon {
+        started_on(self.placement.as_ref().map(|p| &p.daemon[..]), || {
+            Daemon::spawn(command)
+        })
     }
 
     /// The peer's listener (`benches/peer/listener.mjs`) on database `db`, its packages

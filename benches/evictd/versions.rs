@@ -11,7 +11,7 @@ const MAJORS: [u32; 2] = [15, 17];
 const LINE: &str = "versions-json: ";
 
 /// The parent: runs a child per version and prints their figures side by side.
-pub(crate) fn versions_side_by_side(quick: bool, setting: Option<&str>) {
+pub(crate) fn versions_side_by_side(quick: bool, placement: bool, setting: Option<&str>) {
     let mut figures: Vec<(u32, Vec<Value>)> = Vec::new();
     for major in MAJORS {
         let fetched = std::process::Command::new("scripts/fetch-postgres")
@@ -29,6 +29,9 @@ pub(crate) fn versions_side_by_side(quick: bool, setting: Option<&str>) {
         child.arg("--versions-child").env("EVICTD_PG_BIN", &bin);
         if quick {
             child.arg("--quick");
+        }
+        if placement {
+            child.arg("--placement");
         }
         if let Some(setting) = setting {
             child.args(["--setting", setting]);

@@ -244,21 +244,20 @@ async fn main() {
     } else {
         None
     };
-    let pg = started_on(placement.as_ref().map(|p| &p.postgres[..]), || {
-        Postgres::start_with(&[
-            "fsync=on",
-            "full_page_writes=on",
-            "max_wal_size=4GB",
-            "shared_buffers=256MB",
-            // What `doctor` recommends for `logical` delivery with asynchronous commits: they
-            // are decoded only once flushed, and the WAL writer flushes every this often.
-            "wal_writer_delay=10ms",
-        ])
-    })
+    let pg = Postgres::start_with(&[
+        "fsync=on",
+        "full_page_writes=on",
+        "max_wal_size=4GB",
+        "shared_buffers=256MB",
+        // What `doctor` recommends for `logical` delivery with asynchronous commits: they
+        // are decoded only once flushed, and the WAL writer flushes every this often.
+        "wal_writer_delay=10ms",
+    ])
     .unwrap_or_else(|e| panic!("{e:#}"));
-    let redis = started_on(placement.as_ref().map(|p| &p.redis[..]), Redis::start)
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let redis = Redis::start().unwrap_or_else(|e| panic!("{e:#}"));
     if let Some(p) = &placement {
+        pin_tree(pg.pid().expect("postgres runs"), &p.postgres);
+        pin_tree(redis.pid().expect("redis runs"), &p.redis);
         pin_this_process(&p.load);
     }
     let mut lab = Lab {

@@ -90,11 +90,14 @@ impl Lab {
         daemon
     }
 
-    /// Starts `command`, on the daemon's CPUs under `--placement`.
+    /// Starts `command`, on the daemon's CPUs under `--placement` (every thread it has by
+    /// then; those it starts later inherit the set).
     pub(crate) fn spawn(&self, command: std::process::Command) -> Daemon {
-        started_on(self.placement.as_ref().map(|p| &p.daemon[..]), || {
-            Daemon::spawn(command)
-        })
+        let daemon = Daemon::spawn(command);
+        if let Some(p) = &self.placement {
+            pin_tree(daemon.child.id(), &p.daemon);
+        }
+        daemon
     }
 
     /// The peer's listener (`benches/peer/listener.mjs`) on database `db`, its packages

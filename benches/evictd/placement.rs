@@ -1,7 +1,7 @@
 //! `--placement`: PostgreSQL on CPUs of its own, the load, Redis and the daemon on others, as in
-//! production where the database has its cores to itself. A process inherits the CPU set of
-//! the thread that starts it, so each server is started from a thread pinned to its set for the
-//! moment, and the benchmark's own threads (the load) are pinned last.
+//! production where the database has its cores to itself. Each server is pinned, with every
+//! process it started, once it runs (what it starts later inherits its set), the daemon as
+//! soon as it is spawned, and the benchmark's own threads (the load) last.
 
 /// The CPU sets of `--placement`, by index of the CPUs this process may use.
 pub(crate) struct Placement {
@@ -72,17 +72,37 @@ fn pin(tid: libc::pid_t, cpus: &[usize]) {
     }
 }
 
-/// Runs `start` (which starts processes) on the calling thread pinned to `cpus` (every CPU
-/// this process may use when `None`), then restores the thread's set.
-pub(crate) fn started_on<T>(cpus: Option<&[usize]>, start: impl FnOnce() -> T) -> T {
-    let Some(cpus) = cpus else {
-        return start();
+/// Pins process `pid`, every thread of it and every process it started (a PostgreSQL server's
+/// postmaster and its children) to `cpus`. What they start later inherits the set.
+pub(crate) fn pin_tree(pid: u32, cpus: &[usize]) {
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+                pin(tid, cpus);
+            }
+        }
+    }
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return;
     };
-    let before = allowed_cpus();
-    pin(0, cpus);
-    let started = start();
-    pin(0, &before);
-    started
+    for process in processes.flatten() {
+        let Some(child) = process
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // `pid (comm) state ppid …`: the parent is the second field after the command.
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent == Some(pid) {
+            pin_tree(child, cpus);
+        }
+    }
 }
 
 /// Pins every thread of this process (the load: the writers, the latency probes) to `cpus`.

@@ -129,6 +129,11 @@ impl Redis {
         self.child.is_some()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) -> Result<()> {
         kill_and_reap(&mut self.child)
     }

@@ -162,7 +162,8 @@ impl Folder {
     }
 
     /// How many transactions the server is streaming while in progress.
-    pub fn streamed_in_progress(&self) -> usize {
+    #[cfg(test)]
+    fn streamed_in_progress(&self) -> usize {
         self.streamed.len() + usize::from(self.streaming.is_some())
     }
 

@@ -14,10 +14,12 @@ use crate::schema::{ddl, slot};
 pub(super) async fn publication_check(settings: &Settings, client: &Client) -> Check {
     let rows = client
         .query(
-            "SELECT t.schemaname::text || '.' || t.tablename::text, t.rowfilter IS NOT NULL, \
+            "SELECT t.schemaname::pg_catalog.text OPERATOR(pg_catalog.||) '.' \
+             OPERATOR(pg_catalog.||) t.tablename::pg_catalog.text, t.rowfilter IS NOT NULL, \
              p.pubviaroot, t.attnames IS NOT NULL \
-             FROM pg_publication p JOIN pg_publication_tables t ON t.pubname = p.pubname \
-             WHERE p.pubname = 'evictd'",
+             FROM pg_catalog.pg_publication p JOIN pg_catalog.pg_publication_tables t \
+             ON t.pubname OPERATOR(pg_catalog.=) p.pubname \
+             WHERE p.pubname OPERATOR(pg_catalog.=) 'evictd'",
             &[],
         )
         .await;
@@ -113,9 +115,11 @@ pub(super) async fn failover_check(client: &Client) -> Check {
     }
     let row = client
         .query_one(
-            "SELECT (SELECT failover FROM pg_replication_slots WHERE slot_name = $1), \
-             current_setting('synchronized_standby_slots'), \
-             (SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'physical')",
+            "SELECT (SELECT failover FROM pg_catalog.pg_replication_slots \
+                     WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name), \
+             pg_catalog.current_setting('synchronized_standby_slots'), \
+             (SELECT pg_catalog.count(*) FROM pg_catalog.pg_replication_slots \
+              WHERE slot_type OPERATOR(pg_catalog.=) 'physical')",
             &[&slot],
         )
         .await;

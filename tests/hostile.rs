@@ -166,10 +166,10 @@ async fn check_as(env: &Env, attacker: &str, sql: &str, gone: &[&str]) {
 /// A writer with an application's rights plants operators, functions, aggregates and casts
 /// that try to make the superuser of them, under its own schema first on its search path —
 /// and the database's default search path puts that schema first for every session, so
-/// `migrate` and the daemon are attacked too. In every delivery and wake-up, through every
-/// generated function (capture, old-row, emit, invalidate_tags) on the fast and the general
-/// path, nothing of its ever runs as anyone but itself, and every write is invalidated as it
-/// should be.
+/// `migrate`, the daemon, `doctor` and `stats` are attacked too. In every delivery and
+/// wake-up, through every generated function (capture, old-row, emit, invalidate_tags) on the
+/// fast and the general path, and in every query of the commands, nothing of its ever runs as
+/// anyone but itself, and every write is invalidated as it should be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_cannot_run_code_as_the_owner_in_any_delivery() {
     let settings = [
@@ -196,7 +196,7 @@ async fn writers_cannot_run_code_as_the_owner_in_any_delivery() {
              INSERT INTO gadgets (id, tier) VALUES (1, 'gold'), (2, 'silver');"
         ))
         .await;
-        let _daemon = env.start_daemon().await;
+        let daemon = env.start_daemon().await;
 
         let products_all = &TAGS[..5];
         let gadgets_all = &TAGS[5..12];
@@ -264,6 +264,28 @@ async fn writers_cannot_run_code_as_the_owner_in_any_delivery() {
             &["custom:tag"],
         )
         .await;
+        // The commands an operator runs with the owner's URL meet the same search path (they
+        // may go through a transaction pooler, so they pin it per transaction, not for their
+        // session).
+        let doctor = env.run_cli(&["doctor"]);
+        assert!(
+            doctor.status.success() && support::text(&doctor).contains("OK   schema"),
+            "{label}: doctor under the attacker's search path: {}",
+            support::text(&doctor)
+        );
+        let stats = env.run_cli(&["stats"]);
+        assert!(
+            support::text(&stats).contains("\"installed\": true"),
+            "{label}: stats under the attacker's search path: {}",
+            support::text(&stats)
+        );
+        drop(daemon);
+        let uninstall = env.run_cli(&["uninstall"]);
+        assert!(
+            uninstall.status.success(),
+            "{label}: uninstall under the attacker's search path: {}",
+            support::text(&uninstall)
+        );
 
         let escalations = env
             .pg

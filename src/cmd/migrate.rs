@@ -15,7 +15,9 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     .await?;
     let outcome = schema::migrate(&mut conn.client, settings).await?;
     let chose = match settings.delivery {
-        Delivery::Logical => Some(logical_choices(settings, &conn.client).await?),
+        Delivery::Logical => {
+            Some(schema::pinned(&conn.client, logical_choices(settings, &conn.client)).await?)
+        }
         _ => None,
     };
     match outcome {
@@ -70,8 +72,12 @@ pub async fn uninstall(settings: &Settings) -> anyhow::Result<()> {
         None,
     )
     .await?;
-    if schema::installed(&conn.client).await?.is_some() {
-        let waiting = crate::source::outbox::backlog(&conn.client)
+    let client = &conn.client;
+    if schema::pinned(client, schema::installed(client))
+        .await?
+        .is_some()
+    {
+        let waiting = schema::pinned(client, crate::source::outbox::backlog(client))
             .await
             .context("cannot count the outbox")?
             .waiting;

@@ -82,18 +82,17 @@ async fn outbox(settings: &Settings) -> Value {
             None,
         )
         .await?;
-        let installed = schema::installed(&conn.client).await?;
+        let client = &conn.client;
+        let installed = schema::pinned(client, schema::installed(client)).await?;
         let Some(installed) = installed else {
             return Ok::<_, anyhow::Error>(json!({ "installed": false }));
         };
-        let row = conn
-            .client
-            .query_one(
+        let reads = client.query_one(
                 "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8, \
                  (SELECT count(*) FROM evictd.dead_letter) FROM evictd.outbox",
                 &[],
-            )
-            .await?;
+            );
+        let row = schema::pinned(client, reads).await?;
         Ok(json!({
             "installed": true,
             "delivery": installed.delivery.as_str(),

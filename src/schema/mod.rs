@@ -212,6 +212,28 @@ pub const PIN_SEARCH_PATH: &str = "SET search_path = pg_catalog, pg_temp";
 /// [`PIN_SEARCH_PATH`] for one transaction, where the connection may be shared (a pooler).
 const PIN_SEARCH_PATH_LOCAL: &str = "SET LOCAL search_path = pg_catalog, pg_temp";
 
+/// Runs `reads` (queries on `client`, which must be in no transaction) inside a read-only
+/// transaction that resolves every name in pg_catalog. For the one-shot commands (`doctor`,
+/// `stats`), run by an operator often with the owner's URL, and possibly through a
+/// transaction pooler that would hand a session-wide setting to the application's next
+/// transaction: so the path is pinned per transaction, which is rolled back.
+pub async fn pinned<T, E>(
+    client: &Client,
+    reads: impl Future<Output = Result<T, E>>,
+) -> Result<T, E>
+where
+    E: From<tokio_postgres::Error>,
+{
+    client
+        .batch_execute(&format!("BEGIN READ ONLY; {PIN_SEARCH_PATH_LOCAL}"))
+        .await?;
+    let outcome = reads.await;
+    let ended = client.batch_execute("ROLLBACK").await;
+    let value = outcome?;
+    ended?;
+    Ok(value)
+}
+
 /// Installs or upgrades the database side for `settings`, in one transaction. The transaction
 /// pins its search path before it reads anything: `migrate` runs as an owner of the tables,
 /// and the database's default path may list a schema other roles can create operators in.

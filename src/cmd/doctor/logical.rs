@@ -5,15 +5,16 @@ use tokio_postgres::Client;
 
 use super::{Check, Status, check};
 use crate::config::Settings;
-use crate::schema::{ddl, slot};
+use crate::schema::{ddl, pinned, slot};
 
 /// `logical` delivery: every configured table is in publication `evictd` (a table added to the
 /// configuration without `evictd migrate` would otherwise be silently ignored), with every row
 /// (a row filter someone added would hide changes), partitions published as their root (the
 /// table a rule names).
 pub(super) async fn publication_check(settings: &Settings, client: &Client) -> Check {
-    let rows = client
-        .query(
+    let rows = pinned(
+        client,
+        client.query(
             "SELECT t.schemaname::pg_catalog.text OPERATOR(pg_catalog.||) '.' \
              OPERATOR(pg_catalog.||) t.tablename::pg_catalog.text, t.rowfilter IS NOT NULL, \
              p.pubviaroot, t.attnames IS NOT NULL \
@@ -21,8 +22,9 @@ pub(super) async fn publication_check(settings: &Settings, client: &Client) -> C
              ON t.pubname OPERATOR(pg_catalog.=) p.pubname \
              WHERE p.pubname OPERATOR(pg_catalog.=) 'evictd'",
             &[],
-        )
-        .await;
+        ),
+    )
+    .await;
     let rows = match rows {
         Ok(rows) => rows,
         Err(e) => return check("publication", Status::Fail, e.to_string(), None),
@@ -94,11 +96,11 @@ pub(super) async fn publication_check(settings: &Settings, client: &Client) -> C
 /// the WAL it reads, so the copy is never ahead of them. Before 17 a promoted standby lacks the
 /// slot: the daemon makes it again there and invalidates every configured table once.
 pub(super) async fn failover_check(client: &Client) -> Check {
-    let slot = match slot::name(client).await {
+    let slot = match pinned(client, slot::name(client)).await {
         Ok(slot) => slot,
         Err(e) => return check("failover", Status::Fail, e.to_string(), None),
     };
-    let major = match slot::server_major(client).await {
+    let major = match pinned(client, slot::server_major(client)).await {
         Ok(major) => major,
         Err(e) => return check("failover", Status::Fail, e.to_string(), None),
     };
@@ -113,16 +115,18 @@ pub(super) async fn failover_check(client: &Client) -> Check {
             Some("PostgreSQL 17 keeps the slot on standbys (evictd makes it a failover slot)"),
         );
     }
-    let row = client
-        .query_one(
+    let row = pinned(
+        client,
+        client.query_one(
             "SELECT (SELECT failover FROM pg_catalog.pg_replication_slots \
                      WHERE slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name), \
              pg_catalog.current_setting('synchronized_standby_slots'), \
              (SELECT pg_catalog.count(*) FROM pg_catalog.pg_replication_slots \
               WHERE slot_type OPERATOR(pg_catalog.=) 'physical')",
             &[&slot],
-        )
-        .await;
+        ),
+    )
+    .await;
     let row = match row {
         Ok(row) => row,
         Err(e) => return check("failover", Status::Fail, e.to_string(), None),
@@ -180,8 +184,9 @@ const WAL_WRITER_DELAY_WARN_MS: i32 = 20;
 
 /// `logical` delivery: `wal_level`, the slot, and how much WAL it holds back.
 pub(super) async fn slot_check(client: &Client) -> Check {
-    let row = client
-        .query_one(
+    let row = pinned(
+        client,
+        client.query_one(
             &format!(
                 "SELECT current_setting('wal_level'), s.slot_name::text, s.active, s.wal_status, \
                  pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8, \
@@ -192,8 +197,9 @@ pub(super) async fn slot_check(client: &Client) -> Check {
                 ddl::SLOT_NAME_SQL
             ),
             &[],
-        )
-        .await;
+        ),
+    )
+    .await;
     let row = match row {
         Ok(row) => row,
         Err(e) => return check("slot", Status::Fail, e.to_string(), None),
@@ -265,8 +271,9 @@ pub(super) async fn old_row_trigger_checks(settings: &Settings, client: &Client)
     const NAMES: [&str; 2] = ["evictd_old_update", "evictd_old_delete"];
     let mut checks = Vec::new();
     for rule in settings.rules.tables() {
-        let row = client
-            .query_opt(
+        let row = pinned(
+            client,
+            client.query_opt(
                 &format!(
                     "SELECT c.relreplident::text, {}, {}, \
                        ARRAY(SELECT t.tgname::text FROM pg_trigger t WHERE t.tgrelid = c.oid \
@@ -278,8 +285,9 @@ pub(super) async fn old_row_trigger_checks(settings: &Settings, client: &Client)
                     ddl::sent_columns_sql("c.oid"),
                 ),
                 &[&rule.table.schema, &rule.table.name],
-            )
-            .await;
+            ),
+        )
+        .await;
         let (replident, key, present, enabled, primary_key): (
             String,
             Vec<String>,
@@ -361,7 +369,12 @@ fn full_identity_advice(table: &str) -> Check {
 pub(super) async fn partition_checks(settings: &Settings, client: &Client) -> Vec<Check> {
     let mut checks = Vec::new();
     for rule in settings.rules.tables() {
-        match crate::schema::partitions_without_triggers(client, &rule.table).await {
+        match pinned(
+            client,
+            crate::schema::partitions_without_triggers(client, &rule.table),
+        )
+        .await
+        {
             Ok(missing) if missing.is_empty() => {}
             Ok(missing) => checks.push(check(
                 "triggers",
@@ -385,16 +398,15 @@ pub(super) async fn partition_checks(settings: &Settings, client: &Client) -> Ve
 /// function's signatures differ between versions (PostgreSQL 17 added a `flush` argument), so
 /// they are found by name and the advice names the server's own.
 pub(super) async fn emit_message_check(client: &Client) -> Check {
-    let open = client
-        .query_one(
-            "SELECT coalesce(bool_or(pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE')), false), \
-                    coalesce(string_agg(p.oid::pg_catalog.regprocedure::text, ', ' ORDER BY p.oid), '') \
-             FROM pg_catalog.pg_proc p \
-             WHERE p.proname = 'pg_logical_emit_message' \
-               AND p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace",
-            &[],
-        )
-        .await;
+    let reads = client.query_one(
+        "SELECT coalesce(bool_or(pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE')), false), \
+                coalesce(string_agg(p.oid::pg_catalog.regprocedure::text, ', ' ORDER BY p.oid), '') \
+         FROM pg_catalog.pg_proc p \
+         WHERE p.proname = 'pg_logical_emit_message' \
+           AND p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace",
+        &[],
+    );
+    let open = pinned(client, reads).await;
     match open {
         Ok(row) if row.get::<_, bool>(0) => {
             let signatures: String = row.get(1);

@@ -199,7 +199,7 @@ fn is_local(host: &str) -> bool {
 /// fails no write (the triggers, and the stream, send the table's changes table-wide), but
 /// every change of that table then empties all its entries.
 async fn rules_check(settings: &Settings, client: &Client) -> Check {
-    match schema::rule_gaps(client, settings).await {
+    match schema::pinned(client, schema::rule_gaps(client, settings)).await {
         Ok(gaps) if gaps.is_empty() => check(
             "rules",
             Status::Ok,
@@ -224,7 +224,7 @@ async fn rules_check(settings: &Settings, client: &Client) -> Check {
 
 async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
     let mut checks = Vec::new();
-    let installed = match schema::installed(client).await {
+    let installed = match schema::pinned(client, schema::installed(client)).await {
         Ok(Some(installed)) if installed.version == ddl::SCHEMA_VERSION => {
             checks.push(check(
                 "schema",

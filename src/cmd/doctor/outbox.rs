@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use super::{Check, Status, check};
 use crate::config::{Settings, TriggerFiring};
 use crate::db;
-use crate::schema::ddl;
+use crate::schema::{ddl, pinned};
 
 /// How long the LISTEN/NOTIFY round trip may take before it counts as broken.
 const ROUND_TRIP: Duration = Duration::from_secs(3);
@@ -23,23 +23,24 @@ pub(super) async fn trigger_checks(settings: &Settings, client: &Client) -> Vec<
     for rule in settings.rules.tables() {
         // The table and every partition of it: a statement naming a partition fires only
         // the partition's triggers.
-        let rows = client
-            .query(
-                "SELECT (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-                         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = r.rel), \
-                   r.level, \
-                   ARRAY(SELECT t.tgname::text || ':' || t.tgenabled::text FROM pg_trigger t \
-                         WHERE t.tgrelid = r.rel AND t.tgname LIKE 'evictd\\_%') \
-                 FROM (SELECT c.oid AS rel, 0 AS level FROM pg_class c \
-                       JOIN pg_namespace n ON n.oid = c.relnamespace \
-                       WHERE n.nspname = $1 AND c.relname = $2 \
-                       UNION ALL \
-                       SELECT p.relid, p.level FROM pg_partition_tree(format('%I.%I', $1, $2)::regclass) p \
-                       WHERE p.level > 0) r \
-                 ORDER BY r.level, 1",
-                &[&rule.table.schema, &rule.table.name],
-            )
-            .await;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&rule.table.schema, &rule.table.name];
+        let reads = client.query(
+            "SELECT (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = r.rel), \
+               r.level, \
+               ARRAY(SELECT t.tgname::text || ':' || t.tgenabled::text FROM pg_trigger t \
+                     WHERE t.tgrelid = r.rel AND t.tgname LIKE 'evictd\\_%') \
+             FROM (SELECT c.oid AS rel, 0 AS level FROM pg_class c \
+                   JOIN pg_namespace n ON n.oid = c.relnamespace \
+                   WHERE n.nspname = $1 AND c.relname = $2 \
+                   UNION ALL \
+                   SELECT p.relid, p.level FROM pg_partition_tree(format('%I.%I', $1, $2)::regclass) p \
+                   WHERE p.level > 0) r \
+             ORDER BY r.level, 1",
+            &params,
+        );
+        let rows = pinned(client, reads).await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -133,7 +134,7 @@ pub(super) async fn listen_round_trip(settings: &Settings, channel: &str) -> Che
         .await?;
         notifier
             .client
-            .execute("SELECT pg_notify($1, 'doctor')", &[&probe])
+            .execute("SELECT pg_catalog.pg_notify($1, 'doctor')", &[&probe])
             .await?;
         let received = tokio::time::timeout(ROUND_TRIP, async {
             while let Some(n) = feed.receiver.recv().await {
@@ -170,13 +171,12 @@ pub(super) async fn listen_round_trip(settings: &Settings, channel: &str) -> Che
 }
 
 pub(super) async fn outbox_check(client: &Client) -> Check {
-    let row = client
-        .query_one(
-            "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8, \
-             (SELECT count(*) FROM evictd.dead_letter) FROM evictd.outbox",
-            &[],
-        )
-        .await;
+    let reads = client.query_one(
+        "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8, \
+         (SELECT count(*) FROM evictd.dead_letter) FROM evictd.outbox",
+        &[],
+    );
+    let row = pinned(client, reads).await;
     match row {
         Ok(row) => {
             let (backlog, age, dead): (i64, f64, i64) = (row.get(0), row.get(1), row.get(2));
@@ -214,8 +214,9 @@ pub(super) async fn outbox_check(client: &Client) -> Check {
 /// busy; writers then skip their wake-up until a daemon starts again (it resets it), so their
 /// events wait for the daemon's safety poll at best.
 pub(super) async fn doorbell_check(client: &Client) -> Check {
-    let row = client
-        .query_one(
+    let row = pinned(
+        client,
+        client.query_one(
             &format!(
                 "SELECT coalesce(pg_catalog.pg_sequence_last_value('{0}'), 0) = 1, \
                  coalesce(extract(epoch FROM clock_timestamp() - \
@@ -224,8 +225,9 @@ pub(super) async fn doorbell_check(client: &Client) -> Check {
                 ddl::DOORBELL
             ),
             &[],
-        )
-        .await;
+        ),
+    )
+    .await;
     match row {
         Ok(row) => {
             let (busy, age): (bool, f64) = (row.get(0), row.get(1));

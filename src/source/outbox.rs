@@ -5,7 +5,8 @@
 
 use std::time::SystemTime;
 
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Statement, Transaction};
 
 /// One claimed outbox row. The payload stays in the row's own buffer (a statement of 100,000
 /// rows is megabytes of payloads; they are not copied).
@@ -55,17 +56,39 @@ impl Poison {
     }
 }
 
+/// Takes up to $1 of the oldest unclaimed rows in one statement, instead of a SELECT and a
+/// later DELETE of the same ids (`= ANY(ARRAY(…))` evaluates the locking subquery once).
+const TAKE: &str = "DELETE FROM evictd.outbox WHERE id = ANY(ARRAY( \
+                        SELECT id FROM evictd.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+                    RETURNING id, payload, created_at";
+
+/// [`TAKE`], prepared once per connection: each claim then costs one round trip less, and
+/// PostgreSQL neither parses nor plans it again.
+pub struct TakeStatement(Statement);
+
+/// Prepares [`TAKE`] on the daemon's session (whose search path is pinned).
+pub async fn prepare_take(client: &Client) -> Result<TakeStatement, tokio_postgres::Error> {
+    Ok(TakeStatement(
+        client.prepare_typed(TAKE, &[Type::INT8]).await?,
+    ))
+}
+
 /// A claim transaction: the rows it takes are deleted in it, so other daemons skip them, and
 /// the deletion becomes final only when [`Claim::ack`] commits, after Redis confirmed.
 /// Dropping it without `ack` hands every row back.
 pub struct Claim<'a> {
     tx: Transaction<'a>,
+    take: &'a TakeStatement,
 }
 
-/// Starts a claim transaction.
-pub async fn begin(client: &mut Client) -> Result<Claim<'_>, tokio_postgres::Error> {
+/// Starts a claim transaction on the connection `take` was prepared on.
+pub async fn begin<'a>(
+    client: &'a mut Client,
+    take: &'a TakeStatement,
+) -> Result<Claim<'a>, tokio_postgres::Error> {
     Ok(Claim {
         tx: client.transaction().await?,
+        take,
     })
 }
 
@@ -76,17 +99,7 @@ impl Claim<'_> {
     /// reads the next ones. `&self`: it may run while the rows taken before
     /// are being invalidated. Consume the stream before the next statement of this claim.
     pub async fn take(&self, limit: i64) -> Result<Taken, tokio_postgres::Error> {
-        // One statement instead of a SELECT and a later DELETE of the same ids.
-        // (`= ANY(ARRAY(…))` evaluates the locking subquery once.)
-        let rows = self
-            .tx
-            .query_raw(
-                "DELETE FROM evictd.outbox WHERE id = ANY(ARRAY( \
-                     SELECT id FROM evictd.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-                 RETURNING id, payload, created_at",
-                [limit],
-            )
-            .await?;
+        let rows = self.tx.query_raw(&self.take.0, [limit]).await?;
         Ok(Taken(Box::pin(rows)))
     }
 

@@ -163,6 +163,8 @@ pub(in crate::daemon) struct OutboxFeed {
     /// How long until the next poll, and when it is due.
     poll_every: Duration,
     next_poll: tokio::time::Instant,
+    /// The claim's statement, prepared on this session's connection.
+    take: outbox::TakeStatement,
 }
 
 impl OutboxFeed {
@@ -184,6 +186,9 @@ impl OutboxFeed {
             doorbell: Doorbell::Idle,
             poll_every: OUTBOX_POLL,
             next_poll: tokio::time::Instant::now(),
+            take: outbox::prepare_take(&source.connection.client)
+                .await
+                .map_err(SourceError::from)?,
         };
         if source.wakeup == Wakeup::Doorbell {
             // A daemon that died draining left the doorbell telling writers not to ring: set
@@ -244,7 +249,7 @@ impl OutboxFeed {
         flusher: &mut Flusher,
     ) -> Result<usize, SessionError> {
         if source.wakeup != Wakeup::Doorbell {
-            return Self::drain_outbox(source, sink, flusher).await;
+            return Self::drain_outbox(source, &self.take, sink, flusher).await;
         }
         let mut total = 0;
         loop {
@@ -261,7 +266,7 @@ impl OutboxFeed {
                 }
                 self.doorbell = Doorbell::Idle;
             }
-            let found = Self::drain_outbox(source, sink, flusher).await?;
+            let found = Self::drain_outbox(source, &self.take, sink, flusher).await?;
             total += found;
             let (next, tell_writers) = self.doorbell.after_drain(found);
             if let Some(busy) = tell_writers {
@@ -281,6 +286,7 @@ impl OutboxFeed {
     /// Claims, invalidates and acknowledges outbox rows until none are left.
     async fn drain_outbox(
         source: &mut Session,
+        take: &outbox::TakeStatement,
         sink: &RedisSink,
         flusher: &mut Flusher,
     ) -> Result<usize, SessionError> {
@@ -290,7 +296,7 @@ impl OutboxFeed {
             // Wake-ups that arrived meanwhile are answered by this very drain. What they say
             // is ignored: any role may NOTIFY, and the events are in the table.
             while source.try_next_notification().is_some() {}
-            let claim = outbox::begin(&mut source.connection.client)
+            let claim = outbox::begin(&mut source.connection.client, take)
                 .await
                 .map_err(SourceError::from)?;
             let mut poison = Vec::new();

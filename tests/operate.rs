@@ -91,6 +91,15 @@ async fn doctor_passes_on_a_healthy_setup() {
         "{}",
         text(&plain)
     );
+
+    // `notify` delivery has no queue and no doorbell: doctor looks at neither.
+    let notify = Env::new(Delivery::Notify).await;
+    let (code, checks) = doctor(&notify, &[]);
+    assert_eq!(code, Some(0), "{checks:#?}");
+    assert_eq!(status_of(&checks, "listen"), ["OK"], "{checks:#?}");
+    for name in ["outbox", "doorbell"] {
+        assert!(status_of(&checks, name).is_empty(), "{name}: {checks:#?}");
+    }
 }
 
 /// Each FAIL doctor knows, provoked for real: exit 1, the failing check named with a fix.

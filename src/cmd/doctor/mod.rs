@@ -282,9 +282,12 @@ async fn database_checks(settings: &Settings, client: &Client) -> Vec<Check> {
     checks.extend(trigger_checks(settings, client).await);
     if let Some(installed) = &installed {
         checks.push(listen_round_trip(settings, &installed.channel).await);
-        checks.push(outbox_check(client).await);
-        if installed.wakeup == Wakeup::Doorbell {
-            checks.push(doorbell_check(client).await);
+        // `notify` delivery sends its events in the NOTIFY itself: no queue, no doorbell.
+        if installed.delivery == Delivery::Outbox {
+            checks.push(outbox_check(client).await);
+            if installed.wakeup == Wakeup::Doorbell {
+                checks.push(doorbell_check(client).await);
+            }
         }
     }
     checks

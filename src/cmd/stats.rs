@@ -88,10 +88,10 @@ async fn outbox(settings: &Settings) -> Value {
             return Ok::<_, anyhow::Error>(json!({ "installed": false }));
         };
         let reads = client.query_one(
-                "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8, \
-                 (SELECT count(*) FROM evictd.dead_letter) FROM evictd.outbox",
-                &[],
-            );
+            "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8, \
+             (SELECT count(*) FROM evictd.dead_letter) FROM evictd.outbox",
+            &[],
+        );
         let row = schema::pinned(client, reads).await?;
         Ok(json!({
             "installed": true,

@@ -34,7 +34,10 @@ impl RedisConn {
     }
 
     /// The primaries serving slots now (`CLUSTER NODES`, asked of any node). Empty for one
-    /// server.
+    /// server. An error while they do not serve every slot between them: during a failover a
+    /// dead primary's slots have no primary until its replica is promoted, and a walk of the
+    /// keyspace (a resync, the drains a failure left) over the others would miss its keys and
+    /// count as done.
     pub async fn primaries(&mut self) -> RedisResult<Vec<Node>> {
         let RedisConn::Cluster(cluster) = self else {
             return Ok(Vec::new());
@@ -43,7 +46,15 @@ impl RedisConn {
             .arg("NODES")
             .query_async(cluster)
             .await?;
-        Ok(primaries_in(&text))
+        let (nodes, served) = primaries_in(&text);
+        if served < SLOTS {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+                "not every slot has a live primary",
+                format!("{served} of {SLOTS} served"),
+            )));
+        }
+        Ok(nodes)
     }
 
     /// Runs `cmd` on `node` of a cluster (SCAN, INFO: commands about one server, not a key).
@@ -119,9 +130,15 @@ where
     Ok(out.into_iter().map(|(_, value)| value).collect())
 }
 
-/// The primaries in a `CLUSTER NODES` answer that serve slots and are not failing: lines of
-/// `id host:port@cport[,hostname] flags master-id ping pong epoch link-state slot…`.
-fn primaries_in(text: &str) -> Vec<Node> {
+/// Slots of a Redis Cluster.
+const SLOTS: u32 = 16_384;
+
+/// The primaries in a `CLUSTER NODES` answer that serve slots and are not failing, and how
+/// many slots they serve between them: lines of
+/// `id host:port@cport[,hostname] flags master-id ping pong epoch link-state slot…`, a slot
+/// being `N`, `N-M`, or `[N->-id]` / `[N-<-id]` while it migrates (counted where it is now).
+fn primaries_in(text: &str) -> (Vec<Node>, u32) {
+    let mut served = 0;
     let mut nodes: Vec<Node> = text
         .lines()
         .filter_map(|line| {
@@ -135,17 +152,31 @@ fn primaries_in(text: &str) -> Vec<Node> {
             }
             let address = fields.get(1)?.split(['@', ',']).next()?;
             let (host, port) = address.rsplit_once(':')?;
-            Some(Node {
+            let node = Node {
                 host: host
                     .trim_start_matches('[')
                     .trim_end_matches(']')
                     .to_string(),
                 port: port.parse().ok()?,
-            })
+            };
+            served += fields[8..].iter().map(|range| slots_in(range)).sum::<u32>();
+            Some(node)
         })
         .collect();
     nodes.sort();
-    nodes
+    (nodes, served)
+}
+
+/// How many slots a slot field of `CLUSTER NODES` names (a migrating one, in brackets: none).
+fn slots_in(range: &str) -> u32 {
+    if range.starts_with('[') {
+        return 0;
+    }
+    let (first, last) = range.split_once('-').unwrap_or((range, range));
+    match (first.parse::<u32>(), last.parse::<u32>()) {
+        (Ok(first), Ok(last)) if first <= last => last - first + 1,
+        _ => 0,
+    }
 }
 
 impl ConnectionLike for RedisConn {
@@ -190,7 +221,25 @@ mod tests {
 e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
 a0a0 127.0.0.1:30006@40006 master - 0 0 6 connected
 ";
-        let ports: Vec<u16> = primaries_in(text).iter().map(|n| n.port).collect();
+        let (nodes, served) = primaries_in(text);
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
         assert_eq!(ports, [30001, 30002, 30003]);
+        assert_eq!(served, SLOTS);
+    }
+
+    /// A primary marked failing before its replica took over: its slots have no primary.
+    #[test]
+    fn slots_without_a_live_primary_are_not_counted() {
+        let text = "\
+07c3 127.0.0.1:30004@40004 slave e7d1 0 1426238317239 4 connected
+67ed 127.0.0.1:30002@40002 master - 0 1426238316232 2 connected 5461-10922 [10923->-292f]
+292f 127.0.0.1:30003@40003 master,fail - 0 1426238318243 3 disconnected 10923-16383
+e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5459 5460
+";
+        let (nodes, served) = primaries_in(text);
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(served, 10_923);
+        assert_eq!(slots_in("[5460-<-e7d1]"), 0);
+        assert_eq!(slots_in("7"), 1);
     }
 }

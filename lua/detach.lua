@@ -6,12 +6,13 @@ local ttl = ARGV[2]
 local prefix = ARGV[3]
 local nonce = ARGV[4]
 local defer = ARGV[5] == '1'
-local processed, removed = 0, 0
+local invalidations = tonumber(ARGV[6])
+local processed, removed, wrong = 0, 0, 0
 local detached = {}
 local sets, nsets = {}, 0
 local sorted_sets, nsorted = {}, 0
 local assignments, nstamps = {}, 0
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local name = ARGV[i]
   local tag = prefix .. 'tag:' .. name
   local size = redis.pcall('SCARD', tag)
@@ -30,6 +31,7 @@ for i = 6, #ARGV do
   end
   processed = processed + 1
   if wrong_type then
+    wrong = wrong + 1
     detached[#detached + 1] = -processed
   elseif size > chunk then
     redis.call('RENAME', tag, prefix .. 'drain:' .. nonce .. ':' .. name)
@@ -77,6 +79,16 @@ if nstamps > 0 then
     names[k] = assignments[2 * k - 1]
   end
   redis.call('RPUSH', prefix .. 'evictd:ttl-pending', unpack(names))
+end
+local stats = prefix .. 'evictd:stats'
+if invalidations > 0 then
+  redis.call('HINCRBY', stats, 'invalidations', invalidations)
+end
+if processed > wrong then
+  redis.call('HINCRBY', stats, 'tags', processed - wrong)
+end
+if removed > 0 then
+  redis.call('HINCRBY', stats, 'keys', removed)
 end
 local out = {processed, removed}
 for _, d in ipairs(detached) do

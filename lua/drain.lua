@@ -16,6 +16,9 @@ local removed = 0
 for i = 1, #members, 500 do
   removed = removed + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
 end
+if removed > 0 and KEYS[2] then
+  redis.call('HINCRBY', KEYS[2], 'keys', removed)
+end
 local left
 if kind == 'set' then
   left = redis.call('SCARD', key)

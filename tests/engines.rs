@@ -354,6 +354,7 @@ async fn cluster_invalidates_across_slots() {
         .await
         .unwrap();
     assert!(table_marker.is_some());
+    support::assert_totals_count_exactly(&env).await;
     let log = daemon.log();
     assert!(!log.contains("CROSSSLOT"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");

@@ -560,21 +560,40 @@ async fn killed_mid_statement(delivery: Delivery) {
     }
 }
 
-/// A poison event between two good ones is moved aside with its error and counted; the good
-/// ones on either side are invalidated.
+/// A poison event between two good ones is moved aside with its error and counted, kept as it
+/// was queued: id, payload, and time to the microsecond, though the database's default date
+/// style and time zone print a summer time in Dublin as `IST`, which PostgreSQL reads back as
+/// Israel's. The good ones on either side are invalidated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_event_is_moved_aside() {
     let env = Env::new(Delivery::Outbox).await;
+    env.sql(
+        "DO $$ BEGIN \
+         EXECUTE format('ALTER DATABASE %I SET datestyle = ''Postgres, DMY''', current_database()); \
+         EXECUTE format('ALTER DATABASE %I SET timezone = ''Europe/Dublin''', current_database()); \
+         END $$",
+    )
+    .await;
     seed_products(&env).await;
     let daemon = env.start_daemon().await;
     let (entries, unrelated) = cache_products(&env).await;
     env.sql(&format!(
-        "BEGIN;
-         UPDATE products SET name = 'a' WHERE id = '{}';
-         INSERT INTO evictd.outbox (payload) VALUES ('{{\"v\":1,\"op\":\"EXPLODE\"}}');
-         UPDATE products SET name = 'b' WHERE id = '{}';
-         COMMIT;",
-        product_id(1),
+        "BEGIN; UPDATE products SET name = 'a' WHERE id = '{}';",
+        product_id(1)
+    ))
+    .await;
+    let queued = env
+        .pg
+        .query_one(
+            r#"INSERT INTO evictd.outbox (payload, created_at)
+               VALUES ('{"v":1,"op":"EXPLODE"}', '2026-07-01 12:00:00.123456+00')
+               RETURNING id, created_at"#,
+            &[],
+        )
+        .await
+        .unwrap();
+    env.sql(&format!(
+        "UPDATE products SET name = 'b' WHERE id = '{}'; COMMIT;",
         product_id(2)
     ))
     .await;
@@ -582,20 +601,22 @@ async fn poison_event_is_moved_aside() {
     let dead = env
         .pg
         .query(
-            "SELECT payload, error, \
-             (created_at <= failed_at AND created_at > now() - interval '1 minute')::text \
-             FROM evictd.dead_letter",
+            "SELECT id, created_at, payload, error, \
+             (failed_at > now() - interval '1 minute')::text FROM evictd.dead_letter",
             &[],
         )
         .await
         .unwrap();
     assert_eq!(dead.len(), 1);
-    // Kept as it was queued: the payload, and when it was written (from the claim, the row
-    // being deleted in the same transaction).
-    assert_eq!(dead[0].get::<_, String>(0), r#"{"v":1,"op":"EXPLODE"}"#);
-    let error: String = dead[0].get(1);
+    assert_eq!(dead[0].get::<_, i64>(0), queued.get::<_, i64>(0));
+    assert_eq!(
+        dead[0].get::<_, std::time::SystemTime>(1),
+        queued.get::<_, std::time::SystemTime>(1)
+    );
+    assert_eq!(dead[0].get::<_, String>(2), r#"{"v":1,"op":"EXPLODE"}"#);
+    let error: String = dead[0].get(3);
     assert!(error.contains("EXPLODE"), "{error}");
-    assert_eq!(dead[0].get::<_, String>(2), "true");
+    assert_eq!(dead[0].get::<_, String>(4), "true");
     env.wait_outbox_empty().await;
     let (_, metrics) = support::http_get(&daemon.http_addr(), "/metrics");
     assert!(
@@ -955,4 +976,47 @@ async fn a_promoted_standby_keeps_the_slot_position() {
         );
     }
     env.assert_present(&unrelated).await;
+}
+
+/// A claim dropped part-way (an error between its take and its commit) hands its rows back,
+/// even when the next claim runs on the same connection: that claim first rolls the open
+/// transaction back instead of committing the rows the dropped one deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_dropped_part_way_hands_its_rows_back() {
+    use evictd::source::outbox;
+    let env = Env::new(Delivery::Outbox).await;
+    seed_products(&env).await;
+    env.sql("DELETE FROM evictd.outbox").await;
+    for i in 0..3 {
+        env.sql(&format!(
+            "UPDATE products SET name = 'x' WHERE id = '{}'",
+            product_id(i)
+        ))
+        .await;
+    }
+    assert_eq!(env.outbox_len().await, 3);
+    let (client, connection) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let take = outbox::prepare_take(&client).await.unwrap();
+    let dropped = outbox::begin(&client, &take);
+    let first = taken_payloads(&dropped).await;
+    assert_eq!(first.len(), 3);
+    drop(dropped);
+    let claim = outbox::begin(&client, &take);
+    let again = taken_payloads(&claim).await;
+    assert_eq!(again, first, "the dropped claim's rows are taken again");
+    claim.ack(&[]).await.unwrap();
+    assert_eq!(env.outbox_len().await, 0);
+}
+
+/// The payloads one take of `claim` takes (up to 10).
+async fn taken_payloads(claim: &evictd::source::outbox::Claim<'_>) -> Vec<String> {
+    let mut rows = claim.take(10).await.unwrap();
+    let mut payloads = Vec::new();
+    while let Some(row) = rows.next().await {
+        payloads.push(row.unwrap().payload().to_string());
+    }
+    payloads
 }

@@ -104,6 +104,13 @@ pub(crate) fn print_table(report: &Value) {
             d["rss_peak_mb_with_bulk"],
             d["cpu_s_per_100k_events"]
         );
+        let phases = &d["cpu_s_per_100k_events_by_phase"];
+        if phases.is_object() {
+            println!(
+                "    of which @500/s {}, @2000/s {}, synchronous_commit=off closed loop {}",
+                phases["500"], phases["2000"], phases["closed_loop"]
+            );
+        }
     }
 }
 

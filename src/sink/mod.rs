@@ -506,7 +506,11 @@ impl RedisSink {
     ) -> Result<Report, SinkError> {
         let mut report = self.finish_owed_drains().await?;
         let tags = &targets.tags;
-        report.add(self.invalidate_tags(tags, marker_ttl).await?);
+        // On one server DETACH and DRAIN add their own work to the running totals, in the same
+        // call (no round trip of its own); the first DETACH counts this invalidation too.
+        let counted_by_scripts = !self.is_cluster();
+        let mut keys_uncounted = 0;
+        report.add(self.invalidate_tags(tags, marker_ttl, true).await?);
         self.record_revalidated(tags).await?;
         progress(report);
         let prefix = self.keys.tag_prefix();
@@ -521,7 +525,7 @@ impl RedisSink {
                     .filter_map(|key| key.strip_prefix(&prefix).map(str::to_string))
                     .filter(|tag| !tags.contains(tag))
                     .collect();
-                report.add(self.invalidate_tags(&found, marker_ttl).await?);
+                report.add(self.invalidate_tags(&found, marker_ttl, false).await?);
                 self.record_revalidated(&found).await?;
                 progress(report);
             }
@@ -540,6 +544,7 @@ impl RedisSink {
                 if !found.is_empty() {
                     let removed: u64 = conn.unlink(&found).await?;
                     report.keys += removed;
+                    keys_uncounted += removed;
                     progress(report);
                 }
             }
@@ -562,24 +567,35 @@ impl RedisSink {
             let mut conn = self.conn();
             let _: i64 = conn.publish(channel, message.to_string()).await?;
         }
-        self.count(&[
-            ("invalidations", 1),
-            ("tags", report.tags),
-            ("keys", report.keys),
-        ])
-        .await?;
+        if counted_by_scripts {
+            self.count(&[
+                ("invalidations", u64::from(tags.is_empty())),
+                ("keys", keys_uncounted),
+            ])
+            .await?;
+        } else {
+            self.count(&[
+                ("invalidations", 1),
+                ("tags", report.tags),
+                ("keys", report.keys),
+            ])
+            .await?;
+        }
         Ok(report)
     }
 
-    /// Adds to the running totals that outlive this process.
+    /// Adds to the running totals that outlive this process (nothing to add: no call).
     async fn count(&self, fields: &[(&str, u64)]) -> Result<(), SinkError> {
         let mut pipe = redis::pipe();
-        for (field, n) in fields {
+        for (field, n) in fields.iter().filter(|(_, n)| *n > 0) {
             pipe.cmd("HINCRBY")
                 .arg(self.keys.stats())
                 .arg(*field)
                 .arg(*n)
                 .ignore();
+        }
+        if pipe.cmd_iter().next().is_none() {
+            return Ok(());
         }
         let mut conn = self.conn();
         let () = pipe.query_async(&mut conn).await?;
@@ -632,11 +648,14 @@ impl RedisSink {
         }
     }
 
-    /// Detaches and drains `tags`, in calls of bounded work.
+    /// Detaches and drains `tags`, in calls of bounded work. On one server the scripts count
+    /// what they do in the running totals, and the first call counts an invalidation too when
+    /// `count_invalidation` asks (in a cluster the caller counts).
     async fn invalidate_tags(
         &self,
         tags: &BTreeSet<String>,
         marker_ttl: MarkerTtl,
+        count_invalidation: bool,
     ) -> Result<Report, SinkError> {
         if self.is_cluster() {
             return self.invalidate_tags_in_cluster(tags).await;
@@ -652,11 +671,15 @@ impl RedisSink {
         // pipelines them, so Redis always has the next one queued (no round trip between
         // calls), and still runs each script alone, each of bounded work.
         let mut in_flight = FuturesUnordered::new();
+        let mut invalidations = u8::from(count_invalidation);
         loop {
             while in_flight.len() < CALLS_IN_FLIGHT
                 && let Some(run) = pending.pop_front()
             {
-                in_flight.push(async move { (run, self.detach_run(run, nonce, marker_ttl).await) });
+                let counts = std::mem::take(&mut invalidations);
+                in_flight.push(async move {
+                    (run, self.detach_run(run, nonce, marker_ttl, counts).await)
+                });
             }
             let Some((run, outcome)) = in_flight.next().await else {
                 break;
@@ -722,13 +745,14 @@ impl RedisSink {
         }
     }
 
-    /// One DETACH call over `run`: (tags processed, keys removed, drain keys left to empty,
-    /// tags whose key has the wrong type).
+    /// One DETACH call over `run`, adding `invalidations` to that running total: (tags
+    /// processed, keys removed, drain keys left to empty, tags whose key has the wrong type).
     async fn detach_run(
         &self,
         run: &[&str],
         nonce: u64,
         marker_ttl: MarkerTtl,
+        invalidations: u8,
     ) -> Result<(usize, u64, Vec<String>, Vec<String>), SinkError> {
         let drain_key = |tag: &str| self.keys.drain(nonce, tag);
         let mut call = self.detach.prepare_invoke();
@@ -736,7 +760,8 @@ impl RedisSink {
             .arg(self.options.tagts_ttl.as_millis() as u64)
             .arg(self.keys.prefix())
             .arg(format!("{nonce:016x}"))
-            .arg(u8::from(marker_ttl == MarkerTtl::Deferred));
+            .arg(u8::from(marker_ttl == MarkerTtl::Deferred))
+            .arg(invalidations);
         for tag in run {
             call.arg(*tag);
         }
@@ -779,6 +804,7 @@ impl RedisSink {
             let (n, left): (u64, u64) = self
                 .drain
                 .key(key)
+                .key(self.keys.stats())
                 .arg(self.options.drain_chunk)
                 .invoke_async(&mut conn)
                 .await?;

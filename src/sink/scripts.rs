@@ -4,8 +4,8 @@
 //! at the root of the repository, one source for both.
 
 /// Invalidates a run of tags. ARGV = `[member budget, tagts ttl ms, key prefix, drain nonce,
-/// defer ttl (0/1), tag…]`; the script builds each tag's keys (`{prefix}tag:T`,
-/// `{prefix}tagts:T`, `{prefix}drain:{nonce}:T`) itself, which sends a third of the bytes a
+/// defer ttl (0/1), invalidations to count, tag…]`; the script builds each tag's keys
+/// (`{prefix}tag:T`, `{prefix}tagts:T`, `{prefix}drain:{nonce}:T`) itself, which sends a third of the bytes a
 /// KEYS list would. (One server only: a cluster refuses keys a script was not handed, and
 /// runs [`CLUSTER_DETACH`] instead.)
 ///
@@ -21,6 +21,10 @@
 /// A tag key that is neither a set nor a sorted set (a string, a hash: written by something
 /// else) is left as it is, its marker stamped, and reported: its entries cannot be found.
 ///
+/// It adds its work to the running totals in `{prefix}evictd:stats` (`invalidations` by the
+/// count given, `tags` processed but those of the wrong type, `keys` removed), in the same
+/// call: a round trip less per invalidation than counting afterwards.
+///
 /// Stops early once the budget is spent (always processing at least one tag) and returns
 /// `{processed, keys removed, position…}`: the 1-based position of each detached tag, and
 /// the negated position of each tag key of the wrong type.
@@ -31,7 +35,8 @@
 pub const DETACH: &str = include_str!("../../lua/detach.lua");
 
 /// Removes up to ARGV[1] members of the detached set KEYS[1] and UNLINKs them, atomically, so a
-/// crash between two calls loses nothing. Returns `{keys removed, members left}`.
+/// crash between two calls loses nothing, and adds the keys removed to the `keys` total in the
+/// hash KEYS[2], when given. Returns `{keys removed, members left}`.
 pub const DRAIN: &str = include_str!("../../lua/drain.lua");
 
 /// Gives up to ARGV[1] of the `tagts` markers queued on KEYS[1] (by a deferring [`DETACH`])

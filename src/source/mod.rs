@@ -133,11 +133,15 @@ impl Session {
         // of them; a short timeout failed the claim, and every retry, for ever. (A daemon that
         // dies mid-claim closes its connection; one waiting on Redis gives up after its
         // response timeout and rolls back.)
+        // Dates in ISO style: the claim reads the outbox as text and writes poison rows' times
+        // back from it, which only ISO (a numeric offset) reads back exactly whatever the time
+        // zone: in another style, Dublin's summer time prints as `IST`, read back as Israel's.
         connection
             .client
             .batch_execute(&format!(
                 "SET synchronous_commit = off; SET statement_timeout = 0; \
-                 SET idle_in_transaction_session_timeout = 0; LISTEN {}",
+                 SET idle_in_transaction_session_timeout = 0; SET datestyle = 'ISO, YMD'; \
+                 LISTEN {}",
                 db::quote_ident(&installed.channel)
             ))
             .await?;

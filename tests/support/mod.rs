@@ -662,3 +662,38 @@ impl Env {
         finish(self.command(args))
     }
 }
+
+/// `evictd invalidate` of a small tag, one past `drain_chunk` (detached, then drained in
+/// chunks), a tag key of the wrong type and a tag without entries: the running totals `stats`
+/// reports grow by exactly one invalidation, three tags and every entry removed.
+pub async fn assert_totals_count_exactly(env: &Env) {
+    for i in 0..3 {
+        env.cache(&format!("totals:small:{i}"), &["totals:small"])
+            .await;
+    }
+    for i in 0..600 {
+        env.cache(&format!("totals:big:{i}"), &["totals:big"]).await;
+    }
+    let mut conn = env.redis.clone();
+    let () = conn
+        .set(format!("{}tag:totals:wrong", env.prefix), "not a set")
+        .await
+        .unwrap();
+    let stats = format!("{}evictd:stats", env.prefix);
+    let before: std::collections::HashMap<String, i64> = conn.hgetall(&stats).await.unwrap();
+    let output = env.run_cli(&[
+        "invalidate",
+        "totals:small",
+        "totals:big",
+        "totals:wrong",
+        "totals:none",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let after: std::collections::HashMap<String, i64> = conn.hgetall(&stats).await.unwrap();
+    let grew = |field: &str| after.get(field).unwrap_or(&0) - before.get(field).unwrap_or(&0);
+    assert_eq!(
+        (grew("invalidations"), grew("tags"), grew("keys")),
+        (1, 3, 603),
+        "{before:?} → {after:?}"
+    );
+}

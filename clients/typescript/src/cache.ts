@@ -116,7 +116,7 @@ export class EvictdCache {
     redis.defineCommand("evictdWrite", { lua: WRITE });
     redis.defineCommand("evictdNow", { numberOfKeys: 0, lua: NOW });
     redis.defineCommand("evictdDetach", { numberOfKeys: 0, lua: lua("detach") });
-    redis.defineCommand("evictdDrain", { numberOfKeys: 1, lua: lua("drain") });
+    redis.defineCommand("evictdDrain", { numberOfKeys: 2, lua: lua("drain") });
     redis.defineCommand("evictdStamp", { lua: lua("stamp") });
   }
 
@@ -218,6 +218,10 @@ export class EvictdCache {
     const unique = [...new Set(tags)];
     const report: InvalidationReport = { tags: unique.length, keys: 0 };
     const nonce = randomBytes(8).toString("hex");
+    // The scripts add their work to the running totals themselves; the first call counts
+    // this invalidation too.
+    if (unique.length === 0) await this.count({ invalidations: 1 });
+    let invalidations = 1;
     let pending = unique;
     while (pending.length > 0) {
       const run = pending.slice(0, 200);
@@ -228,8 +232,10 @@ export class EvictdCache {
         this.prefix,
         nonce,
         0,
+        invalidations,
         ...run,
       )) as number[];
+      invalidations = 0;
       const processed = Math.max(1, Number(out[0]));
       report.keys += Number(out[1]);
       for (const position of out.slice(2)) {
@@ -242,7 +248,6 @@ export class EvictdCache {
       }
       pending = [...run.slice(processed), ...pending.slice(run.length)];
     }
-    await this.count({ invalidations: 1, tags: report.tags, keys: report.keys });
     return report;
   }
 
@@ -275,7 +280,7 @@ export class EvictdCache {
   private async drain(key: string): Promise<number> {
     let removed = 0;
     for (;;) {
-      const [n, left] = (await this.call("evictdDrain", key, this.drainChunk)) as [number, number];
+      const [n, left] = (await this.call("evictdDrain", key, this.statsKey(), this.drainChunk)) as [number, number];
       removed += Number(n);
       if (Number(left) === 0) return removed;
     }
@@ -284,8 +289,12 @@ export class EvictdCache {
   /** Adds to the running totals `evictd stats` reports. */
   private async count(fields: Record<string, number>): Promise<void> {
     const pipeline = this.redis.pipeline();
-    for (const [field, n] of Object.entries(fields)) pipeline.hincrby(`${this.prefix}evictd:stats`, field, n);
+    for (const [field, n] of Object.entries(fields)) pipeline.hincrby(this.statsKey(), field, n);
     await pipeline.exec();
+  }
+
+  private statsKey(): string {
+    return `${this.prefix}evictd:stats`;
   }
 
   tagKey(tag: string): string {

@@ -296,9 +296,7 @@ impl OutboxFeed {
             // Wake-ups that arrived meanwhile are answered by this very drain. What they say
             // is ignored: any role may NOTIFY, and the events are in the table.
             while source.try_next_notification().is_some() {}
-            let claim = outbox::begin(&mut source.connection.client, take)
-                .await
-                .map_err(SourceError::from)?;
+            let claim = outbox::begin(&source.connection.client, take);
             let mut poison = Vec::new();
             let mut work = ClaimWork::default();
             let mut takes = 0;
@@ -308,6 +306,7 @@ impl OutboxFeed {
                 let (batch, taken) =
                     Self::fold_claimed(sink, flusher, rows, &mut poison, &mut work).await?;
                 if taken == 0 && takes == 1 {
+                    claim.release().await.map_err(SourceError::from)?;
                     flusher.observed.metrics.outbox_backlog.set(0);
                     return Ok(total);
                 }

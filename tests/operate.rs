@@ -481,7 +481,6 @@ async fn invalidate_by_tag_table_type_and_all() {
     assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
 }
 
-/// `stats` is one JSON object with the application's fields; own keys are not entries.
 /// The running totals count what each invalidation did, exactly (on one server the scripts
 /// count their own work).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,6 +489,7 @@ async fn running_totals_count_each_invalidation_exactly() {
     support::assert_totals_count_exactly(&env).await;
 }
 
+/// `stats` is one JSON object with the application's fields; own keys are not entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_reports_entries_expired_members_and_statuses() {
     let env = Env::new(Delivery::Outbox).await;

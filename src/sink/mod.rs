@@ -567,20 +567,20 @@ impl RedisSink {
             let mut conn = self.conn();
             let _: i64 = conn.publish(channel, message.to_string()).await?;
         }
-        if counted_by_scripts {
-            self.count(&[
+        let uncounted = if counted_by_scripts {
+            [
                 ("invalidations", u64::from(tags.is_empty())),
+                ("tags", 0),
                 ("keys", keys_uncounted),
-            ])
-            .await?;
+            ]
         } else {
-            self.count(&[
+            [
                 ("invalidations", 1),
                 ("tags", report.tags),
                 ("keys", report.keys),
-            ])
-            .await?;
-        }
+            ]
+        };
+        self.count(&uncounted).await?;
         Ok(report)
     }
 
